@@ -1,0 +1,11 @@
+"""Benchmarks for vtok_fast (installed as ``vtok_fast.bench``): one module per op.
+
+Each module exposes ``OP``, ``cases(quick, device)``, ``providers()`` and ``MODES``; the
+harness runs every provider on every case side by side and writes one JSON file per run.
+"""
+
+OPS = {
+    "patch-embed": "vtok_fast.bench.patch_embed",
+    "codebook": "vtok_fast.bench.codebook",
+    "tome": "vtok_fast.bench.tome",
+}

@@ -1,0 +1,302 @@
+"""Benchmark harness: time providers side by side, print ratios, write JSON records.
+
+A *case* is one problem size (inputs built lazily on the target device). A *provider* turns a
+case's inputs into a forward closure returning a tensor (or None when it does not apply). The
+harness derives the three modes from that closure:
+
+- ``forward``: the closure under ``torch.no_grad()``;
+- ``backward``: ``out.backward(grad)`` on one saved forward graph (``retain_graph``);
+- ``full``: forward then backward.
+
+Records share one shape (op, case, provider, mode, params, times, peak memory, device, versions)
+so tables and plots come from one place.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MODES = ("forward", "backward", "full")
+
+
+@dataclass
+class Case:
+    name: str
+    params: dict
+    make_inputs: Callable[[torch.device], dict]
+    flops: float | None = None  # forward FLOP, for TFLOP/s columns
+    modes: tuple[str, ...] | None = None  # restrict modes for this case
+
+
+@dataclass
+class Provider:
+    name: str
+    build: Callable[[dict], Callable[[], Any] | None]
+    modes: tuple[str, ...] = MODES
+
+
+@dataclass
+class Result:
+    op: str
+    case: str
+    provider: str
+    mode: str
+    params: dict
+    median_ms: float | None
+    p20_ms: float | None
+    p80_ms: float | None
+    peak_mem_mb: float | None
+    tflops: float | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# --- machine description ---------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "cpu": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --- peak memory -------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA allocator stats, or the process's RSS high-water
+    mark on Linux CPUs (reset through ``/proc/self/clear_refs``). ``mb`` is None if unknown."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mb: float | None = None
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._base = self._status_kb("VmRSS") * 1024
+            except OSError:
+                self._base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._base is not None:
+            self.mb = max(self._status_kb("VmHWM") * 1024 - self._base, 0) / 2**20
+        return False
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, min_time_s: float = 0.4,
+            max_reps: int = 200, warmup: int = 2) -> list[float]:
+    """Per-call wall times in ms. CUDA: ``triton.testing.do_bench``-style events with an L2
+    flush between calls; CPU: perf_counter around each call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        cache = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(max_reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(max_reps)]
+        t0 = time.perf_counter()
+        n = 0
+        while n < max_reps and (n < 5 or time.perf_counter() - t0 < min_time_s):
+            cache.zero_()
+            starts[n].record()
+            fn()
+            ends[n].record()
+            n += 1
+            if n % 10 == 0:
+                torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in zip(starts[:n], ends[:n])]
+    times: list[float] = []
+    t_end = time.perf_counter() + min_time_s
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() < t_end):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def mode_fn(forward: Callable[[], Any], mode: str) -> Callable[[], Any]:
+    """Turn a forward closure into the callable timed for ``mode``."""
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return forward()
+        return run
+    if mode == "full":
+        def run():
+            out = forward()
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.backward(torch.ones_like(out))
+        return run
+    if mode == "backward":
+        out = forward()
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        grad = torch.ones_like(out)
+
+        def run():
+            out.backward(grad, retain_graph=True)
+        return run
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --- running -----------------------------------------------------------------------------------
+
+def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, modes=("forward",),
+                  device: torch.device, progress: Callable[[str, int, int], None] | None = None,
+                  min_time_s: float = 0.4, memory: bool = True) -> list[Result]:
+    results: list[Result] = []
+    jobs = [(c, p, m) for c in cases for m in modes if c.modes is None or m in c.modes
+            for p in providers if m in p.modes]
+    inputs_cache: dict[str, dict] = {}
+    for i, (case, prov, mode) in enumerate(jobs):
+        if progress:
+            progress(f"{case.name} · {mode} · {prov.name}", i, len(jobs))
+        if case.name not in inputs_cache:
+            inputs_cache.clear()
+            inputs_cache[case.name] = case.make_inputs(device)
+        inputs = inputs_cache[case.name]
+        res = Result(op, case.name, prov.name, mode, case.params, None, None, None, None)
+        try:
+            forward = prov.build(inputs)
+            if forward is None:
+                continue
+            fn = mode_fn(forward, mode)
+            peak = None
+            if memory:
+                with PeakMemory(device) as pm:
+                    fn()
+                peak = pm.mb
+            times = time_fn(fn, device, min_time_s=min_time_s)
+            res.median_ms = statistics.median(times)
+            res.p20_ms, res.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
+            res.peak_mem_mb = peak
+            if case.flops and mode == "forward":
+                res.tflops = case.flops / (res.median_ms * 1e-3) / 1e12
+        except Exception as exc:  # a provider failing is a result, not a crash of the run
+            res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for p in list(inputs.values()):
+            if isinstance(p, torch.Tensor) and p.grad is not None:
+                p.grad = None
+        results.append(res)
+    if progress:
+        progress("done", len(jobs), len(jobs))
+    return results
+
+
+def format_table(results: list[Result], baseline: str = "vtok_fast") -> str:
+    """One row per (case, mode, provider): median [p20–p80] ms, peak MiB, and ``speedup`` =
+    provider time / vtok_fast time (> 1 means vtok_fast is faster)."""
+    base = {(r.case, r.mode): r.median_ms for r in results if r.provider == baseline and r.median_ms}
+    rows = [("case", "mode", "provider", "median ms", "p20-p80 ms", "peak MiB", "TFLOP/s", "vtok speedup")]
+    for r in results:
+        if r.error:
+            rows.append((r.case, r.mode, r.provider, "error", r.error[:60], "", "", ""))
+            continue
+        b = base.get((r.case, r.mode))
+        rows.append((
+            r.case, r.mode, r.provider,
+            f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
+            "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}",
+            "" if r.tflops is None else f"{r.tflops:.1f}",
+            "" if not b or r.provider == baseline else f"{r.median_ms / b:.2f}x",
+        ))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(op: str, results: list[Result], device: torch.device, out_dir: str | os.PathLike,
+               extra: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(device)
+    tag = "gpu" if device.type == "cuda" else "cpu"
+    path = out / f"{op}_{tag}.json"
+    payload = {
+        "op": op,
+        "machine": machine,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(sys.argv),
+        "records": [r.__dict__ for r in results],
+    }
+    if extra:
+        payload.update(extra)
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def text_progress(label: str, i: int, n: int):
+    """A one-line progress display on stderr."""
+    width = 24
+    filled = int(width * i / max(n, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label[:60]:<60}")
+    if i >= n:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

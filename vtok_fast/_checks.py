@@ -1,0 +1,59 @@
+"""Argument validation with messages that name the argument, what was expected and what came."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fmt_dtypes(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    value,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    shape_doc: str | None = None,
+) -> torch.Tensor:
+    """Check that ``value`` is a tensor of the given rank(s) and dtype(s); return it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in ranks:
+            want = shape_doc or " or ".join(f"{r}-D" for r in ranks)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            raise TypeError(f"{name} must have dtype in ({_fmt_dtypes(dtypes)}), got {value.dtype}")
+    return value
+
+
+def check_same_device(**tensors) -> None:
+    """All non-None tensors live on one device."""
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "move them to one device"
+            )
+
+
+def check_same_dtype(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")

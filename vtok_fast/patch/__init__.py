@@ -1,0 +1,59 @@
+"""Drop-in patchers for timm and Hugging Face vision models.
+
+``timm(model, ...)`` and ``hf(model, ...)`` patch in place and return the model; each feature
+(fused patch embedding, ToMe merging) can be used alone. ``unpatch(model)`` restores the original
+forward methods. Parameters and ``state_dict`` are never changed.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch.nn as nn
+
+# feature -> (timm patcher module, HF patcher module); each has apply(model, **kw) and remove(model)
+_FEATURES = {
+    "embed": ("vtok_fast.patch.timm_embed", "vtok_fast.patch.hf_embed"),
+    "tome": ("vtok_fast.patch.timm_tome", "vtok_fast.patch.hf_tome"),
+}
+
+
+def _module(name: str):
+    return importlib.import_module(name)
+
+
+def timm(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: bool = False,
+         prop_attn: bool = True) -> nn.Module:
+    """Patch a timm VisionTransformer (or DeiT) in place.
+
+    ``fuse_embed``: patch embedding + position embedding run as one fused op.
+    ``tome_r``: ToMe merging schedule (int, ``(r, inflection)`` or list); None = no merging.
+    """
+    if fuse_embed:
+        _module(_FEATURES["embed"][0]).apply(model)
+    if tome_r is not None:
+        _module(_FEATURES["tome"][0]).apply(model, r=tome_r, trace_source=trace_source,
+                                            prop_attn=prop_attn)
+    return model
+
+
+def hf(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: bool = False,
+       prop_attn: bool = True) -> nn.Module:
+    """Patch a Hugging Face CLIPVisionModel / SiglipVisionModel / LLaVA model in place."""
+    if fuse_embed:
+        _module(_FEATURES["embed"][1]).apply(model)
+    if tome_r is not None:
+        _module(_FEATURES["tome"][1]).apply(model, r=tome_r, trace_source=trace_source,
+                                            prop_attn=prop_attn)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo every vtok_fast patch on ``model`` (a no-op for an unpatched model)."""
+    for timm_mod, hf_mod in _FEATURES.values():
+        for name in (timm_mod, hf_mod):
+            try:
+                mod = _module(name)
+            except ModuleNotFoundError:
+                continue
+            mod.remove(model)
+    return model

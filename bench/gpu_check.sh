@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should run, in well under 8 minutes:
+#   1. the GPU tests (real kernels, no interpreter): pytest -m gpu with VTOK_FAST_TEST_GPU=1;
+#   2. the benchmarks of every op on CUDA, writing JSON and logs.
+# Results go to $OUT (the device tool brings that folder back) or bench/results.
+# Usage (device machine, repo root): bash bench/gpu_check.sh
+set -u
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 VTOK_FAST_TEST_GPU=1
+unset TRITON_INTERPRET
+
+# Peers missing from the GPU image travel as wheels in .whl/ (see README, "GPU check").
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || { echo "install failed"; exit 1; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
+  vtok-fast info
+} 2>&1 | tee "$out/gpu_info.txt"
+
+timeout "${GPU_TEST_TIMEOUT:-180}" python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
+
+for op in ${GPU_BENCH_OPS:-patch-embed codebook tome}; do
+  timeout "${GPU_BENCH_TIMEOUT:-110}" vtok-fast bench "$op" --device cuda --out "$out" --no-progress \
+    --min-time "${GPU_BENCH_MIN_TIME:-0.2}" 2>&1 | tee -a "$out/gpu_bench.log"
+done

@@ -206,7 +206,10 @@ def mode_fn(forward: Callable[[], Any], mode: str) -> Callable[[], Any]:
 
 def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, modes=("forward",),
                   device: torch.device, progress: Callable[[str, int, int], None] | None = None,
-                  min_time_s: float = 0.4, memory: bool = True) -> list[Result]:
+                  min_time_s: float = 0.4, memory: bool = True,
+                  on_result: Callable[[list], None] | None = None) -> list[Result]:
+    """Run every (case, mode, provider); ``on_result(results_so_far)`` is called after each one
+    (the CLI saves JSON there, so a run cut short still leaves its results)."""
     results: list[Result] = []
     jobs = [(c, p, m) for c in cases for m in modes if c.modes is None or m in c.modes
             for p in providers if m in p.modes]
@@ -244,6 +247,8 @@ def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, mode
             if isinstance(p, torch.Tensor) and p.grad is not None:
                 p.grad = None
         results.append(res)
+        if on_result:
+            on_result(results)
     if progress:
         progress("done", len(jobs), len(jobs))
     return results

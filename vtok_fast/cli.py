@@ -50,7 +50,8 @@ def _bench(args) -> int:
         cases = mod.cases(quick=args.quick, device=device)
         results = run_benchmark(mod.OP, cases, mod.providers(device), modes=modes, device=device,
                                 progress=None if args.no_progress else text_progress,
-                                min_time_s=args.min_time)
+                                min_time_s=args.min_time,
+                                on_result=lambda rs: write_json(mod.OP, rs, device, args.out))
         print(f"\n## {mod.OP} on {device}")
         print(format_table(results))
         summary = getattr(mod, "summarize", None)

@@ -47,8 +47,10 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, arch: int, num
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
     fn = kernel
-    while not hasattr(fn, "arg_names"):  # unwrap Autotuner / Heuristics down to the JITFunction
+    while not isinstance(fn, JITFunction):  # unwrap Autotuner / Heuristics down to the kernel
         fn = fn.fn
     sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})

@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     # fused patch embedding
-    "patch_embed": "vtok_fast.patch_embed",
-    "patch_embed_reference": "vtok_fast.patch_embed",
-    "PatchEmbed": "vtok_fast.patch_embed",
+    "patch_embed": "vtok_fast.patch_embedding",
+    "patch_embed_reference": "vtok_fast.patch_embedding",
+    "PatchEmbed": "vtok_fast.patch_embedding",
     # nearest-codebook search and vector quantization
     "codebook_search": "vtok_fast.codebook",
     "codebook_search_reference": "vtok_fast.codebook",

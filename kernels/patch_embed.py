@@ -1,0 +1,225 @@
+"""Triton kernels of the fused patch embedding (host code: ``vtok_fast/patch_embedding.py``).
+
+All three are implicit-im2col GEMMs: the ``(rows, K)`` patch matrix is never materialized;
+each tile gathers its pixels from NCHW images, with K ordered ``(c, kh, kw)`` and masked (K need
+not be a multiple of the tile: p=14 gives 588). Pixels may be normalized on the load
+(``x * scale[c] + shift[c]``, fp32) before the cast to the dot dtype. fp32 accumulation.
+
+- ``_patch_embed_fwd``: tokens ``(B, P + N, D)``; output rows ``r = b * L + l``; prefix rows
+  (``l < P``) take the prefix token, patch rows the product plus bias; both add a position row.
+- ``_patch_embed_bwd_dw``: split-M weight gradient, fp32 partials ``(SPLIT, D, K)``.
+- ``_patch_embed_bwd_dx``: pixel gradient ``(dY W) * scale``, scattered to the pixels
+  (stride = patch size: each pixel belongs to at most one patch).
+"""
+import triton
+import triton.language as tl
+
+from vtok_fast.kernels._autotune import autotune
+
+# (BM, BN, BK, warps, stages): BM rows of tokens x BN embedding columns, BK steps of K. The
+# 64-row tiles keep small batches (B=1: 197 rows) spread over the SMs. fp32 tiles of the widest
+# config do not fit in shared memory; the autotuner skips them (OutOfResources).
+FWD_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]
+
+# (BD, BK, BM): a BD x BK tile of dW, reducing over BM patch rows per step.
+DW_CONFIGS = [
+    triton.Config({"BD": 128, "BK": 128, "BM": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BD": 128, "BK": 64, "BM": 64}, num_warps=4, num_stages=3),
+]
+# The host sizes the split count for tiles of this edge (the split does not depend on the config).
+DW_NOMINAL_TILE = 128
+
+# (BM, BK, BD): a BM x BK tile of the pixel gradient, reducing over BD embedding columns.
+DX_CONFIGS = [
+    triton.Config({"BM": 128, "BK": 64, "BD": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
+]
+
+
+@triton.jit
+def _patch_offsets(n, GW, stride_h, stride_w, PH: tl.constexpr, PW: tl.constexpr):
+    """Offset of patch ``n`` (row-major over a grid of width GW) from its image's origin."""
+    return (n // GW) * PH * stride_h + (n % GW) * PW * stride_w
+
+
+@triton.jit
+def _k_offsets(ks, stride_c, stride_h, stride_w, PH: tl.constexpr, PW: tl.constexpr):
+    """Offset of element ``k = (c, kh, kw)`` inside a patch, and its channel."""
+    c = ks // (PH * PW)
+    r = ks % (PH * PW)
+    return c * stride_c + (r // PW) * stride_h + (r % PW) * stride_w, c
+
+
+@triton.jit
+def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
+    if ALLOW_TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _load_patch_tile(img_ptr, row_off, row_mask, ks, K, stride_c, stride_h, stride_w,
+                     scale_ptr, shift_ptr, PH: tl.constexpr, PW: tl.constexpr,
+                     HAS_NORM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(rows, BK) tile of the implicit patch matrix, normalized and cast to the dot dtype."""
+    k_off, c = _k_offsets(ks, stride_c, stride_h, stride_w, PH, PW)
+    k_mask = ks < K
+    mask = row_mask[:, None] & k_mask[None, :]
+    a = tl.load(img_ptr + row_off[:, None] + k_off[None, :], mask=mask, other=0)
+    if HAS_NORM:
+        sc = tl.load(scale_ptr + c, mask=k_mask, other=0.0)
+        sh = tl.load(shift_ptr + c, mask=k_mask, other=0.0)
+        a = tl.where(mask, a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+    return a.to(DOT_DTYPE)
+
+
+@autotune(configs=FWD_CONFIGS, key=["M", "D", "K"])
+@triton.jit
+def _patch_embed_fwd(
+    out_ptr, stride_ob, stride_ol, stride_od,             # (B, L, D) tokens, L = P + N
+    img_ptr, stride_ib, stride_ic, stride_ih, stride_iw,  # (B, C, H, W) pixels
+    w_ptr, stride_wd, stride_wk,                          # (D, K) conv weight, K = (c, kh, kw)
+    bias_ptr, stride_bd,                                  # (D,)
+    pos_ptr, stride_pl, stride_pd,                        # (L - POS_START, D) position table
+    pre_ptr, stride_xl, stride_xd,                        # (P, D) prefix tokens
+    scale_ptr, shift_ptr,                                 # (C,) fp32 pixel affine
+    M, D, K, L, P, GW, POS_START,                         # M = B * L output rows
+    PH: tl.constexpr, PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(D, BN)
+    # grouped order: GROUP_M row tiles share the weight columns while they are in L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_n = (pid % group) // group_m
+
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    row_in = rows < M
+    col_in = cols < D
+    b = rows // L
+    l = rows % L  # noqa: E741
+    is_patch = row_in & (l >= P)
+    n = tl.where(is_patch, l - P, 0)
+    row_off = b * stride_ib + _patch_offsets(n, GW, stride_ih, stride_iw, PH, PW)
+
+    dot_dtype = w_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = _load_patch_tile(img_ptr, row_off, is_patch, ks, K, stride_ic, stride_ih, stride_iw,
+                             scale_ptr, shift_ptr, PH, PW, HAS_NORM, dot_dtype)
+        w = tl.load(w_ptr + cols[None, :] * stride_wd + ks[:, None] * stride_wk,
+                    mask=(ks < K)[:, None] & col_in[None, :], other=0)  # (BK, BN)
+        acc = _dot(a, w, acc, ALLOW_TF32)
+
+    # epilogue: bias on patch rows, prefix token on prefix rows, position row on both
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bd, mask=col_in, other=0).to(tl.float32)
+        acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
+    is_pre = row_in & (l < P)
+    pre = tl.load(pre_ptr + tl.where(is_pre, l, 0)[:, None] * stride_xl + cols[None, :] * stride_xd,
+                  mask=is_pre[:, None] & col_in[None, :], other=0)
+    acc += pre.to(tl.float32)
+    if HAS_POS:
+        has_row = row_in & (l >= POS_START)
+        pos_row = tl.where(has_row, l - POS_START, 0)
+        pos = tl.load(pos_ptr + pos_row[:, None] * stride_pl + cols[None, :] * stride_pd,
+                      mask=has_row[:, None] & col_in[None, :], other=0)
+        acc += pos.to(tl.float32)
+    out = out_ptr + b[:, None] * stride_ob + l[:, None] * stride_ol + cols[None, :] * stride_od
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & col_in[None, :])
+
+
+@autotune(configs=DW_CONFIGS, key=["M", "D", "K", "SPLIT"])
+@triton.jit
+def _patch_embed_bwd_dw(
+    dw_ptr, stride_ws, stride_wd, stride_wk,              # (SPLIT, D, K) fp32 partial sums
+    g_ptr, stride_gb, stride_gl, stride_gd,               # (B, P + N, D) output gradient
+    img_ptr, stride_ib, stride_ic, stride_ih, stride_iw,  # (B, C, H, W) pixels
+    scale_ptr, shift_ptr,                                 # (C,) fp32 pixel affine
+    M, D, K, N, P, GW, SPLIT,                             # M = B * N patch rows
+    PH: tl.constexpr, PW: tl.constexpr, HAS_NORM: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BD: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_k = tl.cdiv(K, BK)
+    ds = (pid // num_k) * BD + tl.arange(0, BD)
+    ks = (pid % num_k) * BK + tl.arange(0, BK)
+    d_in = ds < D
+    # this program's slice of the M patch rows, a whole number of BM steps
+    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
+    m_lo = split.to(tl.int64) * rows_per_split
+    m_hi = min(m_lo + rows_per_split, M)
+
+    acc = tl.zeros((BD, BK), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        ms = m0 + tl.arange(0, BM)
+        m_in = ms < m_hi
+        b = ms // N
+        n = ms % N
+        row_off = b * stride_ib + _patch_offsets(n, GW, stride_ih, stride_iw, PH, PW)
+        a = _load_patch_tile(img_ptr, row_off, m_in, ks, K, stride_ic, stride_ih, stride_iw,
+                             scale_ptr, shift_ptr, PH, PW, HAS_NORM, DOT_DTYPE)  # (BM, BK)
+        g = tl.load(g_ptr + (b * stride_gb + (n + P) * stride_gl)[None, :] + ds[:, None] * stride_gd,
+                    mask=d_in[:, None] & m_in[None, :], other=0)  # (BD, BM)
+        acc = _dot(g.to(DOT_DTYPE), a, acc, ALLOW_TF32)
+
+    out = dw_ptr + split.to(tl.int64) * stride_ws + ds[:, None] * stride_wd + ks[None, :] * stride_wk
+    tl.store(out, acc, mask=d_in[:, None] & (ks < K)[None, :])
+
+
+@autotune(configs=DX_CONFIGS, key=["M", "D", "K"])
+@triton.jit
+def _patch_embed_bwd_dx(
+    dx_ptr, stride_xb, stride_xc, stride_xh, stride_xw,   # (B, C, H, W) pixel gradient
+    g_ptr, stride_gb, stride_gl, stride_gd,               # (B, P + N, D) output gradient
+    w_ptr, stride_wd, stride_wk,                          # (D, K) conv weight, K = (c, kh, kw)
+    scale_ptr,                                            # (C,) fp32 pixel scale
+    M, D, K, N, P, GW,                                    # M = B * N patch rows
+    PH: tl.constexpr, PW: tl.constexpr, HAS_NORM: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BK)
+    ms = (pid // num_k).to(tl.int64) * BM + tl.arange(0, BM)
+    ks = (pid % num_k) * BK + tl.arange(0, BK)
+    m_in = ms < M
+    k_in = ks < K
+    b = ms // N
+    n = ms % N
+    g_row = b * stride_gb + (n + P) * stride_gl
+    c = ks // (PH * PW)
+    dot_dtype = w_ptr.dtype.element_ty
+
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        ds = d0 + tl.arange(0, BD)
+        d_in = ds < D
+        g = tl.load(g_ptr + g_row[:, None] + ds[None, :] * stride_gd,
+                    mask=m_in[:, None] & d_in[None, :], other=0)  # (BM, BD)
+        w = tl.load(w_ptr + ds[:, None] * stride_wd + ks[None, :] * stride_wk,
+                    mask=d_in[:, None] & k_in[None, :], other=0)  # (BD, BK)
+        acc = _dot(g.to(dot_dtype), w, acc, ALLOW_TF32)
+
+    if HAS_NORM:
+        acc *= tl.load(scale_ptr + c, mask=k_in, other=0.0)[None, :]
+    row_off = b * stride_xb + _patch_offsets(n, GW, stride_xh, stride_xw, PH, PW)
+    k_off, _ = _k_offsets(ks, stride_xc, stride_xh, stride_xw, PH, PW)
+    tl.store(dx_ptr + row_off[:, None] + k_off[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=m_in[:, None] & k_in[None, :])

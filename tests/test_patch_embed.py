@@ -1,0 +1,412 @@
+"""Fused patch embedding: Triton (interpreter on CPU) and PyTorch paths against float64 truth,
+gradients, timm parity, bad inputs, the module and torch.compile."""
+import pytest
+import torch
+import torch.nn as nn
+from helpers import assert_close
+
+import vtok_fast
+from vtok_fast.patch_embedding import PatchEmbed, patch_embed, patch_embed_reference
+
+
+
+@pytest.fixture(autouse=True)
+def _on_test_device(device, monkeypatch):
+    """Tests build their tensors on the suite's device: CPU (Triton in the interpreter), or CUDA
+    with real kernels on a GPU run, with IEEE fp32 products there (the fp32 tolerances)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    if device.type == "cpu":
+        yield
+        return
+    torch.set_default_device(device)
+    yield
+    torch.set_default_device(None)
+
+
+# (name, B, C, H, W, ph, pw, D, prefix rows P, pos_covers_prefix, bias, pos table)
+CASES = [
+    ("p16_remainder", 2, 3, 40, 37, 16, 16, 32, 1, True, True, True),
+    ("p14_nonsquare_B1_no_embed_class", 1, 3, 45, 30, 14, 14, 48, 2, False, True, True),
+    ("patch14x16_C4_no_prefix", 2, 4, 30, 50, 14, 16, 64, 0, True, True, True),
+    ("C1_no_bias_no_pos", 2, 1, 32, 32, 16, 16, 16, 1, True, False, False),
+    ("no_prefix_no_pos", 1, 3, 64, 48, 16, 16, 64, 0, True, True, False),
+    ("p14_cls_and_registers", 2, 3, 56, 56, 14, 14, 32, 5, True, True, True),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def make_inputs(B, C, H, W, ph, pw, D, P, covers, has_bias, has_pos, dtype, *, image_grad=True):
+    N = (H // ph) * (W // pw)
+    x = torch.randn(B, C, H, W)
+    w = torch.randn(D, C, ph, pw) / (C * ph * pw) ** 0.5
+    b = torch.randn(D) if has_bias else None
+    pos = torch.randn(1, (P if covers else 0) + N, D) if has_pos else None
+    pre = torch.randn(1, P, D) if P else None
+    params = [w, b, pos, pre]
+    params = [None if t is None else t.to(dtype).requires_grad_() for t in params]
+    x.requires_grad_(image_grad)
+    return x, params
+
+
+def float64_copies(x, params):
+    leaf = lambda t: None if t is None else t.detach().double().requires_grad_(t.requires_grad)  # noqa: E731
+    return leaf(x), [leaf(t) for t in params]
+
+
+def run_with_grads(fn, x, params, grad, **kw):
+    out = fn(x, *params, **kw)
+    out.backward(grad)
+    grads = [None if t is None else t.grad for t in [x, *params]]
+    return out.detach(), grads
+
+
+def check_against_float64(out, grads, out64, grads64, dtype, B, N, D, K):
+    assert_close(out, out64, dtype=dtype, reduction=K, msg="forward")
+    # reduction length of each gradient: pixels over D, weight and bias over the B*N patch rows,
+    # position rows and prefix tokens over the batch
+    for name, g, g64, red in zip(("images", "weight", "bias", "pos", "prefix"), grads, grads64,
+                                 (D, B * N, B * N, B, B)):
+        if g64 is None:
+            assert g is None, name
+            continue
+        assert g is not None, name
+        assert g.dtype == (torch.float32 if name == "images" else dtype), name
+        assert_close(g, g64, dtype=dtype, reduction=red, msg=f"grad {name}")
+
+
+BACKEND_DTYPES = [("triton", torch.float32), ("triton", torch.float16),
+                  ("torch", torch.float32), ("torch", torch.float16), ("torch", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=[f"{b}-{str(d)[6:]}" for b, d in BACKEND_DTYPES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_and_grads_match_float64(case, backend, dtype, monkeypatch):
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    _, B, C, H, W, ph, pw, D, P, covers, has_bias, has_pos = case
+    N, K = (H // ph) * (W // pw), C * ph * pw
+    x, params = make_inputs(B, C, H, W, ph, pw, D, P, covers, has_bias, has_pos, dtype)
+    grad = torch.randn(B, P + N, D).to(dtype)
+
+    out, grads = run_with_grads(patch_embed, x, params, grad, pos_covers_prefix=covers)
+    assert out.shape == (B, P + N, D) and out.dtype == dtype
+    x64, params64 = float64_copies(x, params)
+    out64, grads64 = run_with_grads(patch_embed_reference, x64, params64, grad.double(),
+                                    pos_covers_prefix=covers)
+    check_against_float64(out, grads, out64, grads64, dtype, B, N, D, K)
+    if backend == "triton":
+        # the unfused reference in the same dtype sits within the same tolerance
+        with torch.no_grad():
+            ref = patch_embed_reference(x, *params, pos_covers_prefix=covers)
+        assert_close(ref, out64, dtype=dtype, reduction=K)
+
+
+def test_weight_grad_split_over_rows(triton_backend, monkeypatch):
+    """dW reduces M = B*N rows in several programs per tile (fp32 partials, then one sum),
+    with an uneven last slice."""
+    import vtok_fast.patch_embedding as host
+
+    monkeypatch.setattr(host, "_num_sms", lambda device: 64)
+    B, C, H, W, p, D = 5, 3, 160, 160, 16, 32
+    N, K = (H // p) * (W // p), C * p * p  # M = 500 rows: two slices of 256 and 244
+    x, params = make_inputs(B, C, H, W, p, p, D, 1, True, True, True, torch.float32, image_grad=False)
+    grad = torch.randn(B, 1 + N, D)
+    out, grads = run_with_grads(patch_embed, x, params, grad)
+    _, params64 = float64_copies(None, params)
+    out64, grads64 = run_with_grads(patch_embed_reference, x.double(), params64, grad.double())
+    check_against_float64(out, grads, out64, grads64, torch.float32, B, N, D, K)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_uint8_images_with_mean_std(backend, dtype, monkeypatch):
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    B, C, H, W, p, D, P = 2, 3, 50, 44, 14, 32, 1
+    N, K = (H // p) * (W // p), C * p * p
+    x = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8)
+    _, params = make_inputs(B, C, H, W, p, p, D, P, True, True, True, dtype, image_grad=False)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    grad = torch.randn(B, P + N, D).to(dtype)
+    out, grads = run_with_grads(patch_embed, x, params, grad, mean=mean, std=std)
+    _, params64 = float64_copies(None, params)
+    out64, grads64 = run_with_grads(patch_embed_reference, x, params64, grad.double(), mean=mean, std=std)
+    check_against_float64(out, grads, out64, grads64, dtype, B, N, D, K)
+    # uint8 without mean/std: scaled by 1/255 only
+    out = patch_embed(x, *[t.detach() for t in params])
+    assert_close(out, patch_embed_reference(x, *[t.detach().double() for t in params]),
+                 dtype=dtype, reduction=K)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_float_images_mean_std_image_grad_and_remainder(backend, monkeypatch):
+    """Normalization on the load: the pixel gradient carries 1/std; dropped pixels get 0."""
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    B, C, H, W, p, D = 2, 3, 37, 35, 16, 32
+    N, K = (H // p) * (W // p), C * p * p
+    x, params = make_inputs(B, C, H, W, p, p, D, 1, False, True, True, torch.float32)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.5, 2.0])
+    grad = torch.randn(B, 1 + N, D)
+    out, grads = run_with_grads(patch_embed, x, params, grad, pos_covers_prefix=False, mean=mean, std=std)
+    x64, params64 = float64_copies(x, params)
+    out64, grads64 = run_with_grads(patch_embed_reference, x64, params64, grad.double(),
+                                    pos_covers_prefix=False, mean=mean, std=std)
+    check_against_float64(out, grads, out64, grads64, torch.float32, B, N, D, K)
+    assert torch.all(grads[0][:, :, 2 * p:, :] == 0) and torch.all(grads[0][:, :, :, 2 * p:] == 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_inputs(backend, monkeypatch):
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    B, C, H, W, p, D, P = 2, 3, 32, 48, 16, 32, 2
+    N, K = (H // p) * (W // p), C * p * p
+    x = torch.randn(B, C, H, 2 * W)[..., ::2]                      # strided width
+    w = torch.randn(C, D, p, p).transpose(0, 1) / K ** 0.5          # (D, C, p, p), permuted
+    b = torch.randn(2 * D)[::2]
+    pos = torch.randn(1, P + N, 2 * D)[..., :D]
+    pre = torch.randn(P, 3 * D)[:, D:2 * D]
+    for t in (w, b, pos, pre):
+        t.requires_grad_()
+    xc = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(B, P + N, D)[:, :, :].transpose(0, 1).contiguous().transpose(0, 1)
+    for images in (x, xc):
+        params = [w, b, pos, pre]
+        for t in params:
+            t.grad = None
+        out, grads = run_with_grads(patch_embed, images, params, grad)
+        _, params64 = float64_copies(None, params)
+        out64, grads64 = run_with_grads(patch_embed_reference, images.double(), params64, grad.double())
+        check_against_float64(out, grads, out64, grads64, torch.float32, B, N, D, K)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend, monkeypatch):
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    x, params = make_inputs(0, 3, 32, 32, 16, 16, 16, 1, True, True, True, torch.float32)
+    out = patch_embed(x, *params)
+    assert out.shape == (0, 5, 16)
+    out.sum().backward()
+    assert torch.all(params[0].grad == 0) and torch.all(params[2].grad == 0)
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend,weight_dtype,out_dtype", [
+    ("triton", torch.float32, torch.float16), ("triton", torch.float16, torch.float32),
+    ("triton", torch.float32, torch.float64), ("torch", torch.float32, torch.bfloat16),
+    ("torch", torch.bfloat16, torch.float32), ("torch", torch.float16, torch.float64)])
+def test_out_dtype(backend, weight_dtype, out_dtype, monkeypatch):
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    B, C, H, W, p, D, P = 2, 3, 32, 32, 16, 32, 1
+    x, params = make_inputs(B, C, H, W, p, p, D, P, True, True, True, weight_dtype, image_grad=False)
+    out = patch_embed(x, *params, out_dtype=out_dtype)
+    assert out.dtype == out_dtype
+    out64 = patch_embed_reference(x.double(), *[t.detach().double() for t in params])
+    coarser = max((weight_dtype, out_dtype), key=lambda d: torch.finfo(d).eps)
+    assert_close(out.detach(), out64, dtype=coarser, reduction=C * p * p)
+    out.float().sum().backward()
+    assert params[0].grad.dtype == weight_dtype
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("variant", ["vit", "vit_no_embed_class_regs", "vit_no_cls", "deit_distilled"])
+def test_matches_timm_vision_transformer(variant, backend, monkeypatch):
+    """Same tokens as timm's ``_pos_embed(patch_embed(x))`` for its prefix / table layouts."""
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    kw = dict(img_size=(48, 32), patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    if variant == "vit":
+        model = VisionTransformer(**kw)
+    elif variant == "vit_no_embed_class_regs":
+        model = VisionTransformer(**kw, no_embed_class=True, reg_tokens=4)
+    elif variant == "vit_no_cls":
+        model = VisionTransformer(**kw, class_token=False, global_pool="avg")
+    else:
+        model = VisionTransformerDistilled(**kw)
+    model.eval()
+    for prm in model.parameters():
+        nn.init.normal_(prm, std=0.5)
+    prefix = [getattr(model, n) for n in ("cls_token", "reg_token", "dist_token") if getattr(model, n, None) is not None]
+    prefix = torch.cat(prefix, dim=1) if prefix else None
+    x = torch.randn(2, 3, 48, 32)
+    with torch.no_grad():
+        expected = model._pos_embed(model.patch_embed(x))
+        proj = model.patch_embed.proj
+        out = patch_embed(x, proj.weight, proj.bias, model.pos_embed, prefix,
+                          pos_covers_prefix=not model.no_embed_class)
+    assert_close(out, expected.double(), dtype=torch.float32, reduction=3 * 16 * 16)
+
+
+def test_public_name_is_callable():
+    x = torch.randn(1, 3, 32, 32)
+    w = torch.randn(8, 3, 16, 16)
+    torch.testing.assert_close(vtok_fast.patch_embed(x, w), patch_embed(x, w))
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+def _bad_case(**override):
+    args = dict(images=torch.randn(2, 3, 32, 32), weight=torch.randn(8, 3, 16, 16), bias=torch.randn(8),
+                pos_embed=torch.randn(1, 5, 8), prefix=torch.randn(1, 1, 8))
+    args.update(override)
+    return args
+
+
+# each override builds its tensors when the test runs (on the test device)
+BAD_INPUTS = [
+    ("images_rank", lambda: dict(images=torch.randn(3, 32, 32)), ValueError, r"images must be \(B, C, H, W\), got shape \(3, 32, 32\)"),
+    ("images_dtype", lambda: dict(images=torch.zeros(2, 3, 32, 32, dtype=torch.int32)), TypeError, r"images must have dtype in .*got torch.int32"),
+    ("weight_rank", lambda: dict(weight=torch.randn(8, 768)), ValueError, r"weight must be \(D, C, ph, pw\), got shape \(8, 768\)"),
+    ("channels", lambda: dict(images=torch.randn(2, 4, 32, 32)), ValueError, r"images must have C=3 channels .*got shape \(2, 4, 32, 32\)"),
+    ("smaller_than_patch", lambda: dict(images=torch.randn(2, 3, 15, 32)), ValueError, r"at least one patch \(16x16\).*got 15x32"),
+    ("bias_shape", lambda: dict(bias=torch.randn(9)), ValueError, r"bias must be \(D,\) with D=8, got shape \(9,\)"),
+    ("bias_dtype", lambda: dict(bias=torch.randn(8, dtype=torch.float16)), TypeError, r"bias must have the weight's dtype torch.float32, got torch.float16"),
+    ("pos_rows", lambda: dict(pos_embed=torch.randn(1, 4, 8)), ValueError, r"pos_embed must have 5 rows, got shape \(1, 4, 8\)"),
+    ("pos_width", lambda: dict(pos_embed=torch.randn(5, 7)), ValueError, r"pos_embed must have width D=8 .*got shape \(5, 7\)"),
+    ("pos_batch", lambda: dict(pos_embed=torch.randn(2, 5, 8)), ValueError, r"pos_embed must be \(L, D\) or \(1, L, D\), got shape \(2, 5, 8\)"),
+    ("pos_dtype", lambda: dict(pos_embed=torch.randn(1, 5, 8, dtype=torch.bfloat16)), TypeError, r"pos_embed must have the weight's dtype torch.float32, got torch.bfloat16"),
+    ("prefix_width", lambda: dict(prefix=torch.randn(1, 1, 9)), ValueError, r"prefix must have width D=8 .*got shape \(1, 1, 9\)"),
+    ("prefix_dtype", lambda: dict(prefix=torch.randn(1, 8, dtype=torch.float16)), TypeError, r"prefix must have the weight's dtype"),
+    ("device", lambda: dict(bias=torch.randn(8, device="meta")), ValueError, r"bias is on meta but images is on (cpu|cuda)"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_clear_errors(override, exc, match):
+    with pytest.raises(exc, match=match):
+        patch_embed(**_bad_case(**override()))
+
+
+def test_bad_options_raise_clear_errors():
+    args = _bad_case()
+    with pytest.raises(ValueError, match=r"pos_embed must have 4 rows"):
+        patch_embed(**args, pos_covers_prefix=False)
+    with pytest.raises(ValueError, match=r"mean must have one value per channel \(C=3\) or one value, got 2"):
+        patch_embed(**args, mean=[0.5, 0.5])
+    with pytest.raises(TypeError, match=r"out_dtype must be one of .*got torch.int64"):
+        patch_embed(**args, out_dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"weight must have dtype in .*got torch.float64"):
+        patch_embed(args["images"], args["weight"].double())
+
+
+def test_edge_shapes_give_correct_results():
+    """Accepted edge cases: one-patch images, a 1-D prefix token (HF CLIP's class_embedding),
+    scalar mean/std, a 0-row prefix."""
+    w, b = torch.randn(8, 3, 16, 16), torch.randn(8)
+    x = torch.randn(2, 3, 16, 31)
+    out = patch_embed(x, w, b, prefix=torch.ones(8), mean=0.5, std=0.25)
+    ref = patch_embed_reference(x.double(), w.double(), b.double(), prefix=torch.ones(1, 8).double(),
+                                mean=[0.5] * 3, std=[0.25] * 3)
+    assert out.shape == (2, 2, 8)
+    assert_close(out, ref, dtype=torch.float32, reduction=768)
+    assert patch_embed(x, w, prefix=torch.zeros(0, 8)).shape == (2, 1, 8)
+
+
+# --- the nn.Module ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(bias=False), dict(output_fmt="NHWC"), dict(flatten=False),
+    dict(norm_layer=nn.LayerNorm), dict(img_size=(32, 48), patch_size=(16, 8)),
+    dict(img_size=None)], ids=["default", "no_bias", "NHWC", "NCHW", "norm", "rect", "any_size"])
+def test_module_loads_timm_state_dict_and_matches(kwargs):
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    kw = dict(img_size=32, patch_size=16, in_chans=3, embed_dim=24)
+    kw.update(kwargs)
+    theirs = TimmPatchEmbed(**kw).eval()
+    ours = PatchEmbed(**kw).eval()
+    ours.load_state_dict(theirs.state_dict())  # strict: same keys
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert (ours.grid_size, ours.num_patches) == (theirs.grid_size, theirs.num_patches)
+    size = kw["img_size"] or (48, 32)
+    x = torch.randn(2, 3, *((size, size) if isinstance(size, int) else size))
+    with torch.no_grad():
+        expected, out = theirs(x), ours(x)
+    assert out.shape == expected.shape
+    assert_close(out, expected.double(), dtype=torch.float32, reduction=768)
+
+
+def test_module_fuses_pos_and_prefix_and_norm_fallback():
+    ours = PatchEmbed(img_size=32, patch_size=16, embed_dim=16)
+    x, pre, pos = torch.randn(2, 3, 32, 32), torch.randn(1, 1, 16), torch.randn(1, 5, 16)
+    proj = ours.proj
+    with torch.no_grad():
+        expected = patch_embed_reference(x, proj.weight, proj.bias, pos, pre)
+    assert_close(ours(x, pos, pre).detach(), expected.double(), dtype=torch.float32, reduction=768)
+    normed = PatchEmbed(img_size=32, patch_size=16, embed_dim=16, norm_layer=nn.LayerNorm)
+    normed.proj.load_state_dict(proj.state_dict())
+    with torch.no_grad():
+        tokens = normed.norm(patch_embed_reference(x, proj.weight, proj.bias))
+        expected = torch.cat([pre.expand(2, -1, -1), tokens], 1) + pos
+    assert_close(normed(x, pos, pre).detach(), expected.double(), dtype=torch.float32, reduction=768)
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="dynamic_img_pad=True is not supported"):
+        PatchEmbed(dynamic_img_pad=True)
+    m = PatchEmbed(img_size=32, patch_size=16, embed_dim=8)
+    with pytest.raises(ValueError, match=r"images must be 32x32 .*got 48x32"):
+        m(torch.randn(1, 3, 48, 32))
+    loose = PatchEmbed(img_size=32, patch_size=16, embed_dim=8, strict_img_size=False)
+    with pytest.raises(ValueError, match=r"divisible by the patch size .*got 40x32"):
+        loose(torch.randn(1, 3, 40, 32))
+    assert loose(torch.randn(1, 3, 48, 32)).shape == (1, 6, 8)
+    with pytest.raises(ValueError, match="output_fmt='NLC'"):
+        PatchEmbed(img_size=32, embed_dim=8, output_fmt="NHWC")(torch.randn(1, 3, 32, 32), prefix=torch.randn(1, 8))
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+class TinyEmbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size=32, patch_size=16, embed_dim=16)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 16))
+
+    def forward(self, x):
+        tokens = self.patch_embed(x, self.pos_embed, self.cls_token)
+        # the package-level name works inside a compiled graph too
+        direct = vtok_fast.patch_embed(x, self.patch_embed.proj.weight, mean=0.5, std=0.5)
+        return tokens[:, 1:] * direct
+
+
+def test_torch_compile_fullgraph_forward_backward(torch_backend):
+    model = TinyEmbed()
+    x = torch.randn(2, 3, 32, 32)
+    eager_out = model(x)
+    eager_out.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager_out)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+# --- real kernels on a GPU (collected with VTOK_FAST_TEST_GPU=1) --------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 3, 224, 224, 16, 768, 1, True), (2, 3, 336, 330, 14, 1024, 5, False)],
+                         ids=["vitb16", "clipl14_regs"])
+def test_cuda_kernels_match_float64(shape, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 contract: IEEE products
+    B, C, H, W, p, D, P, covers = shape
+    N, K = (H // p) * (W // p), C * p * p
+    x, params = make_inputs(B, C, H, W, p, p, D, P, covers, True, True, dtype)
+    x = x.detach().cuda().requires_grad_()
+    params = [t.detach().cuda().requires_grad_() for t in params]
+    grad = torch.randn(B, P + N, D, device="cuda").to(dtype)
+    out, grads = run_with_grads(patch_embed, x, params, grad, pos_covers_prefix=covers)
+    x64, params64 = float64_copies(x, params)
+    out64, grads64 = run_with_grads(patch_embed_reference, x64, params64, grad.double(),
+                                    pos_covers_prefix=covers)
+    check_against_float64(out, grads, out64, grads64, dtype, B, N, D, K)
+    u8 = torch.randint(0, 256, (B, C, H, W), dtype=torch.uint8, device="cuda")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    with torch.no_grad():
+        out = patch_embed(u8, *params, pos_covers_prefix=covers, mean=mean, std=std)
+        ref = patch_embed_reference(u8, *params64, pos_covers_prefix=covers, mean=mean, std=std)
+    assert_close(out, ref, dtype=dtype, reduction=K)

@@ -1,0 +1,550 @@
+"""Fused patch embedding: pixels -> ``[prefix tokens][patch tokens] + position table`` in one op.
+
+``patch_embed`` computes what timm's ``PatchEmbed`` + ``VisionTransformer._pos_embed`` (and HF's
+CLIP/SigLIP vision embeddings) compute with a strided conv, a flatten/transpose, a ``cat`` and an
+add, as one implicit-im2col GEMM whose epilogue adds the bias and the position rows and writes
+the prefix rows (CUDA: Triton kernels in ``vtok_fast.kernels.patch_embed``). CPU tensors run a
+PyTorch path built from one im2col copy and one matrix product written straight into the result.
+
+Semantics (the contract page ``patch-embed.md``):
+
+- grid ``H // ph x W // pw``, remainder pixels dropped; patches row-major over (h, w);
+  K ordered ``(c, kh, kw)`` like ``weight.reshape(D, -1)``;
+- ``uint8`` pixels are scaled by 1/255; ``mean``/``std`` (per channel) normalize
+  ``(x - mean) / std`` on the load; the normalized pixels are cast to the weight dtype (what HF
+  does before its conv) and multiplied with fp32 accumulation;
+- ``pos_covers_prefix=True`` (timm ``no_embed_class=False``): the table has ``P + N`` rows and is
+  added to the prefix rows too; ``False`` (``no_embed_class=True``): ``N`` rows, patches only;
+- fp32 weights follow ``torch.backends.cudnn.allow_tf32`` on CUDA (TF32 by default, exactly like
+  the ``nn.Conv2d`` this op replaces); set it to False for IEEE fp32 products.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vtok_fast._backend import use_triton
+from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+IMAGE_DTYPES = (*FLOAT_DTYPES, torch.uint8)
+OUT_DTYPES = (*FLOAT_DTYPES, torch.float64)
+ChannelStats = Optional[Union[torch.Tensor, Sequence[float], float]]
+
+
+# --- reference: the unfused eager path, as timm / HF write it ----------------------------------
+
+def patch_embed_reference(images, weight, bias=None, pos_embed=None, prefix=None, *,
+                          pos_covers_prefix=True, mean=None, std=None, out_dtype=None):
+    """Unfused PyTorch: normalize, ``conv2d``, flatten/transpose, ``cat`` prefix, add the table.
+
+    Accepts float64 everywhere (tests build their ground truth with it). Same arguments and
+    result as :func:`patch_embed`.
+    """
+    x = images
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if x.dtype == torch.uint8:
+        x = x.to(work) / 255
+    if mean is not None or std is not None:
+        x = x.to(work)
+        if mean is not None:
+            x = x - torch.as_tensor(mean, dtype=work, device=x.device).reshape(1, -1, 1, 1)
+        if std is not None:
+            x = x / torch.as_tensor(std, dtype=work, device=x.device).reshape(1, -1, 1, 1)
+    x = x.to(weight.dtype)
+    y = F.conv2d(x, weight, bias, stride=tuple(weight.shape[-2:]))
+    y = y.flatten(2).transpose(1, 2)  # (B, N, D)
+    pos = None if pos_embed is None else pos_embed.reshape(-1, pos_embed.shape[-1])
+    if pos is not None and not pos_covers_prefix:
+        y = y + pos
+    if prefix is not None:
+        pre = prefix.reshape(-1, prefix.shape[-1])
+        y = torch.cat([pre.expand(y.shape[0], -1, -1), y], dim=1)
+    if pos is not None and pos_covers_prefix:
+        y = y + pos
+    return y.to(out_dtype or weight.dtype)
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+def _token_table(name: str, value, rows: Optional[int], width: int, weight: torch.Tensor):
+    """A ``(rows, width)`` or ``(1, rows, width)`` table as a 2-D view; ``rows=None``: any."""
+    t = check_tensor(name, value, ndim=(2, 3), shape_doc="(L, D) or (1, L, D)")
+    if t.dim() == 3:
+        if t.shape[0] != 1:
+            raise ValueError(f"{name} must be (L, D) or (1, L, D), got shape {tuple(t.shape)}")
+        t = t.squeeze(0)  # a view whose backward is a view too (indexing would scatter)
+    if t.shape[1] != width:
+        raise ValueError(f"{name} must have width D={width} (weight.shape[0]), got shape "
+                         f"{tuple(value.shape)}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows, got shape {tuple(value.shape)}")
+    if t.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype} "
+                        "(cast it, e.g. with .to(weight.dtype))")
+    return t
+
+
+def _channel_affine(images: torch.Tensor, mean: ChannelStats, std: ChannelStats):
+    """Per-channel fp32 ``(scale, shift)`` with ``normalized = pixel * scale + shift``, or
+    ``(None, None)`` for float pixels without normalization. Treated as constants (no grad)."""
+    channels = images.shape[1]
+    unit = 1.0 / 255 if images.dtype == torch.uint8 else 1.0
+    if mean is None and std is None and unit == 1.0:
+        return None, None
+
+    def stats(name, value, default):
+        if value is None:
+            return torch.full((channels,), default, dtype=torch.float32, device=images.device)
+        t = torch.as_tensor(value).detach().to(device=images.device, dtype=torch.float32).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(channels)
+        if t.numel() != channels:
+            raise ValueError(f"{name} must have one value per channel (C={channels}) or one value, "
+                             f"got {t.numel()} values")
+        return t
+
+    m = stats("mean", mean, 0.0)
+    s = stats("std", std, 1.0)
+    scale = unit / s
+    shift = -m / s
+    return scale.contiguous(), shift.contiguous()
+
+
+# --- PyTorch path (CPU, or forced with VTOK_FAST_BACKEND=torch) --------------------------------
+
+def _compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # CPUs multiply fp16/bf16 slowly and no more accurately: they compute in fp32.
+    return weight.dtype if images.device.type == "cuda" else torch.float32
+
+
+def _im2col_rows(images: torch.Tensor, ph: int, pw: int, prefix_rows: int, dtype) -> torch.Tensor:
+    """``(B, P + N, K)`` patch matrix in one copy, ``P`` leading zero rows per image."""
+    B, C, H, W = images.shape
+    gh, gw = H // ph, W // pw
+    a = torch.empty(B, prefix_rows + gh * gw, C * ph * pw, dtype=dtype, device=images.device)
+    if prefix_rows:
+        a[:, :prefix_rows].zero_()
+    patches = images[:, :, : gh * ph, : gw * pw].unflatten(3, (gw, pw)).unflatten(2, (gh, ph))
+    a[:, prefix_rows:].view(B, gh, gw, C, ph, pw).copy_(patches.permute(0, 2, 4, 1, 3, 5))
+    return a
+
+
+def _channel_per_k(v: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    return v.repeat_interleave(ph * pw)
+
+
+def _forward_torch(images, weight, bias, pos, prefix, scale, shift, covers, out_dtype):
+    """One im2col copy, one matmul into the result, one in-place add of the row table.
+
+    The pixel affine is folded into the weights: ``W (x*s + t) = (W*s) x + W t``.
+    """
+    B = images.shape[0]
+    D, C, ph, pw = weight.shape
+    N = (images.shape[2] // ph) * (images.shape[3] // pw)
+    P = 0 if prefix is None else prefix.shape[0]
+    K = C * ph * pw
+    cdt = _compute_dtype(images, weight)
+    w = weight.reshape(D, K).to(torch.float32)
+    table = torch.zeros(P + N, D, dtype=torch.float32, device=weight.device)
+    if scale is not None:
+        table[P:] += w @ _channel_per_k(shift, ph, pw)
+        w = w * _channel_per_k(scale, ph, pw)
+    if bias is not None:
+        table[P:] += bias
+    if prefix is not None:
+        table[:P] += prefix
+    if pos is not None:
+        table[(0 if covers else P):] += pos
+    a = _im2col_rows(images, ph, pw, P, cdt).view(B * (P + N), K)
+    out = torch.empty(B, P + N, D, dtype=out_dtype, device=images.device)
+    if out_dtype == cdt:
+        torch.mm(a, w.to(cdt).t(), out=out.view(B * (P + N), D))
+        out.add_(table.to(cdt) if cdt != torch.float32 else table)
+    else:
+        torch.add(torch.mm(a, w.to(cdt).t()).view(B, P + N, D), table, out=out)
+    return out
+
+
+def _weight_grad_torch(grad, images, weight, scale, shift, P):
+    """``dW = dY_patches^T im2col(x*s + t)`` = ``(dY^T im2col(x)) * s + (sum dY) t^T``."""
+    D, C, ph, pw = weight.shape
+    cdt = _compute_dtype(images, weight)
+    a = _im2col_rows(images, ph, pw, P, cdt).flatten(0, 1)
+    g = grad.to(cdt).reshape(-1, D)
+    dw = (g.t() @ a).to(torch.float32)
+    if scale is not None:
+        dw = dw * _channel_per_k(scale, ph, pw)
+        gsum = grad[:, P:].sum((0, 1), dtype=torch.float32)
+        dw += gsum[:, None] * _channel_per_k(shift, ph, pw)[None, :]
+    return dw.view(D, C, ph, pw).to(weight.dtype)
+
+
+def _new_image_grad(grad, shape, dtype, ph, pw) -> torch.Tensor:
+    """Pixel gradient buffer: zeros only when remainder pixels exist (they get no gradient)."""
+    B, C, H, W = shape
+    make = torch.zeros if (H % ph or W % pw) else torch.empty
+    return make(shape, dtype=dtype, device=grad.device)
+
+
+def _input_grad_torch(grad, shape, dtype, weight, scale, P):
+    """``dx = (dY W) * s`` scattered back to the pixels; remainder pixels get zero."""
+    B, C, H, W = shape
+    D, _, ph, pw = weight.shape
+    gh, gw = H // ph, W // pw
+    cdt = weight.dtype if grad.device.type == "cuda" else torch.float32
+    w = weight.reshape(D, -1).to(torch.float32)
+    if scale is not None:
+        w = w * _channel_per_k(scale, ph, pw)
+    da = grad[:, P:].to(cdt) @ w.to(cdt)  # (B, N, K)
+    dx = _new_image_grad(grad, shape, dtype, ph, pw)
+    dst = dx[:, :, : gh * ph, : gw * pw].unflatten(3, (gw, pw)).unflatten(2, (gh, ph))
+    dst.permute(0, 2, 4, 1, 3, 5).copy_(da.view(B, gh, gw, C, ph, pw))
+    return dx
+
+
+# --- Triton path (CUDA, or CPU under TRITON_INTERPRET=1) ---------------------------------------
+
+def _allow_tf32(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _forward_triton(images, weight, bias, pos, prefix, scale, shift, covers, out_dtype):
+    from vtok_fast.kernels.patch_embed import _patch_embed_fwd
+
+    B, C, H, W = images.shape
+    D, _, ph, pw = weight.shape
+    gw = W // pw
+    N = (H // ph) * gw
+    P = 0 if prefix is None else prefix.shape[0]
+    L = P + N
+    out = torch.empty(B, L, D, dtype=out_dtype, device=images.device)
+    if B == 0:
+        return out
+    M, K = B * L, C * ph * pw
+    w2 = weight.reshape(D, K)
+    # absent operands: the weight stands in (never read: the kernel's flags skip them)
+    bias_args = (weight, 0) if bias is None else (bias, bias.stride(0))
+    pos_args = (weight, 0, 0) if pos is None else (pos, *pos.stride())
+    prefix_args = (weight, 0, 0) if prefix is None else (prefix, *prefix.stride())
+    scale_t = weight if scale is None else scale
+    shift_t = weight if shift is None else shift
+
+    def grid(meta):
+        return (triton_cdiv(M, meta["BM"]) * triton_cdiv(D, meta["BN"]),)
+
+    _patch_embed_fwd[grid](
+        out, *out.stride(),
+        images, *images.stride(),
+        w2, *w2.stride(),
+        *bias_args, *pos_args, *prefix_args,
+        scale_t, shift_t,
+        M, D, K, L, P, gw, 0 if covers else P,
+        PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+        HAS_NORM=scale is not None, ALLOW_TF32=_allow_tf32(weight),
+    )
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_dtype(weight: torch.Tensor):
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[weight.dtype]
+
+
+def _weight_grad_triton(grad, images, weight, scale, shift, P):
+    """Split-M reduction: ``SPLIT`` programs per (D, K) tile write fp32 partials, then one sum."""
+    from vtok_fast.kernels.patch_embed import DW_NOMINAL_TILE, _patch_embed_bwd_dw
+
+    B, C, H, W = images.shape
+    D, _, ph, pw = weight.shape
+    gw = W // pw
+    N = (H // ph) * gw
+    M, K = B * N, C * ph * pw
+    if M == 0:
+        return torch.zeros_like(weight)
+    tiles = triton_cdiv(D, DW_NOMINAL_TILE) * triton_cdiv(K, DW_NOMINAL_TILE)
+    split = max(1, min(triton_cdiv(2 * _num_sms(images.device), tiles), triton_cdiv(M, 256)))
+    partial = torch.empty(split, D, K, dtype=torch.float32, device=images.device)
+    scale_t = weight if scale is None else scale
+    shift_t = weight if shift is None else shift
+
+    def grid(meta):
+        return (triton_cdiv(D, meta["BD"]) * triton_cdiv(K, meta["BK"]), split)
+
+    _patch_embed_bwd_dw[grid](
+        partial, *partial.stride(),
+        grad, *grad.stride(),
+        images, *images.stride(),
+        scale_t, shift_t,
+        M, D, K, N, P, gw, split,
+        PH=ph, PW=pw, HAS_NORM=scale is not None, ALLOW_TF32=_allow_tf32(weight),
+        DOT_DTYPE=_dot_dtype(weight),
+    )
+    dw = partial[0] if split == 1 else partial.sum(0)
+    return dw.view(D, C, ph, pw).to(weight.dtype)
+
+
+def _input_grad_triton(grad, shape, dtype, weight, scale, P):
+    """``dx = (dY W) * s`` written once per pixel (stride = patch: no overlaps, no atomics)."""
+    from vtok_fast.kernels.patch_embed import _patch_embed_bwd_dx
+
+    B, C, H, W = shape
+    D, _, ph, pw = weight.shape
+    gw = W // pw
+    N = (H // ph) * gw
+    M, K = B * N, C * ph * pw
+    dx = _new_image_grad(grad, shape, dtype, ph, pw)
+    if M == 0:
+        return dx
+    w2 = weight.reshape(D, K)
+    scale_t = weight if scale is None else scale
+
+    def grid(meta):
+        return (triton_cdiv(M, meta["BM"]) * triton_cdiv(K, meta["BK"]),)
+
+    _patch_embed_bwd_dx[grid](
+        dx, *dx.stride(),
+        grad, *grad.stride(),
+        w2, *w2.stride(),
+        scale_t,
+        M, D, K, N, P, gw,
+        PH=ph, PW=pw, HAS_NORM=scale is not None, ALLOW_TF32=_allow_tf32(weight),
+    )
+    return dx
+
+
+# --- the registered op -------------------------------------------------------------------------
+
+@torch.library.custom_op("vtok_fast::patch_embed", mutates_args=())
+def _patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    pos: Optional[torch.Tensor], prefix: Optional[torch.Tensor],
+                    scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
+                    pos_covers_prefix: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    forward = _forward_triton if use_triton(images) else _forward_torch
+    return forward(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype)
+
+
+@_patch_embed_op.register_fake
+def _(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype):
+    D, _, ph, pw = weight.shape
+    n = (images.shape[2] // ph) * (images.shape[3] // pw)
+    p = 0 if prefix is None else prefix.shape[0]
+    return images.new_empty((images.shape[0], p + n, D), dtype=out_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, pos, prefix, scale, shift, covers, _ = inputs
+    ctx.covers = covers
+    ctx.prefix_rows = 0 if prefix is None else prefix.shape[0]
+    ctx.image_shape, ctx.image_dtype = tuple(images.shape), images.dtype
+    # dW reads the pixels, dx the weight (a parameter: saving it costs no memory).
+    ctx.save_for_backward(images if weight.requires_grad else None, weight, scale, shift)
+
+
+def _backward(ctx, grad):
+    images, weight, scale, shift = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    P, dt = ctx.prefix_rows, weight.dtype
+    triton = use_triton(grad)
+    d_images = d_weight = d_bias = d_pos = d_prefix = None
+    if need[2] or need[3] or need[4]:
+        rows = grad.sum(0, dtype=torch.float32)  # (P + N, D)
+        if need[2]:
+            d_bias = rows[P:].sum(0).to(dt)
+        if need[3]:
+            d_pos = (rows if ctx.covers else rows[P:]).to(dt)
+        if need[4]:
+            d_prefix = rows[:P].to(dt)
+    if need[1]:
+        fn = _weight_grad_triton if triton else _weight_grad_torch
+        d_weight = fn(grad, images, weight, scale, shift, P)
+    if need[0]:
+        fn = _input_grad_triton if triton else _input_grad_torch
+        d_images = fn(grad, ctx.image_shape, ctx.image_dtype, weight, scale, P)
+    return d_images, d_weight, d_bias, d_pos, d_prefix, None, None, None, None
+
+
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                pos_embed: Optional[torch.Tensor] = None, prefix: Optional[torch.Tensor] = None, *,
+                pos_covers_prefix: bool = True, mean: ChannelStats = None, std: ChannelStats = None,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Patch tokens with prefix tokens and position table, ``(B, P + N, D)``, in one fused op.
+
+    Equals ``cat(prefix, conv2d(normalize(images), weight, bias, stride=(ph, pw))
+    .flatten(2).transpose(1, 2)) + pos_embed`` (see the module docstring for the exact rules).
+
+    Args:
+        images: ``(B, C, H, W)`` float32/float16/bfloat16, or uint8 (scaled by 1/255); any
+            strides. Float pixels are cast to the weight dtype after normalization.
+        weight: ``(D, C, ph, pw)`` Conv2d weight; the patch size is read from it.
+        bias: ``(D,)`` or None.
+        pos_embed: ``(L, D)`` or ``(1, L, D)``; ``L = P + N`` when ``pos_covers_prefix`` else ``N``.
+        prefix: ``(P, D)``, ``(1, P, D)`` or ``(D,)`` (one token): CLS / register / dist tokens,
+            placed before the patches.
+        pos_covers_prefix: True: the table also has rows for (and is added to) the prefix
+            tokens (timm ``no_embed_class=False``); False: it covers the patches only.
+        mean, std: per-channel normalization ``(x - mean) / std`` applied on the load (after
+            the uint8 scaling); tensors or sequences of ``C`` values (or one value). They are
+            constants: no gradient flows to them.
+        out_dtype: result dtype (float16/bfloat16/float32/float64); default ``weight.dtype``.
+
+    ``bias``, ``pos_embed`` and ``prefix`` must have the weight's dtype (TypeError otherwise);
+    all tensors one device. Gradients flow to ``weight``, ``bias``, ``pos_embed``, ``prefix``
+    and, when they require it, float ``images``.
+    """
+    check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES, shape_doc="(B, C, H, W)")
+    check_tensor("weight", weight, ndim=4, dtypes=FLOAT_DTYPES, shape_doc="(D, C, ph, pw)")
+    check_same_device(images=images, weight=weight, bias=bias, pos_embed=pos_embed, prefix=prefix)
+    B, C, H, W = images.shape
+    D, c_w, ph, pw = weight.shape
+    if C != c_w:
+        raise ValueError(f"images must have C={c_w} channels (weight.shape[1]), got shape "
+                         f"{tuple(images.shape)}")
+    if H < ph or W < pw:
+        raise ValueError(f"images must be at least one patch ({ph}x{pw}) in size, got "
+                         f"{H}x{W} (shape {tuple(images.shape)})")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, shape_doc="(D,)")
+        if bias.shape[0] != D:
+            raise ValueError(f"bias must be (D,) with D={D}, got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+    pre = None
+    if prefix is not None:
+        one_token = isinstance(prefix, torch.Tensor) and prefix.dim() == 1
+        pre = _token_table("prefix", prefix[None] if one_token else prefix, None, D, weight)
+        if pre.shape[0] == 0:
+            pre = None
+    P = 0 if pre is None else pre.shape[0]
+    N = (H // ph) * (W // pw)
+    pos = None
+    if pos_embed is not None:
+        rows = P + N if pos_covers_prefix else N
+        pos = _token_table("pos_embed", pos_embed, rows, D, weight)
+    out_dtype = weight.dtype if out_dtype is None else out_dtype
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of ({', '.join(str(d) for d in OUT_DTYPES)}), "
+                        f"got {out_dtype}")
+    scale, shift = _channel_affine(images, mean, std)
+    return _patch_embed_op(images, weight, bias, pos, pre, scale, shift, bool(pos_covers_prefix),
+                           out_dtype)
+
+
+_FORMATS = ("NLC", "NCHW", "NHWC", "NCL")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+class PatchEmbed(nn.Module):
+    """timm's ``PatchEmbed`` (same constructor, attributes and ``state_dict`` keys
+    ``proj.weight`` / ``proj.bias``) running the fused op.
+
+    ``forward(x)`` returns what timm's does. Extra optional arguments fuse the ViT's
+    ``_pos_embed`` too: ``forward(x, pos_embed, prefix, pos_covers_prefix=..., mean=, std=)``
+    returns ``(B, P + N, D)`` tokens (NLC output only).
+
+    Only ``norm_layer=None`` (Identity) is fully fused. With a norm layer the fused op computes
+    the projection (+ bias), the norm is applied to it, and prefix / position table are then
+    added in plain PyTorch (the norm must run before the position add).
+    ``dynamic_img_pad=True`` is not supported (ValueError).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768,
+                 norm_layer=None, flatten: bool = True, output_fmt: Optional[str] = None,
+                 bias: bool = True, strict_img_size: bool = True, dynamic_img_pad: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        if dynamic_img_pad:
+            raise ValueError("dynamic_img_pad=True is not supported by vtok_fast.PatchEmbed "
+                             "(pad the images to a multiple of the patch size yourself)")
+        dd = {"device": device, "dtype": dtype}
+        self.patch_size = _pair(patch_size)
+        self.img_size, self.grid_size, self.num_patches = None, None, None
+        if img_size is not None:
+            self.img_size = _pair(img_size)
+            self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if output_fmt is not None:
+            fmt = str(getattr(output_fmt, "value", output_fmt))
+            if fmt not in _FORMATS:
+                raise ValueError(f"output_fmt must be one of {_FORMATS}, got {output_fmt!r}")
+            self.flatten, self.output_fmt = False, fmt
+        else:
+            self.flatten, self.output_fmt = flatten, ("NLC" if flatten else "NCHW")
+        self.strict_img_size = strict_img_size
+        self.dynamic_img_pad = False
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size,
+                              stride=self.patch_size, bias=bias, **dd)
+        self.norm = norm_layer(embed_dim, **dd) if norm_layer else nn.Identity()
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        if self.img_size is None or x.dim() != 4:
+            return
+        H, W = x.shape[-2:]
+        if self.strict_img_size:
+            if (H, W) != self.img_size:
+                raise ValueError(f"images must be {self.img_size[0]}x{self.img_size[1]} "
+                                 f"(img_size, strict_img_size=True), got {H}x{W}")
+        elif H % self.patch_size[0] or W % self.patch_size[1]:
+            raise ValueError(f"images must have sides divisible by the patch size {self.patch_size}"
+                             f" (strict_img_size=False), got {H}x{W}")
+
+    def forward(self, x: torch.Tensor, pos_embed: Optional[torch.Tensor] = None,
+                prefix: Optional[torch.Tensor] = None, *, pos_covers_prefix: bool = True,
+                mean: ChannelStats = None, std: ChannelStats = None) -> torch.Tensor:
+        self._check_size(x)
+        tokens_extra = pos_embed is not None or prefix is not None
+        if tokens_extra and self.output_fmt != "NLC":
+            raise ValueError(f"pos_embed / prefix need output_fmt='NLC', got {self.output_fmt!r}")
+        w, b = self.proj.weight, self.proj.bias
+        if isinstance(self.norm, nn.Identity):
+            y = patch_embed(x, w, b, pos_embed, prefix, pos_covers_prefix=pos_covers_prefix,
+                            mean=mean, std=std)
+            return self._format(y, x)
+        y = self.norm(self._format(patch_embed(x, w, b, mean=mean, std=std), x))
+        if not tokens_extra:
+            return y
+        pos = None if pos_embed is None else pos_embed.reshape(-1, pos_embed.shape[-1])
+        if pos is not None and not pos_covers_prefix:
+            y = y + pos
+        if prefix is not None:
+            pre = prefix.reshape(-1, prefix.shape[-1])
+            y = torch.cat([pre.expand(y.shape[0], -1, -1).to(y.dtype), y], dim=1)
+        if pos is not None and pos_covers_prefix:
+            y = y + pos
+        return y
+
+    def _format(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.output_fmt in ("NLC",):
+            return y
+        if self.output_fmt == "NCL":
+            return y.transpose(1, 2)
+        gh, gw = self.dynamic_feat_size(tuple(x.shape[-2:]))
+        y = y.view(y.shape[0], gh, gw, y.shape[-1])
+        return y if self.output_fmt == "NHWC" else y.permute(0, 3, 1, 2)

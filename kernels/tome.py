@@ -1,0 +1,277 @@
+"""ToMe device code: bipartite scoring, the merge plan, and the size-weighted merge.
+
+Token layout (per batch row): ``prefix`` protected tokens, then A tokens at ``prefix + 2i``
+(``num_a`` of them) and B tokens at ``prefix + 2j + 1`` (``num_b``). Output slots
+(``num_out = N - r``): ``[prefix, kept A, B]``; with a distillation token
+``[A0, B0, kept A[1:], B[1:]]`` (``prefix`` is 0 then).
+
+1. ``_tome_scores_fwd``: cosine score of every A token with every B token by ``tl.dot`` tiles,
+   keeping only the running row max / argmax (the A×B matrix is never stored).
+2. ``_tome_plan_fwd``: programs per (batch row, chunk of tokens) turn the best edges into the
+   merge plan by pairwise counting (a stable descending ranking without a sort).
+3. ``_tome_merge_fwd``: every output token = size-weighted mean of its representative and its
+   sources in a fixed order; deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vtok_fast.kernels._autotune import autotune
+
+# --- 1. scores ----------------------------------------------------------------------------------
+
+SCORE_CONFIGS = [
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+
+
+# keyed on the metric width only: N shrinks every layer, and one tuning per model is enough
+@autotune(configs=SCORE_CONFIGS, key=["channels"])
+@triton.jit
+def _tome_scores_fwd(
+    node_max_ptr,  # (B, num_a) fp32, contiguous: best score of each A token
+    node_idx_ptr,  # (B, num_a) int32, contiguous: its best B token (0..num_b-1)
+    metric_ptr, stride_mb, stride_mn, stride_mc,  # (B, N, C) fp32/fp16/bf16
+    num_a, num_b, channels, prefix,
+    NAN_SCORE: tl.constexpr,  # what a NaN cosine counts as
+    PROTECT_A0: tl.constexpr,  # class token: A0 never merges (row 0 = -inf)
+    PROTECT_B0: tl.constexpr,  # distillation token: nothing merges into B0 (column 0 = -inf)
+    PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32x3" keeps fp32 accuracy)
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_a = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    row_ok = rows < num_a
+    a_tokens = (prefix + 2 * rows).to(tl.int64)
+    base = metric_ptr + batch * stride_mb
+
+    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_A], tl.int32)
+    for b0 in range(0, num_b, BLOCK_B):
+        cols = b0 + tl.arange(0, BLOCK_B)
+        col_ok = cols < num_b
+        b_tokens = (prefix + 2 * cols + 1).to(tl.int64)
+        dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+        a_sq = tl.zeros([BLOCK_A], tl.float32)
+        b_sq = tl.zeros([BLOCK_B], tl.float32)
+        for k0 in range(0, channels, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < channels
+            a = tl.load(base + a_tokens[:, None] * stride_mn + ks[None, :] * stride_mc,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_A, BLOCK_K)
+            b = tl.load(base + b_tokens[None, :] * stride_mn + ks[:, None] * stride_mc,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_B)
+            dots = tl.dot(a, b, dots, input_precision=PRECISION)
+            a32 = a.to(tl.float32)
+            b32 = b.to(tl.float32)
+            a_sq += tl.sum(a32 * a32, axis=1)
+            b_sq += tl.sum(b32 * b32, axis=0)
+        a_sq = tl.where(row_ok, a_sq, 1.0)  # padding rows/columns: no 0/0
+        b_sq = tl.where(col_ok, b_sq, 1.0)
+        scores = dots / tl.sqrt(a_sq)[:, None] / tl.sqrt(b_sq)[None, :]
+        scores = tl.where(scores != scores, NAN_SCORE, scores)
+        if PROTECT_B0:
+            scores = tl.where(cols[None, :] == 0, float("-inf"), scores)
+        if PROTECT_A0:
+            scores = tl.where(rows[:, None] == 0, float("-inf"), scores)
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        tile_max, tile_idx = tl.max(scores, axis=1, return_indices=True,
+                                    return_indices_tie_break_left=True)
+        better = tile_max > best  # strict: ties keep the earlier (lower) B index
+        best = tl.where(better, tile_max, best)
+        best_idx = tl.where(better, tile_idx + b0, best_idx)
+
+    tl.store(node_max_ptr + batch * num_a + rows, best, mask=row_ok)
+    tl.store(node_idx_ptr + batch * num_a + rows, best_idx, mask=row_ok)
+
+
+# --- 2. plan ------------------------------------------------------------------------------------
+
+PLAN_BLOCKS = {"BLOCK_I": 128, "BLOCK_J": 32}
+PLAN_WARPS = 4
+
+
+@triton.jit
+def _beats(v_j, j, v_i, i):
+    """(v_j, j) comes before (v_i, i) in descending score order, ties to the lower index."""
+    return (v_j > v_i) | ((v_j == v_i) & (j < i))
+
+
+@triton.jit
+def _b_slot(j, num_kept, prefix, DISTILL: tl.constexpr):
+    """Output slot of B token j."""
+    if DISTILL:
+        return tl.where(j == 0, 1, num_kept + j)
+    else:
+        return prefix + num_kept + j
+
+
+@triton.jit
+def _tome_plan_fwd(
+    order_ptr,  # (B, num_out) int64: input token of each output slot
+    dest_ptr,  # (B, N) int64: output slot of each input token
+    merged_ptr,  # (B, r) int64: merged A tokens, grouped by destination slot
+    start_ptr,  # (B, num_out) int32: first source of each slot in merged
+    count_ptr,  # (B, num_out) int32: number of sources of each slot
+    node_max_ptr,  # (B, num_a) fp32: best score of each A token
+    node_idx_ptr,  # (B, num_a) int32: its B partner
+    num_a, num_b, prefix, r,  # every buffer is contiguous: strides follow from these
+    SORT_KEPT: tl.constexpr,  # kept A in original order (else in descending-score order)
+    DISTILL: tl.constexpr,  # output layout [A0, B0, kept A[1:], B[1:]]
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Program (batch, chunk) writes prefix tokens, A tokens and B tokens
+    ``chunk * BLOCK_I ..`` of its batch row; every program finds the threshold itself."""
+    batch = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    num_tokens = prefix + num_a + num_b
+    num_out = num_tokens - r
+    num_kept = num_a - r
+    max_row = node_max_ptr + batch * num_a
+    idx_row = node_idx_ptr + batch * num_a
+    order_row = order_ptr + batch * num_out
+    dest_row = dest_ptr + batch * num_tokens
+    start_row = start_ptr + batch * num_out
+    count_row = count_ptr + batch * num_out
+    nothing = tl.zeros([BLOCK_I], tl.int32)
+
+    # protected prefix: slot p holds token p
+    p = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+    p_ok = p < prefix
+    tl.store(order_row + p, p.to(tl.int64), mask=p_ok)
+    tl.store(dest_row + p, p.to(tl.int64), mask=p_ok)
+    tl.store(start_row + p, nothing, mask=p_ok)
+    tl.store(count_row + p, nothing, mask=p_ok)
+
+    # the edge of rank r - 1 (descending score, ties to the lower index) is the threshold
+    thr_val = tl.sum(tl.zeros([BLOCK_I], tl.float32), axis=0)
+    thr_idx = tl.sum(nothing, axis=0)
+    for i0 in range(0, num_a, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = i < num_a
+        v_i = tl.load(max_row + i, mask=i_ok, other=0.0)
+        rank = tl.zeros([BLOCK_I], tl.int32)
+        for j0 in range(0, num_a, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = j < num_a
+            v_j = tl.load(max_row + j, mask=j_ok, other=0.0)
+            before = _beats(v_j[None, :], j[None, :], v_i[:, None], i[:, None]) & j_ok[None, :]
+            rank += tl.sum(before.to(tl.int32), axis=1)
+        hit = i_ok & (rank == r - 1)
+        thr_val += tl.sum(tl.where(hit, v_i, 0.0), axis=0)
+        thr_idx += tl.sum(tl.where(hit, i, 0), axis=0)
+
+    # A tokens of this chunk: merged ones go to their partner's slot, kept ones to their own
+    i = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = i < num_a
+    v_i = tl.load(max_row + i, mask=i_ok, other=0.0)
+    n_i = tl.load(idx_row + i, mask=i_ok, other=0)
+    merged_i = _beats(v_i, i, thr_val, thr_idx) | (i == thr_idx)
+    rank = tl.zeros([BLOCK_I], tl.int32)  # position in descending-score order
+    merged_before = tl.zeros([BLOCK_I], tl.int32)  # merged A tokens with a lower index
+    slot = tl.zeros([BLOCK_I], tl.int32)  # position among merged, by (partner, index)
+    for j0 in range(0, num_a, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = j < num_a
+        v_j = tl.load(max_row + j, mask=j_ok, other=0.0)
+        n_j = tl.load(idx_row + j, mask=j_ok, other=0)
+        merged_j = (_beats(v_j, j, thr_val, thr_idx) | (j == thr_idx)) & j_ok
+        rank += tl.sum((_beats(v_j[None, :], j[None, :], v_i[:, None], i[:, None])
+                        & j_ok[None, :]).to(tl.int32), axis=1)
+        lower = j[None, :] < i[:, None]
+        merged_before += tl.sum((lower & merged_j[None, :]).to(tl.int32), axis=1)
+        grouped_before = (n_j[None, :] < n_i[:, None]) | ((n_j[None, :] == n_i[:, None]) & lower)
+        slot += tl.sum((grouped_before & merged_j[None, :]).to(tl.int32), axis=1)
+    if SORT_KEPT:
+        kept_pos = i - merged_before
+    else:
+        kept_pos = rank - r
+    if DISTILL:
+        kept_slot = tl.where(kept_pos == 0, 0, kept_pos + 1)
+    else:
+        kept_slot = prefix + kept_pos
+    token = (prefix + 2 * i).to(tl.int64)
+    kept = i_ok & (merged_i == 0)
+    merged = i_ok & merged_i
+    tl.store(order_row + kept_slot, token, mask=kept)
+    tl.store(start_row + kept_slot, nothing, mask=kept)
+    tl.store(count_row + kept_slot, nothing, mask=kept)
+    slot_of_token = tl.where(merged, _b_slot(n_i, num_kept, prefix, DISTILL), kept_slot)
+    tl.store(dest_row + token, slot_of_token.to(tl.int64), mask=i_ok)
+    tl.store(merged_ptr + batch * r + slot, token, mask=merged)
+
+    # B tokens of this chunk, with where their sources start in merged and how many
+    j = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+    j_ok = j < num_b
+    start = tl.zeros([BLOCK_I], tl.int32)
+    count = tl.zeros([BLOCK_I], tl.int32)
+    for i0 in range(0, num_a, BLOCK_J):
+        ii = i0 + tl.arange(0, BLOCK_J)
+        ii_ok = ii < num_a
+        v_ii = tl.load(max_row + ii, mask=ii_ok, other=0.0)
+        n_ii = tl.load(idx_row + ii, mask=ii_ok, other=-1)
+        merged_ii = (_beats(v_ii, ii, thr_val, thr_idx) | (ii == thr_idx)) & ii_ok
+        start += tl.sum(((n_ii[None, :] < j[:, None]) & merged_ii[None, :]).to(tl.int32), axis=1)
+        count += tl.sum(((n_ii[None, :] == j[:, None]) & merged_ii[None, :]).to(tl.int32), axis=1)
+    b_slot = _b_slot(j, num_kept, prefix, DISTILL)
+    b_token = (prefix + 2 * j + 1).to(tl.int64)
+    tl.store(order_row + b_slot, b_token, mask=j_ok)
+    tl.store(dest_row + b_token, b_slot.to(tl.int64), mask=j_ok)
+    tl.store(start_row + b_slot, start, mask=j_ok)
+    tl.store(count_row + b_slot, count, mask=j_ok)
+
+
+# --- 3. merge -----------------------------------------------------------------------------------
+
+MERGE_CONFIGS = [
+    triton.Config({"BLOCK_C": 1024}, num_warps=4),
+    triton.Config({"BLOCK_C": 512}, num_warps=4),
+    triton.Config({"BLOCK_C": 256}, num_warps=2),
+]
+
+
+@autotune(configs=MERGE_CONFIGS, key=["channels"])
+@triton.jit
+def _tome_merge_fwd(
+    y_ptr,  # (B, num_out, C), contiguous: merged tokens
+    size_out_ptr,  # (B, num_out, 1), contiguous: tokens per merged token
+    x_ptr, stride_xb, stride_xn, stride_xc,  # (B, N, C)
+    size_ptr, stride_sb, stride_sn,  # (B, N, 1), read only when HAS_SIZE (else all ones)
+    order_ptr,  # (B, num_out) int64, contiguous: representative of each slot
+    merged_ptr,  # (B, r) int64, contiguous: sources, grouped by slot
+    start_ptr,  # (B, num_out) int32, contiguous: first source of each slot
+    count_ptr,  # (B, num_out) int32, contiguous: its number of sources
+    num_out, channels, r,
+    HAS_SIZE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    batch = pid // num_out
+    slot = pid % num_out
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cs < channels
+    x_row = x_ptr + batch * stride_xb + cs * stride_xc
+
+    rep = tl.load(order_ptr + pid)  # pid = batch * num_out + slot
+    first = tl.load(start_ptr + pid)
+    count = tl.load(count_ptr + pid)
+    weight = 1.0
+    if HAS_SIZE:
+        weight = tl.load(size_ptr + batch * stride_sb + rep * stride_sn).to(tl.float32)
+    total = weight
+    x_rep = tl.load(x_row + rep * stride_xn, mask=c_ok, other=0.0).to(tl.float32)
+    acc = x_rep * weight
+    for k in range(first, first + count):  # fixed order: sources by input position
+        src = tl.load(merged_ptr + batch * r + k)
+        if HAS_SIZE:
+            weight = tl.load(size_ptr + batch * stride_sb + src * stride_sn).to(tl.float32)
+        acc += tl.load(x_row + src * stride_xn, mask=c_ok, other=0.0).to(tl.float32) * weight
+        total += weight
+    out = tl.where(count > 0, acc / total, x_rep)  # a token without sources is copied exactly
+    tl.store(y_ptr + pid * channels + cs, out.to(y_ptr.dtype.element_ty), mask=c_ok)
+    if tl.program_id(1) == 0:
+        tl.store(size_out_ptr + pid, total.to(size_out_ptr.dtype.element_ty))

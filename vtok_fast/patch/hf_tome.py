@@ -1,0 +1,269 @@
+"""ToMe token merging for Hugging Face CLIP / SigLIP vision towers (also inside LLaVA).
+
+``apply(model, r=...)`` finds every ``CLIPVisionModel`` / ``SiglipVisionModel`` inside
+``model`` (itself, ``CLIPModel.vision_model``, ``SiglipModel.vision_model``, a LLaVA
+``vision_tower``) and replaces, on these instances only:
+- each encoder layer's ``forward``: ``residual + self_attn(layer_norm1(x))`` with the
+  proportional-attention bias ``log(size)`` (``[B, 1, 1, N]``) as the attention mask, then the
+  ToMe merge of ``r`` tokens (``vtok_fast.tome_merge``, metric = keys averaged over heads), then
+  ``residual + mlp(layer_norm2(x))``. CLIP keeps its CLS token (``class_token=True``); SigLIP
+  has no prefix token;
+- each layer's ``self_attn.forward``: the model's own q/k/v projections and attention
+  implementation (``eager`` or ``sdpa``; a flash implementation, which takes no additive mask,
+  runs through ``sdpa`` while a size bias is present); it also hands the keys to the merge;
+- the encoder's ``forward``: computes the schedule ``parse_r(num_layers, model.r)`` at each call
+  and runs the original encoder loop, so ``output_hidden_states`` / ``output_attentions`` keep
+  working, with the **merged** lengths: ``hidden_states[i]`` has the tokens left after layer i;
+- SigLIP's attention-pooling head (``pooler_output``): the probe attends with the ``log(size)``
+  bias, i.e. as if every merged token were repeated ``size`` times. CLIP's pooler (the CLS
+  token) needs nothing.
+
+``model.r`` (int, ``(r, inflection)`` or list) may be changed after patching;
+``model._tome_info`` holds the last forward's ``"schedule"``, ``"size"`` ``[B, N, 1]`` and,
+with ``trace_source=True``, ``"source_map"`` (int64 ``[B, N0]``: output token holding each
+embedding token), as in ``timm_tome``.
+
+The tower returns fewer tokens. For LLaVA the language model's ``<image>`` placeholders must
+match: use :func:`llava_image_token_count` (``get_image_features`` returns that many features per
+image) and build the prompt with that many image tokens, e.g. with a ``LlavaProcessor``:
+``processor.num_additional_image_tokens += llava_image_token_count(model) - original_count``.
+A ``vision_feature_layer`` list (several layers concatenated) only works when the selected
+layers have the same length. Patched layers do not use gradient checkpointing, and an
+``attention_mask`` passed to the encoder is refused while merging (it is for the unmerged
+tokens).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+import torch.nn as nn
+
+from vtok_fast.patch._common import is_patched, patch, restore, warn_not_applied
+from vtok_fast.patch.timm_tome import (attention_bias, check_r, finish, merge_step, new_state, schedule,
+                                       size_bias)
+
+FEATURE = "hf_tome"
+_PATCHER = "vtok_fast.patch.hf ToMe merging"
+
+
+def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+    """Patch every CLIP / SigLIP vision tower in ``model`` for ToMe merging with schedule ``r``."""
+    check_r(r, "tome_r")
+    if is_patched(model, FEATURE):
+        model.r = r
+        model._tome_info.update(prop_attn=bool(prop_attn), trace_source=bool(trace_source))
+        return model
+    towers = [m for m in model.modules() if isinstance(m, _tower_classes())]
+    if not towers:
+        warn_not_applied(_PATCHER, model, "no CLIPVisionModel or SiglipVisionModel inside")
+        return model
+    for tower in towers:
+        reason = _unsupported_reason(tower)
+        if reason is not None:
+            warn_not_applied(_PATCHER, model, f"{type(tower).__name__}: {reason}")
+            return model
+    info = {"prop_attn": bool(prop_attn), "trace_source": bool(trace_source),
+            "schedule": (), "size": None, "source_map": None}
+    replacements = [(model, "r", r), (model, "_tome_info", info)]
+    for tower in towers:
+        replacements += _tower_replacements(model, tower)
+    patch(model, FEATURE, replacements)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Restore the original methods and drop ``r`` / ``_tome_info`` (no-op if not patched)."""
+    restore(model, FEATURE)
+    return model
+
+
+def llava_image_token_count(model: nn.Module, image_size: int | tuple[int, int] | None = None) -> int:
+    """Image features per image that ``get_image_features`` of a patched LLaVA model returns.
+
+    ``model``: a ``LlavaForConditionalGeneration`` / ``LlavaModel`` patched with ``hf(...)``;
+    ``image_size``: the pixel size fed to the tower (default: the vision config's). Follows the
+    model's ``vision_feature_layer`` and ``vision_feature_select_strategy`` and the current
+    ``model.r``.
+    """
+    if not is_patched(model, FEATURE):
+        raise ValueError("model is not patched with vtok_fast.patch.hf(model, tome_r=...)")
+    config = getattr(model, "config", None)
+    towers = [m for m in model.modules() if isinstance(m, _tower_classes())]
+    if len(towers) != 1 or not hasattr(config, "vision_feature_layer"):
+        raise ValueError(f"model must be a LLaVA model with one vision tower, got {type(model).__name__}")
+    vision = config.vision_config
+    height, width = (image_size, image_size) if isinstance(image_size, int) else (
+        image_size or (vision.image_size, vision.image_size))
+    prefix = _num_prefix(towers[0])
+    num_tokens = (height // vision.patch_size) * (width // vision.patch_size) + prefix
+    num_layers = len(_encoder_of(towers[0]).layers)
+    sched = schedule(model.r, num_layers)
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    counts = {_tokens_after(num_tokens, sched[:k % (num_layers + 1)], prefix) for k in layers}
+    if len(counts) != 1:
+        raise ValueError(f"vision_feature_layer={config.vision_feature_layer} selects layers of different "
+                         f"merged lengths {sorted(counts)}; they cannot be concatenated")
+    count = counts.pop()
+    return count - 1 if config.vision_feature_select_strategy == "default" else count
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _tower_classes() -> tuple[type, ...]:
+    from transformers.models.clip.modeling_clip import CLIPVisionModel
+    from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+    return CLIPVisionModel, SiglipVisionModel
+
+
+def _layer_classes() -> tuple[type, ...]:
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
+    return CLIPEncoderLayer, SiglipEncoderLayer
+
+
+def _attention_classes() -> tuple[type, ...]:
+    from transformers.models.clip.modeling_clip import CLIPAttention
+    from transformers.models.siglip.modeling_siglip import SiglipAttention
+    return CLIPAttention, SiglipAttention
+
+
+def _encoder_of(tower: nn.Module) -> nn.Module:
+    return tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder
+
+
+def _num_prefix(tower: nn.Module) -> int:
+    from transformers.models.clip.modeling_clip import CLIPVisionModel
+    return 1 if isinstance(tower, CLIPVisionModel) else 0
+
+
+def _tokens_after(num_tokens: int, sched: tuple[int, ...], prefix: int) -> int:
+    for r in sched:
+        num_tokens -= min(r, (num_tokens - prefix) // 2)
+    return num_tokens
+
+
+def _unsupported_reason(tower: nn.Module) -> str | None:
+    encoder = _encoder_of(tower)
+    if "forward" in encoder.__dict__:
+        return "the encoder forward is already replaced by another patch"
+    layer_classes = _layer_classes()
+    attention_forwards = tuple(c.forward for c in _attention_classes())
+    for i, layer in enumerate(encoder.layers):
+        base = next((c for c in layer_classes if isinstance(layer, c)), None)
+        if base is None or type(layer).forward is not base.forward or "forward" in layer.__dict__:
+            return f"encoder.layers[{i}] is {type(layer).__name__}, not a CLIP/SigLIP encoder layer"
+        attn = layer.self_attn
+        if type(attn).forward not in attention_forwards or "forward" in attn.__dict__:
+            return f"encoder.layers[{i}].self_attn is {type(attn).__name__}, not CLIP/SigLIP attention"
+    return None
+
+
+def _tower_replacements(root: nn.Module, tower: nn.Module) -> list:
+    encoder = _encoder_of(tower)
+    run = {"schedule": (), "state": None, "metric": None}
+    merge_kwargs = {"class_token": _num_prefix(tower) == 1}
+    replacements = [(encoder, "forward", functools.partial(_encoder_forward, root, encoder, run, merge_kwargs))]
+    for index, layer in enumerate(encoder.layers):
+        replacements.append((layer, "forward", functools.partial(_layer_forward, layer, run, index)))
+        replacements.append((layer.self_attn, "forward",
+                             functools.partial(_attention_forward, layer.self_attn, run)))
+    head = getattr(tower, "head", None)
+    if head is not None and getattr(tower, "use_head", True):
+        replacements.append((head, "forward", functools.partial(_siglip_head_forward, head, root)))
+    return replacements
+
+
+def _encoder_forward(root: nn.Module, encoder: nn.Module, run: dict, merge_kwargs: dict,
+                     inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Patched encoder ``forward``: set the schedule and merge state, run the original loop."""
+    info = root._tome_info
+    sched = schedule(root.r, len(encoder.layers))
+    if attention_mask is not None and any(sched):
+        raise ValueError("attention_mask is given to a ToMe-patched vision encoder: the mask is for the "
+                         "unmerged tokens; set model.r = 0 to use it")
+    state = new_state(prop_attn=info["prop_attn"], trace_source=info["trace_source"], merge_kwargs=merge_kwargs)
+    run.update(schedule=sched, state=state)
+    try:
+        out = type(encoder).forward(encoder, inputs_embeds, attention_mask, **kwargs)
+    finally:
+        run.update(state=None, metric=None)
+    last = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    finish(state, info, last, sched, inputs_embeds.shape[1])
+    return out
+
+
+def _layer_forward(layer: nn.Module, run: dict, index: int, hidden_states: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+    """Patched encoder-layer ``forward``: attention with the size bias, merge, MLP."""
+    state = run["state"]
+    if state is None:  # called outside the patched encoder: the original layer
+        return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
+    r = run["schedule"][index]
+    bias = attention_bias(state)
+    if bias is not None:
+        bias = bias.to(hidden_states.dtype)
+        attention_mask = bias if attention_mask is None else attention_mask + bias
+    residual = hidden_states
+    hidden_states, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states),
+                                       attention_mask=attention_mask, **kwargs)
+    hidden_states = residual + hidden_states
+    if r > 0:
+        metric, run["metric"] = run["metric"], None
+        hidden_states = merge_step(hidden_states, metric, r, state)
+    return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
+
+
+def _attention_forward(attn: nn.Module, run: dict, hidden_states: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None, **kwargs):
+    """Patched CLIP/SigLIP attention ``forward``: the original computation, and inside the
+    patched encoder it leaves the ToMe metric (keys averaged over heads) in ``run``."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    if run["state"] is not None:
+        run["metric"] = keys.mean(dim=1)
+    kwargs.setdefault("is_causal", getattr(attn, "is_causal", False))
+    attn_output, attn_weights = _attention_interface(attn, attention_mask)(
+        attn, queries, keys, values, attention_mask, scaling=attn.scale,
+        dropout=0.0 if not attn.training else attn.dropout, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return attn.out_proj(attn_output), attn_weights
+
+
+def _attention_interface(attn: nn.Module, attention_mask: torch.Tensor | None):
+    """The attention function the model's config selects; flash (no additive mask) → sdpa."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(attn).__module__].eager_attention_forward
+    impl = attn.config._attn_implementation or "eager"
+    if attention_mask is not None and impl.startswith("flash"):
+        impl = "sdpa"
+    if impl == "eager":
+        return eager
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _siglip_head_forward(head: nn.Module, root: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+    """Patched ``SiglipMultiheadAttentionPoolingHead.forward``: the probe attends with ``log(size)``."""
+    size = root._tome_info["size"]
+    if size is None:
+        return type(head).forward(head, hidden_state)
+    batch, num_tokens, _ = hidden_state.shape
+    if tuple(size.shape[:2]) != (batch, num_tokens):
+        raise ValueError(f"hidden_state has {batch} x {num_tokens} tokens but the last merged forward produced "
+                         f"{tuple(size.shape[:2])}")
+    heads = head.attention.num_heads
+    bias = size_bias(size).to(hidden_state.dtype).expand(batch, heads, 1, num_tokens)
+    probe = head.probe.repeat(batch, 1, 1)
+    hidden_state = head.attention(probe, hidden_state, hidden_state,
+                                  attn_mask=bias.reshape(batch * heads, 1, num_tokens))[0]
+    residual = hidden_state
+    hidden_state = head.mlp(head.layernorm(hidden_state))
+    return (residual + hidden_state)[:, 0]

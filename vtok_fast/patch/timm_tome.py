@@ -1,0 +1,267 @@
+"""ToMe token merging for timm ``VisionTransformer`` and DeiT models, patched in place.
+
+``apply(model, r=...)`` replaces, on this model instance only (its class is untouched):
+- each block's ``forward``: ``x = x + drop_path1(ls1(attn(norm1(x))))``, then ToMe merges
+  ``r`` tokens (``vtok_fast.tome_merge``, size-weighted average), then
+  ``x = x + drop_path2(ls2(mlp(norm2(x))))``. The attention is timm's (qkv, q/k norm, fused
+  SDPA or the explicit path, attention dropout, scale norm, gate) with proportional attention:
+  a per-key additive bias ``log(size)`` (``[B, 1, 1, N]``) once tokens have been merged. The
+  matching metric is the keys averaged over heads (after ``k_norm``), as in ToMe;
+- ``model.blocks.forward``: computes the schedule as a tuple ``parse_r(depth, model.r)`` at
+  every call and passes each block its ``r`` (no per-layer Python list is popped: a fixed
+  schedule compiles with ``torch.compile(fullgraph=True)``; changing ``model.r`` recompiles);
+- ``model.pool``: pooling weighted by token size: ``avg`` is ``Σ size·x / Σ size`` over the
+  pooled tokens (the mean over the original patches), ``avgmax`` uses that mean, ``map`` passes
+  ``log(size)`` to ``AttentionPoolLatent`` as its attention bias; ``token``/``max``/none are
+  unchanged.
+
+Prefix tokens: a plain ``[cls]`` or DeiT ``[cls][dist]`` prefix uses ToMe's ``class_token`` /
+``distill_token`` rules (outputs equal the original ToMe); with register tokens all
+``num_prefix_tokens`` are kept out of matching, at the front, unchanged (``protected_prefix``).
+
+Attributes: ``model.r`` (int, ``(r, inflection)`` or list; may be changed after patching) and
+``model._tome_info``, a dict holding after each forward ``"schedule"`` (the tuple used),
+``"size"`` (``[B, N, 1]`` tokens per output token, None if nothing merged) and, with
+``trace_source=True``, ``"source_map"``: int64 ``[B, N0]`` giving for each token that entered
+the first block the index of the output token that holds it. ``prop_attn`` and
+``trace_source`` live there too and may be toggled.
+
+Not merged: ``forward_intermediates`` / ``get_intermediate_layers``, a forward given
+``attn_mask`` or ``is_causal`` (the mask is for the unmerged token set), and
+``set_grad_checkpointing(True)`` (timm's ``checkpoint_seq`` calls the blocks itself): these run
+the original blocks. Blocks other than timm's ``Block`` with ``Attention`` are not supported:
+``apply`` warns and leaves the model unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vtok_fast.patch._common import bind, is_patched, patch, restore, warn_not_applied
+
+FEATURE = "timm_tome"
+_PATCHER = "vtok_fast.patch.timm ToMe merging"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared with hf_tome: schedule, per-forward state, the size bias and the merge step
+# ---------------------------------------------------------------------------------------------
+
+def check_r(r, name: str = "r") -> None:
+    """``r`` must be an int, an ``(r, inflection)`` tuple or a list of ints."""
+    if isinstance(r, bool):
+        raise TypeError(f"{name} must be an int, an (r, inflection) tuple or a list of ints, got bool")
+    if isinstance(r, numbers.Integral):
+        return
+    if isinstance(r, tuple):
+        if len(r) == 2 and isinstance(r[0], numbers.Integral) and isinstance(r[1], numbers.Real):
+            return
+        raise TypeError(f"{name} as a tuple must be (r: int, inflection: float), got {r!r}")
+    if isinstance(r, list):
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in r):
+            return
+        raise TypeError(f"{name} as a list must hold ints, got {r!r}")
+    raise TypeError(f"{name} must be an int, an (r, inflection) tuple or a list of ints, got {type(r).__name__}")
+
+
+def schedule(r, num_layers: int, name: str = "model.r") -> tuple[int, ...]:
+    """The per-layer merge counts for ``num_layers`` layers as a tuple (ToMe's ``parse_r``)."""
+    from vtok_fast.tome import parse_r
+
+    check_r(r, name)
+    counts = parse_r(num_layers, list(r) if isinstance(r, list) else r)
+    return tuple(max(int(v), 0) for v in counts[:num_layers])
+
+
+def new_state(*, prop_attn: bool, trace_source: bool, merge_kwargs: dict) -> dict:
+    """Per-forward merge state threaded through the layers (a fresh dict every forward)."""
+    return {"size": None, "source_map": None, "prop_attn": bool(prop_attn),
+            "trace_source": bool(trace_source), "merge_kwargs": merge_kwargs}
+
+
+def size_bias(size: torch.Tensor | None) -> torch.Tensor | None:
+    """Proportional-attention bias ``log(size)`` as ``[B, 1, 1, N]`` (None before any merge)."""
+    if size is None:
+        return None
+    return size[..., 0].log()[:, None, None, :]
+
+
+def attention_bias(state: dict) -> torch.Tensor | None:
+    """The additive key bias a layer uses: ``log(size)`` once merged, if ``prop_attn``."""
+    return size_bias(state["size"]) if state["prop_attn"] else None
+
+
+def merge_step(x: torch.Tensor, metric: torch.Tensor, r: int, state: dict) -> torch.Tensor:
+    """Merge ``r`` tokens of ``x`` ``[B, N, C]`` by ``metric`` ``[B, N, c]``; update ``state``."""
+    from vtok_fast.tome_fused import tome_merge
+
+    tracing = state["trace_source"]
+    x, size, info = tome_merge(x, metric, r, state["size"],
+                               source_map=state["source_map"] if tracing else None,
+                               **state["merge_kwargs"])
+    state["size"] = size
+    if tracing:
+        state["source_map"] = info.source_map
+    return x
+
+
+def finish(state: dict, info: dict, x: torch.Tensor, sched: tuple[int, ...], num_input: int) -> None:
+    """Publish a forward's results in the model's ``_tome_info`` dict."""
+    source_map = state["source_map"]
+    if state["trace_source"] and source_map is None:  # nothing merged: every token is its own
+        source_map = torch.arange(num_input, device=x.device).expand(x.shape[0], num_input)
+    info["schedule"] = sched
+    info["size"] = state["size"]
+    info["source_map"] = source_map
+
+
+# ---------------------------------------------------------------------------------------------
+# timm patch
+# ---------------------------------------------------------------------------------------------
+
+def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
+    """Patch ``model`` for ToMe merging with schedule ``r`` (re-applying updates the settings)."""
+    check_r(r, "tome_r")
+    if is_patched(model, FEATURE):
+        model.r = r
+        model._tome_info.update(prop_attn=bool(prop_attn), trace_source=bool(trace_source))
+        return model
+    reason = _unsupported_reason(model)
+    if reason is not None:
+        warn_not_applied(_PATCHER, model, reason)
+        return model
+    replacements = [(blk, "forward", bind(_block_forward, blk)) for blk in model.blocks]
+    replacements += [
+        (model.blocks, "forward", functools.partial(_run_blocks, model)),
+        (model, "pool", bind(_size_weighted_pool, model)),
+        (model, "r", r),
+        (model, "_tome_info", {"prop_attn": bool(prop_attn), "trace_source": bool(trace_source),
+                               "merge_kwargs": _merge_kwargs(model),
+                               "schedule": (), "size": None, "source_map": None}),
+    ]
+    patch(model, FEATURE, replacements)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Restore the original methods and drop ``r`` / ``_tome_info`` (no-op if not patched)."""
+    restore(model, FEATURE)
+    return model
+
+
+def _unsupported_reason(model: nn.Module) -> str | None:
+    from timm.layers import Attention, AttentionPoolLatent
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        return "not a timm VisionTransformer"
+    if type(model.blocks) is not nn.Sequential or "forward" in model.blocks.__dict__:
+        return "model.blocks is not a plain nn.Sequential"
+    if not hasattr(type(model), "pool"):
+        return "this timm version has no VisionTransformer.pool (a newer timm 1.0.x is needed)"
+    for i, blk in enumerate(model.blocks):
+        if type(blk).forward is not Block.forward or "forward" in blk.__dict__:
+            return f"blocks[{i}] is {type(blk).__name__}, not timm's Block"
+        if type(blk.attn).forward is not Attention.forward:
+            return f"blocks[{i}].attn is {type(blk.attn).__name__}, not timm's Attention"
+    if model.attn_pool is not None and not (
+            isinstance(model.attn_pool, AttentionPoolLatent)
+            and "attn_mask" in inspect.signature(model.attn_pool.forward).parameters):
+        return (f"global_pool={model.global_pool!r} ({type(model.attn_pool).__name__}) takes no attention bias "
+                f"for the token sizes")
+    return None
+
+
+def _merge_kwargs(model: nn.Module) -> dict:
+    """ToMe's class/distill-token rules for a [cls] or [cls][dist] prefix, else protect all."""
+    num_prefix = int(model.num_prefix_tokens)
+    has_cls = getattr(model, "cls_token", None) is not None
+    has_dist = getattr(model, "dist_token", None) is not None
+    if getattr(model, "num_reg_tokens", 0) == 0 and num_prefix == int(has_cls) + int(has_dist) \
+            and (has_cls or not has_dist):
+        return {"class_token": has_cls, "distill_token": has_dist}
+    return {"protected_prefix": num_prefix}
+
+
+def _run_blocks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patched ``model.blocks.forward``: every block with its ``r`` and the shared merge state."""
+    info = model._tome_info
+    sched = schedule(model.r, len(model.blocks))
+    state = new_state(prop_attn=info["prop_attn"], trace_source=info["trace_source"],
+                      merge_kwargs=info["merge_kwargs"])
+    num_input = x.shape[1]
+    for blk, r in zip(model.blocks, sched):
+        x = blk(x, tome_r=r, tome_state=state)
+    finish(state, info, x, sched, num_input)
+    return x
+
+
+def _block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                   *, tome_r: int = 0, tome_state: dict | None = None) -> torch.Tensor:
+    """Patched ``Block.forward``: attention, ToMe merge of ``tome_r`` tokens, MLP.
+
+    Called without ``tome_state`` (``forward_intermediates``, masked or checkpointed forwards)
+    it is timm's original block.
+    """
+    if tome_state is None:
+        return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
+    attn_out, metric = _attention(self.attn, self.norm1(x), attention_bias(tome_state), tome_r > 0)
+    x = x + self.drop_path1(self.ls1(attn_out))
+    if tome_r > 0:
+        x = merge_step(x, metric, tome_r, tome_state)
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, need_metric: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """timm ``Attention.forward`` with an additive key bias ``[B, 1, 1, N]``; also returns the
+    ToMe metric (keys averaged over heads, ``[B, N, head_dim]``) when ``need_metric``."""
+    B, N, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(B, N, -1)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, (k.mean(dim=1) if need_metric else None)
+
+
+def _size_weighted_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+    """Patched ``VisionTransformer.pool``: ``avg``/``avgmax``/``map`` weighted by token size."""
+    size = self._tome_info["size"]
+    if size is None:
+        return type(self).pool(self, x, pool_type)
+    if size.shape[:2] != x.shape[:2]:
+        raise ValueError(
+            f"x has {tuple(x.shape[:2])} (batch, tokens) but the last merged forward produced "
+            f"{tuple(size.shape[:2])}: pool the features of the latest forward_features call")
+    pool_type = self.global_pool if pool_type is None else pool_type
+    if self.attn_pool is None and pool_type not in ("avg", "avgmax"):
+        return type(self).pool(self, x, pool_type)  # token / max / none do not depend on size
+    if not self.pool_include_prefix:
+        x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+    if self.attn_pool is not None:
+        return self.attn_pool(x, attn_mask=size_bias(size).to(x.dtype))
+    mean = (x * size).sum(dim=1) / size.sum(dim=1)
+    return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)

@@ -1,0 +1,449 @@
+"""Vector quantization layers built on ``codebook_search``: ``VectorQuantizer`` and ``ResidualVQ``.
+
+Conventions follow vector-quantize-pytorch (argument names, EMA with Laplace smoothing, commitment
+loss, straight-through and rotation-trick gradients, k-means init, dead-code expiry), with:
+
+- the search done by ``vtok_fast.codebook_search`` (no N x K matrix, no one-hot matrices: EMA
+  statistics come from ``scatter_add`` / ``index_add``), in fp32 unless ``search_dtype`` says
+  otherwise, also under autocast;
+- the codes returned by a training step come from the codebook *before* that step's update;
+- distributed training (torch.distributed): with ``sync_codebook`` (default: on when a process
+  group of more than one rank is initialized) the EMA statistics are all-reduced, and k-means init
+  and dead-code replacement pick their samples at global positions drawn from a generator every
+  rank seeds identically, so all ranks hold a bitwise-identical codebook, equal (up to fp32
+  summation order) to one process training on the concatenated batches.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from vtok_fast.codebook import METRICS, codebook_search
+
+GRADIENTS = ("ste", "rotation")
+_NORM_EPS = 1e-6  # vector-quantize-pytorch's safe_div / l2norm eps in the rotation trick
+
+
+# --- gradient estimators -----------------------------------------------------------------------------
+
+def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Value ``q``, gradient of the identity w.r.t. ``z``."""
+    return z + (q - z).detach()
+
+
+def rotation_trick(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Rotation trick (Fifty et al. 2024, sec. 4.2): value ``q``; the gradient reaching ``z`` is the
+    upstream gradient rotated by the (detached) rotation taking ``z``'s direction to ``q``'s and
+    scaled by ``|q| / |z|``.
+
+    With ``u = z/|z|``, ``v = q/|q|``, ``w = (u + v)/|u + v|`` (all detached):
+    ``out = (z - 2 (z.w) w + 2 (z.u) v) * |q| / |z|``.
+    """
+    z_norm = z.norm(dim=-1, keepdim=True)
+    q_norm = q.norm(dim=-1, keepdim=True)
+    u = (z / z_norm.clamp_min(_NORM_EPS)).detach()
+    v = (q / q_norm.clamp_min(_NORM_EPS)).detach()
+    w = F.normalize(u + v, dim=-1, eps=_NORM_EPS).detach()
+    rotated = z - 2.0 * (z * w).sum(-1, keepdim=True) * w + 2.0 * (z * u).sum(-1, keepdim=True) * v
+    return rotated * (q_norm / z_norm.clamp_min(_NORM_EPS)).detach()
+
+
+# --- distributed helpers -----------------------------------------------------------------------------
+
+def _world() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (``t`` must be contiguous: reducing a copy syncs nothing)."""
+    if not t.is_contiguous():
+        raise RuntimeError("all_reduce needs a contiguous tensor; reducing a temporary copy syncs nothing")
+    dist.all_reduce(t)
+    return t
+
+
+# --- the layer -------------------------------------------------------------------------------------
+
+class VectorQuantizer(nn.Module):
+    """Vector quantizer: ``forward(x) -> (quantized, indices, loss)``.
+
+    Args:
+        dim: feature size of ``x``.
+        codebook_size: number of codes K.
+        codebook_dim: size of each code (default ``dim``); ``x`` is projected in/out by linear
+            layers when ``heads * codebook_dim != dim``.
+        metric: ``"l2"`` or ``"cosine"`` (inputs and codes l2-normalized).
+        commitment_weight: weight of ``mse(sg[q], z)``.
+        gradient: ``"ste"`` (straight-through) or ``"rotation"`` (rotation trick).
+        ema_decay: EMA decay of the codebook statistics; ``None`` makes the codebook a learnable
+            parameter trained by the codebook loss ``mse(q, sg[z])`` (added to ``loss``).
+        eps: Laplace smoothing of the EMA cluster sizes.
+        dead_code_threshold: codes whose EMA cluster size falls below this are replaced by random
+            vectors of the current batch (0 disables).
+        kmeans_init, kmeans_iters: initialize the codebook by k-means on the first training batch.
+        heads, separate_codebook_per_head: split features into ``heads`` groups quantized
+            independently (one shared codebook, or one per head).
+        sync_codebook: synchronize statistics over torch.distributed ranks (``None``: when a
+            process group of more than one rank is initialized).
+        channel_last: ``x`` is ``(..., dim)``; ``False``: ``(B, dim, *spatial)``.
+        search_dtype: dtype of the nearest-code search (default fp32; ``None``: the input's dtype).
+
+    ``forward`` returns ``quantized`` (same shape and dtype as ``x``, gradients by the chosen
+    estimator when ``x`` requires grad), int64 ``indices`` (``x``'s shape without the feature dim,
+    plus a trailing ``heads`` dim when ``heads > 1``) and the scalar ``loss``. In training mode it
+    also updates the EMA codebook, expires dead codes and refreshes ``perplexity`` / ``usage``.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, *, codebook_dim: int | None = None,
+                 metric: str = "l2", commitment_weight: float = 1.0, gradient: str = "ste",
+                 ema_decay: float | None = 0.99, eps: float = 1e-5, dead_code_threshold: float = 0.0,
+                 kmeans_init: bool = False, kmeans_iters: int = 10, heads: int = 1,
+                 separate_codebook_per_head: bool = False, sync_codebook: bool | None = None,
+                 channel_last: bool = True, search_dtype: torch.dtype | None = torch.float32):
+        super().__init__()
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
+        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads),
+                            ("kmeans_iters", kmeans_iters + 1)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim or dim
+        self.metric = metric
+        self.commitment_weight = commitment_weight
+        self.gradient = gradient
+        self.ema_decay = ema_decay
+        self.eps = eps
+        self.dead_code_threshold = dead_code_threshold
+        self.kmeans_iters = kmeans_iters
+        self.heads = heads
+        self.separate_codebook_per_head = separate_codebook_per_head
+        self.sync_codebook = sync_codebook
+        self.channel_last = channel_last
+        self.search_dtype = search_dtype
+
+        inner = self.codebook_dim * heads
+        self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
+        self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
+
+        n_books = heads if separate_codebook_per_head else 1
+        if kmeans_init:
+            embed = torch.zeros(n_books, codebook_size, self.codebook_dim)
+        else:
+            embed = torch.empty(n_books, codebook_size, self.codebook_dim)
+            nn.init.kaiming_uniform_(embed)
+            if metric == "cosine":
+                embed = F.normalize(embed, dim=-1)
+        if ema_decay is None:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+            self.register_buffer("embed_sum", embed.clone())
+        self.register_buffer("cluster_size", torch.ones(n_books, codebook_size))
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self.register_buffer("perplexity", torch.tensor(float("nan")), persistent=False)
+        self.register_buffer("usage", torch.tensor(float("nan")), persistent=False)
+        # (seed, draws) of the sampling generator; every rank uses rank 0's seed
+        seed = int(torch.randint(0, 2**62, ()).item())
+        self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
+        self._rng_synced = False
+
+    # -- codebook access ------------------------------------------------------------------------
+    @property
+    def learnable_codebook(self) -> bool:
+        return self.ema_decay is None
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """``(K, codebook_dim)``, or ``(heads, K, codebook_dim)`` with separate codebooks."""
+        return self.embed if self.separate_codebook_per_head else self.embed[0]
+
+    @codebook.setter
+    def codebook(self, codes: torch.Tensor):
+        with torch.no_grad():
+            self.embed.copy_(codes.reshape(self.embed.shape))
+            if not self.learnable_codebook:
+                self.embed_sum.copy_(self.embed * self._smoothed_cluster_size()[..., None])
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes of ``indices`` (as returned by ``forward``), before ``project_out``: channel-last
+        ``(..., heads * codebook_dim)``, or ``(B, heads * codebook_dim, ...)`` when
+        ``channel_last=False``."""
+        if self.heads == 1:
+            codes = self.embed[0][indices]
+        elif self.separate_codebook_per_head:
+            codes = torch.stack([self.embed[h][indices[..., h]] for h in range(self.heads)], dim=-2)
+        else:
+            codes = self.embed[0][indices]
+        if self.heads > 1:
+            codes = codes.flatten(-2)
+        return codes if self.channel_last else codes.movedim(-1, 1)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        codes = self.get_codes_from_indices(indices)
+        if not self.channel_last:
+            codes = codes.movedim(1, -1)
+        out = self.project_out(codes)
+        return out if self.channel_last else out.movedim(-1, 1)
+
+    # -- statistics -----------------------------------------------------------------------------
+    def _smoothed_cluster_size(self) -> torch.Tensor:
+        cs = self.cluster_size
+        n = cs.sum(-1, keepdim=True)
+        return (cs + self.eps) / (n + self.codebook_size * self.eps) * n
+
+    def dead_codes(self) -> torch.Tensor:
+        """Bool ``(books, K)``: codes whose EMA cluster size is below ``dead_code_threshold``."""
+        return self.cluster_size < self.dead_code_threshold
+
+    # -- distributed and sampling -----------------------------------------------------------------
+    def _sync_active(self) -> bool:
+        if self.sync_codebook is False:
+            return False
+        ready = dist.is_available() and dist.is_initialized()
+        if self.sync_codebook and not ready:
+            raise RuntimeError("sync_codebook=True needs an initialized torch.distributed process group")
+        return ready and dist.get_world_size() > 1
+
+    def _generator(self, sync: bool) -> torch.Generator:
+        """A CPU generator seeded identically on every rank, advanced once per use."""
+        if sync and not self._rng_synced:
+            state = self.rng_state.clone()
+            dist.broadcast(state, src=0)
+            self.rng_state.copy_(state)
+            self._rng_synced = True
+        seed, draws = (int(v) for v in self.rng_state.tolist())
+        self.rng_state[1] += 1
+        return torch.Generator().manual_seed((seed + 7919 * draws) % (2**63))
+
+    def _sample_rows(self, rows: torch.Tensor, n: int, sync: bool) -> torch.Tensor:
+        """``n`` rows drawn at global positions over all ranks' ``rows`` (rank order), without
+        replacement when there are enough; every rank gets the same bitwise result."""
+        gen = self._generator(sync)
+        local = rows.shape[0]
+        offset, total = 0, local
+        if sync:
+            rank, world = _world()
+            sizes = torch.zeros(world, dtype=torch.int64, device=rows.device)
+            sizes[rank] = local
+            _all_reduce_(sizes)
+            sizes = sizes.tolist()
+            offset, total = sum(sizes[:rank]), sum(sizes)
+        if total == 0:
+            return None
+        if total >= n:
+            pos = torch.randperm(total, generator=gen)[:n]
+        else:
+            pos = torch.randint(0, total, (n,), generator=gen)
+        pos = pos.to(rows.device)
+        if not sync:
+            return rows[pos].float()
+        out = torch.zeros(n, rows.shape[1], device=rows.device, dtype=torch.float32)
+        mine = (pos >= offset) & (pos < offset + local)
+        out[mine] = rows[pos[mine] - offset].float()
+        return _all_reduce_(out)  # each row comes from exactly one rank: x + 0 == x
+
+    def _cluster_stats(self, z: torch.Tensor, idx: torch.Tensor, sync: bool):
+        """Per-code counts ``(books, K)`` and vector sums ``(books, K, d)`` (fp32, all ranks)."""
+        books, _, d = z.shape
+        stats = torch.zeros(books, self.codebook_size, d + 1, device=z.device, dtype=torch.float32)
+        for b in range(books):
+            stats[b, :, :d].index_add_(0, idx[b], z[b].float())
+            stats[b, :, d].index_add_(0, idx[b], torch.ones_like(idx[b], dtype=torch.float32))
+        if sync:
+            _all_reduce_(stats)
+        return stats[..., d], stats[..., :d]
+
+    # -- training updates ---------------------------------------------------------------------------
+    def _search(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        dtype = self.search_dtype or z.dtype
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return codebook_search(z.detach().to(dtype), codebook.detach().to(dtype), metric=self.metric)
+
+    @torch.no_grad()
+    def _kmeans_init(self, z: torch.Tensor, sync: bool):
+        for b in range(z.shape[0]):
+            means = self._sample_rows(z[b], self.codebook_size, sync)
+            if means is None:
+                return
+            counts = torch.zeros(self.codebook_size, device=z.device)
+            for _ in range(self.kmeans_iters):
+                idx = self._search(z[b], means)
+                counts, sums = self._cluster_stats(z[b:b + 1], idx[None], sync)
+                counts, sums = counts[0], sums[0]
+                new = sums / counts.clamp_min(1.0)[:, None]
+                if self.metric == "cosine":
+                    new = F.normalize(new, dim=-1)
+                means = torch.where(counts[:, None] > 0, new, means)
+            self.embed.data[b] = means
+            self.cluster_size[b] = counts
+            if not self.learnable_codebook:
+                self.embed_sum[b] = means * self._smoothed_cluster_size()[b][:, None]
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _update(self, z: torch.Tensor, idx: torch.Tensor, sync: bool):
+        counts, sums = self._cluster_stats(z, idx, sync)
+        decay = 0.99 if self.learnable_codebook else self.ema_decay
+        self.cluster_size.lerp_(counts, 1.0 - decay)
+        probs = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)
+        self.perplexity.copy_(entropy.exp().mean())
+        self.usage.copy_((counts > 0).float().mean())
+        if self.learnable_codebook:
+            return
+        self.embed_sum.lerp_(sums, 1.0 - self.ema_decay)
+        codes = self.embed_sum / self._smoothed_cluster_size()[..., None]
+        if self.metric == "cosine":
+            codes = F.normalize(codes, dim=-1)
+        self.embed.copy_(codes)
+
+    @torch.no_grad()
+    def _expire_codes(self, z: torch.Tensor, sync: bool):
+        if self.dead_code_threshold <= 0:
+            return
+        dead = self.dead_codes()  # identical on every rank, so every rank takes the same branch
+        if not bool(dead.any()):
+            return
+        for b in range(dead.shape[0]):
+            slots = dead[b].nonzero().squeeze(1)
+            if slots.numel() == 0:
+                continue
+            samples = self._sample_rows(z[b], slots.numel(), sync)
+            if samples is None:
+                return
+            self.embed.data[b, slots] = samples
+            self.cluster_size[b, slots] = self.dead_code_threshold
+            if not self.learnable_codebook:
+                self.embed_sum[b, slots] = samples * self.dead_code_threshold
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _split_heads(self, z: torch.Tensor) -> torch.Tensor:
+        """(M, heads * d) -> (books, rows, d)."""
+        m = z.shape[0]
+        if self.separate_codebook_per_head:
+            return z.reshape(m, self.heads, self.codebook_dim).transpose(0, 1)
+        return z.reshape(1, m * self.heads, self.codebook_dim)
+
+    def _merge_heads(self, q: torch.Tensor, m: int) -> torch.Tensor:
+        if self.separate_codebook_per_head:
+            return q.transpose(0, 1).reshape(m, self.heads * self.codebook_dim)
+        return q.reshape(m, self.heads * self.codebook_dim)
+
+    def forward(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+        if not self.channel_last:
+            if x.dim() < 2:
+                raise ValueError(f"x must be (B, dim, ...) with channel_last=False, got shape {tuple(x.shape)}")
+            x = x.movedim(1, -1)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x's feature dimension must be dim = {self.dim}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.dim)
+        m = flat.shape[0]
+        z = self._split_heads(self.project_in(flat))
+        if self.metric == "cosine":
+            z = F.normalize(z, dim=-1)
+        sync = self.training and self._sync_active()
+
+        if self.training and not bool(self.initted):
+            self._kmeans_init(z.detach(), sync)
+        idx = torch.stack([self._search(z[b], self.embed[b]) for b in range(z.shape[0])])
+        embed = self.embed if self.learnable_codebook else self.embed.detach()
+        codes = torch.stack([embed[b][idx[b]] for b in range(z.shape[0])])  # before any update
+
+        zf = z.float()
+        loss = self.commitment_weight * F.mse_loss(codes.detach(), zf)
+        if self.learnable_codebook:
+            loss = loss + F.mse_loss(codes, zf.detach())
+
+        if self.training:
+            self._update(z.detach(), idx, sync)
+            self._expire_codes(z.detach(), sync)
+
+        if torch.is_grad_enabled() and z.requires_grad:
+            estimate = rotation_trick if self.gradient == "rotation" else straight_through
+            q = estimate(zf, codes.detach())
+        else:
+            q = codes
+        q = self.project_out(self._merge_heads(q.to(z.dtype), m))
+        quantized = q.reshape(*lead, self.dim).to(x.dtype)
+        if not self.channel_last:
+            quantized = quantized.movedim(-1, 1)
+        if self.separate_codebook_per_head:
+            indices = idx.transpose(0, 1)
+        else:
+            indices = idx.reshape(m, self.heads)
+        indices = indices.reshape(*lead, self.heads) if self.heads > 1 else indices.reshape(lead)
+        return quantized, indices, loss
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
+                f"metric={self.metric!r}, gradient={self.gradient!r}, ema_decay={self.ema_decay}, "
+                f"heads={self.heads}")
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantization (SoundStream, Algorithm 1): ``num_quantizers`` ``VectorQuantizer``
+    layers, each quantizing what the previous ones left.
+
+    ``forward(x) -> (quantized, indices, losses)`` with ``indices`` ``(..., num_quantizers)`` and
+    ``losses`` ``(num_quantizers,)``. Keyword arguments go to every layer.
+    """
+
+    def __init__(self, num_quantizers: int, dim: int, codebook_size: int, *,
+                 codebook_dim: int | None = None, channel_last: bool = True, **vq_kwargs):
+        super().__init__()
+        if not isinstance(num_quantizers, int) or num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
+        if vq_kwargs.get("heads", 1) != 1:
+            raise ValueError("ResidualVQ supports heads=1 only")
+        self.num_quantizers = num_quantizers
+        self.dim = dim
+        self.codebook_dim = codebook_dim or dim
+        self.channel_last = channel_last
+        inner = self.codebook_dim
+        self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
+        self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
+        self.layers = nn.ModuleList(
+            VectorQuantizer(inner, codebook_size, **vq_kwargs) for _ in range(num_quantizers))
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """``(num_quantizers, K, codebook_dim)``."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(num_quantizers, ..., codebook_dim)`` codes of ``indices`` ``(..., num_quantizers)``."""
+        return torch.stack([layer.codebook[indices[..., i]] for i, layer in enumerate(self.layers)])
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        out = self.project_out(self.get_codes_from_indices(indices).sum(0))
+        return out if self.channel_last else out.movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor):
+        if not self.channel_last:
+            x = x.movedim(1, -1)
+        z = self.project_in(x)
+        residual = z
+        quantized = torch.zeros_like(z)
+        all_indices, all_losses = [], []
+        for layer in self.layers:
+            q, idx, loss = layer(residual)
+            residual = residual - q.detach()
+            quantized = quantized + q
+            all_indices.append(idx)
+            all_losses.append(loss)
+        out = self.project_out(quantized)
+        if not self.channel_last:
+            out = out.movedim(-1, 1)
+        return out, torch.stack(all_indices, dim=-1), torch.stack(all_losses)

@@ -13,6 +13,7 @@ so tables and plots come from one place.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -95,13 +96,31 @@ def machine_info(device: torch.device) -> dict:
 
 # --- peak memory -------------------------------------------------------------------------------
 
+def _keep_large_blocks_mmapped() -> None:
+    """Make RSS see every large CPU allocation. glibc raises its mmap threshold after large
+    blocks are freed and then serves new ones from heap it kept, which does not grow RSS (later
+    measurements would read ~0); pinning the threshold at its 128 KiB default keeps large blocks
+    mmapped and returned on free."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS readings stay approximate
+        pass
+
+
 class PeakMemory:
     """Peak extra memory during a block: CUDA allocator stats, or the process's RSS high-water
     mark on Linux CPUs (reset through ``/proc/self/clear_refs``). ``mb`` is None if unknown."""
 
+    _pinned = False
+
     def __init__(self, device: torch.device):
         self.device = device
         self.mb: float | None = None
+        if device.type != "cuda" and not PeakMemory._pinned:
+            _keep_large_blocks_mmapped()
+            PeakMemory._pinned = True
 
     @staticmethod
     def _status_kb(key: str) -> int:

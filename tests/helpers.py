@@ -37,25 +37,67 @@ def assert_close(actual, expected, *, dtype=None, reduction: int = 1, msg: str =
 # --- ahead-of-time compilation for real GPUs (works on a CPU-only machine) -----------------
 
 def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, arch: int, num_warps: int = 4,
-                    num_stages: int = 3):
+                    num_stages: int = 3, divisible=()):
     """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` without a GPU; returns the kernel.
 
-    ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``, ``"fp32"``
-    or ``"constexpr"``); ``constexprs`` gives the constexpr values.
+    ``signature`` maps every non-constexpr argument name to a Triton type (``"*fp16"``,
+    ``"i32"``, ``"fp32"``); ``constexprs`` gives the constexpr values (a unit stride passed here
+    specializes like the JIT does for a stride of 1); ``divisible`` names the arguments the JIT
+    would mark 16-divisible (aligned pointers, sizes that are multiples of 16), which is what lets
+    loads vectorize. Must run without ``TRITON_INTERPRET`` (see :func:`aot_reports`).
     """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
     from triton.runtime.jit import JITFunction
 
     fn = kernel
     while not isinstance(fn, JITFunction):  # unwrap Autotuner / Heuristics down to the kernel
         fn = fn.fn
-    sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    names = fn.arg_names
+    sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in names}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def aot_reports(test_module: str, function: str = "aot_report", archs=(80, 90),
+                timeout: float = 900) -> dict:
+    """``{arch: tests/<test_module>.py's function(arch)}``, each computed in a fresh Python.
+
+    The suite runs under ``TRITON_INTERPRET=1``, where ``@triton.jit`` functions (Triton's own
+    ``tl.sum`` combine functions too) are interpreter objects that cannot be compiled for a GPU,
+    so the compiles run in subprocesses without the interpreter, one per architecture in
+    parallel, each with a private Triton cache; ``function`` returns JSON-able records.
+    """
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+    cache = tempfile.mkdtemp(prefix="vtok_aot_")
+    code = f"import json, {test_module} as t; print(json.dumps(t.{function}({{}})))"
+    procs = {arch: subprocess.Popen([sys.executable, "-c", code.format(arch)], cwd=here,
+                                    env=dict(env, TRITON_CACHE_DIR=os.path.join(cache, str(arch))),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in archs}
+    reports = {}
+    try:
+        for arch, proc in procs.items():
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err[-3000:]
+            reports[arch] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return reports
 
 
 def tensor_core_instructions(compiled, arch: int) -> bool:

@@ -9,14 +9,9 @@ The suite runs under TRITON_INTERPRET=1, where ``@triton.jit`` functions are int
 that cannot be compiled: the compilation runs in a fresh interpreter-free Python, one per
 architecture (in parallel), and reports back as JSON.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import config_constexprs, tensor_core_instructions
+from helpers import aot_reports, compile_for_gpu, config_constexprs, tensor_core_instructions
 
 pytestmark = pytest.mark.aot
 
@@ -41,31 +36,23 @@ def _shape_values(p: int) -> dict:
 
 def compile_launch(kernel, pointers: dict, constexprs: dict, config, arch: int, p: int):
     """Compile ``kernel`` (autotuned) for ``sm_<arch>`` as a launch with ``config`` would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel.fn  # the JITFunction under the autotuner
     values = _shape_values(p)
     tuned, num_warps, num_stages = config_constexprs(config)
     consts = dict(constexprs, **tuned, PH=p, PW=p)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
+    signature, divisible = {}, list(pointers)  # torch allocations are 16-byte aligned
+    for name in kernel.fn.arg_names:
         if name in consts:
-            signature[name] = "constexpr"
-        elif name in pointers:
+            continue
+        if name in pointers:
             signature[name] = "*" + pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif values[name] == 1:
-            signature[name], consts[name] = "constexpr", 1
+            consts[name] = 1
         else:
             signature[name] = "i32"
             if values[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                divisible.append(name)
+    return compile_for_gpu(kernel, signature, consts, arch=arch, num_warps=num_warps,
+                           num_stages=num_stages, divisible=divisible)
 
 
 # (images, weight, out) dtypes the host launches: matching floats, fp32 pixels into bf16 weights,
@@ -134,20 +121,8 @@ def aot_report(arch: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def aot_reports():
-    tests_dir = str(Path(__file__).resolve().parent)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; sys.path.insert(0, {!r}); import test_patch_embed_aot as t; "
-            "print(json.dumps(t.aot_report({})))")
-    procs = {arch: subprocess.Popen([sys.executable, "-c", code.format(tests_dir, arch)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in (80, 90)}
-    reports = {}
-    for arch, proc in procs.items():
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-        reports[arch] = json.loads(out.strip().splitlines()[-1])
-    return reports
+def reports():
+    return aot_reports("test_patch_embed_aot")
 
 
 def _configs(name):
@@ -157,8 +132,8 @@ def _configs(name):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_every_kernel_config_and_dtype_compiles(aot_reports, arch):
-    entries = aot_reports[arch]
+def test_every_kernel_config_and_dtype_compiles(reports, arch):
+    entries = reports[arch]
     for kernel, variants, configs in (("fwd", FWD_VARIANTS, "FWD_CONFIGS"), ("dw", DW_VARIANTS, "DW_CONFIGS"),
                                       ("dx", DX_VARIANTS, "DX_CONFIGS")):
         for variant in variants:
@@ -168,9 +143,9 @@ def test_every_kernel_config_and_dtype_compiles(aot_reports, arch):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_use_tensor_cores_and_fit_shared_memory(aot_reports, arch):
+def test_kernels_use_tensor_cores_and_fit_shared_memory(reports, arch):
     too_big = []
-    for e in aot_reports[arch]:
+    for e in reports[arch]:
         # IEEE fp32 products have no tensor-core instruction; everything else must use them
         assert e["tensor_cores"] == (e["kernel"] != "fwd_ieee"), e
         if e["shared"] > SHARED_LIMIT[arch]:

@@ -6,7 +6,7 @@ import torch
 
 from vtok_fast import bipartite_soft_matching, merge_source, merge_wavg, tome_merge
 from vtok_fast.tome_fused import MergeInfo, tome_unmerge
-from helpers import assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
+from helpers import aot_reports, assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -323,37 +323,14 @@ def aot_report(arch: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def aot_reports():
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    tests_dir = str(Path(__file__).resolve().parent)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cache = tempfile.mkdtemp(prefix="tome_aot_")  # private Triton cache: no races, no stale hits
-    code = ("import json, sys; sys.path.insert(0, {!r}); import test_tome_fused as t; "
-            "print(json.dumps(t.aot_report({})))")
-    procs = {arch: subprocess.Popen([sys.executable, "-c", code.format(tests_dir, arch)],
-                                    env=dict(env, TRITON_CACHE_DIR=os.path.join(cache, str(arch))),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in (80, 90)}
-    reports = {}
-    for arch, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-        reports[arch] = json.loads(out.strip().splitlines()[-1])
-    shutil.rmtree(cache, ignore_errors=True)
-    return reports
+def reports():
+    return aot_reports("test_tome_fused")
 
 
 @pytest.mark.aot
 @pytest.mark.parametrize("arch", [80, 90])
-def test_aot_every_kernel_compiles(aot_reports, arch):
-    kinds = [(e["kernel"], e["dtype"]) for e in aot_reports[arch]]
+def test_aot_every_kernel_compiles(reports, arch):
+    kinds = [(e["kernel"], e["dtype"]) for e in reports[arch]]
     assert kinds.count(("plan", "fp32")) == 4
     for dtype in ("fp32", "fp16", "bf16"):
         assert kinds.count(("scores", dtype)) == 2 * 3  # 3 configs x protection flags
@@ -362,8 +339,8 @@ def test_aot_every_kernel_compiles(aot_reports, arch):
 
 @pytest.mark.aot
 @pytest.mark.parametrize("arch", [80, 90])
-def test_aot_scores_kernel_uses_tensor_cores(aot_reports, arch):
-    for entry in aot_reports[arch]:
+def test_aot_scores_kernel_uses_tensor_cores(reports, arch):
+    for entry in reports[arch]:
         if entry["kernel"] == "scores":
             assert entry["tensor_cores"], entry
             assert entry["shared"] <= 160 * 1024, entry  # fits an A100's 164 KiB

@@ -246,6 +246,7 @@ def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, mode
             if forward is None:
                 continue
             fn = mode_fn(forward, mode)
+            fn()  # first call: compilation, autotuning and one-time state stay out of the peak
             peak = None
             if memory:
                 with PeakMemory(device) as pm:

@@ -38,6 +38,23 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """References are float64 and the fp32 contract is IEEE: no TF32 in cuDNN convs or matmuls
+    (matters on GPU runs only)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a test on the PyTorch path and on the Triton kernels (the interpreter on CPU)."""
+    monkeypatch.setenv("VTOK_FAST_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture
 def device() -> torch.device:
     """Where kernel tests run: CUDA on a GPU run, else CPU under the interpreter."""

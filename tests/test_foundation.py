@@ -100,3 +100,18 @@ def test_cli_info_runs():
     proc = subprocess.run([sys.executable, "-m", "vtok_fast.cli", "info"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "backend" in proc.stdout
+
+
+def test_cli_bench_quick_runs_every_op(tmp_path, capsys, torch_backend):
+    from vtok_fast.bench import OPS
+    from vtok_fast.cli import main
+
+    assert main(["bench", "all", "--quick", "--device", "cpu", "--out", str(tmp_path),
+                 "--min-time", "0.01", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for op in OPS:
+        data = json.loads((tmp_path / f"{op}_cpu.json").read_text())
+        assert data["records"], op
+        failed = [(r["case"], r["provider"], r["error"]) for r in data["records"] if r["error"]]
+        assert not failed, failed
+        assert f"## {op} on cpu" in printed

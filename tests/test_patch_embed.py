@@ -11,15 +11,15 @@ from vtok_fast.patch_embedding import PatchEmbed, patch_embed, patch_embed_refer
 
 
 @pytest.fixture(autouse=True)
-def _on_test_device(device, monkeypatch):
+def _on_test_device(device):
     """Tests build their tensors on the suite's device: CPU (Triton in the interpreter), or CUDA
-    with real kernels on a GPU run, with IEEE fp32 products there (the fp32 tolerances)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with real kernels on a GPU run."""
     if device.type == "cpu":
         yield
         return
     torch.set_default_device(device)
     yield
+    torch.set_default_device(None)
     torch.set_default_device(None)
 
 

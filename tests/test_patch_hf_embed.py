@@ -44,22 +44,6 @@ TOWERS = {"clip": clip, "siglip": siglip}
 SIZES = [(28, 28, False), (45, 56, True)]
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """On a GPU run, fp32 convs/matmuls must not use TF32 (the references are float64)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    """Run the PyTorch path and the Triton kernels (interpreter on CPU)."""
-    request.getfixturevalue(f"{request.param}_backend")
-    return request.param
-
-
 @pytest.mark.parametrize("height, width, interpolate", SIZES)
 @pytest.mark.parametrize("kind", list(TOWERS))
 def test_tower_fp32_parity(kind, height, width, interpolate, backend, device):

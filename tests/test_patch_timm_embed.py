@@ -42,23 +42,6 @@ def reduction(model):
     w = model.patch_embed.proj.weight
     return w[0].numel()
 
-
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """On a GPU run, fp32 convs/matmuls must not use TF32 (the references are float64)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    """Run the PyTorch path and the Triton kernels (interpreter on CPU)."""
-    request.getfixturevalue(f"{request.param}_backend")
-    return request.param
-
-
 # The interpreter takes ~0.5 s per fused call: the Triton backend runs one model per distinct
 # argument combination (bias or not, prefix layout, table coverage, no table, resampled table).
 TRITON_MODELS = ["vit_b16_remainder_pixels", "clip_l14_336_no_bias", "dinov2_reg4_no_embed_class",

@@ -9,12 +9,6 @@ from vtok_fast.tome_fused import MergeInfo, tome_unmerge
 from helpers import aot_reports, assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("VTOK_FAST_BACKEND", request.param)
-    return request.param
-
-
 def reference(x, metric, r, size=None, class_token=False, distill_token=False):
     """(x, size, source map (B, N), unmerge) from the reference functions."""
     merge, unmerge = bipartite_soft_matching(metric, r, class_token, distill_token)

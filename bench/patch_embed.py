@@ -145,11 +145,16 @@ def providers(device) -> list[Provider]:
 
 # --- targets -------------------------------------------------------------------------------------
 
-def _median(results, case, provider, mode):
+def _result(results, case, provider, mode):
     for r in results:
         if (r.case, r.provider, r.mode) == (case, provider, mode) and r.median_ms:
-            return r.median_ms
+            return r
     return None
+
+
+def _median(results, case, provider, mode):
+    r = _result(results, case, provider, mode)
+    return None if r is None else r.median_ms
 
 
 def summarize(results, device) -> tuple[str, dict]:
@@ -171,14 +176,12 @@ def summarize(results, device) -> tuple[str, dict]:
         summary["cpu_ratio_vs_timm"] = ratios
         summary["cpu_target_met"] = bool(ratios) and all(v <= TARGETS["cpu_vs_timm"] for v in ratios.values())
         return "\n".join(lines), summary
-    ours = _median(results, TARGET_CASE, "vtok_fast", "forward")
-    if ours is None:
+    vt = _result(results, TARGET_CASE, "vtok_fast", "forward")
+    if vt is None:
         return f"GPU targets: case {TARGET_CASE} did not run", summary
+    ours, tflops = vt.median_ms, vt.tflops  # the harness derives TFLOP/s from the case's flops
     eager = _median(results, TARGET_CASE, "eager", "forward")
     compiled = _median(results, TARGET_CASE, "torch.compile", "forward")
-    case = next(r for r in results if r.case == TARGET_CASE)
-    flops = 2.0 * case.params["B"] * case.params["N"] * case.params["D"] * case.params["K"]
-    tflops = flops / (ours * 1e-3) / 1e12
     summary.update(target_case=TARGET_CASE, forward_ms=ours, tflops=tflops,
                    fraction_of_peak=tflops / BF16_PEAK_TFLOPS)
     lines.append(f"GPU targets at {TARGET_CASE} (bf16 forward): {ours:.3f} ms, {tflops:.0f} TFLOP/s "

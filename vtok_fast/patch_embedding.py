@@ -6,7 +6,7 @@ add, as one implicit-im2col GEMM whose epilogue adds the bias and the position r
 the prefix rows (CUDA: Triton kernels in ``vtok_fast.kernels.patch_embed``). CPU tensors run a
 PyTorch path built from one im2col copy and one matrix product written straight into the result.
 
-Semantics (the contract page ``patch-embed.md``):
+Semantics (summarized in the README, "Semantics worth knowing"):
 
 - grid ``H // ph x W // pw``, remainder pixels dropped; patches row-major over (h, w);
   K ordered ``(c, kh, kw)`` like ``weight.reshape(D, -1)``;
@@ -36,6 +36,19 @@ ChannelStats = Optional[Union[torch.Tensor, Sequence[float], float]]
 
 # --- reference: the unfused eager path, as timm / HF write it ----------------------------------
 
+def _cat_prefix_add_pos(y, pos_embed, prefix, pos_covers_prefix):
+    """Unfused ``_pos_embed`` on ``(B, N, D)`` patch tokens: ``cat`` the prefix, add the table."""
+    pos = None if pos_embed is None else pos_embed.reshape(-1, pos_embed.shape[-1])
+    if pos is not None and not pos_covers_prefix:
+        y = y + pos
+    if prefix is not None:
+        pre = prefix.reshape(-1, prefix.shape[-1])
+        y = torch.cat([pre.expand(y.shape[0], -1, -1), y], dim=1)
+    if pos is not None and pos_covers_prefix:
+        y = y + pos
+    return y
+
+
 def patch_embed_reference(images, weight, bias=None, pos_embed=None, prefix=None, *,
                           pos_covers_prefix=True, mean=None, std=None, out_dtype=None):
     """Unfused PyTorch: normalize, ``conv2d``, flatten/transpose, ``cat`` prefix, add the table.
@@ -56,14 +69,7 @@ def patch_embed_reference(images, weight, bias=None, pos_embed=None, prefix=None
     x = x.to(weight.dtype)
     y = F.conv2d(x, weight, bias, stride=tuple(weight.shape[-2:]))
     y = y.flatten(2).transpose(1, 2)  # (B, N, D)
-    pos = None if pos_embed is None else pos_embed.reshape(-1, pos_embed.shape[-1])
-    if pos is not None and not pos_covers_prefix:
-        y = y + pos
-    if prefix is not None:
-        pre = prefix.reshape(-1, prefix.shape[-1])
-        y = torch.cat([pre.expand(y.shape[0], -1, -1), y], dim=1)
-    if pos is not None and pos_covers_prefix:
-        y = y + pos
+    y = _cat_prefix_add_pos(y, pos_embed, prefix, pos_covers_prefix)
     return y.to(out_dtype or weight.dtype)
 
 
@@ -115,9 +121,9 @@ def _channel_affine(images: torch.Tensor, mean: ChannelStats, std: ChannelStats)
 
 # --- PyTorch path (CPU, or forced with VTOK_FAST_BACKEND=torch) --------------------------------
 
-def _compute_dtype(images: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     # CPUs multiply fp16/bf16 slowly and no more accurately: they compute in fp32.
-    return weight.dtype if images.device.type == "cuda" else torch.float32
+    return weight.dtype if x.device.type == "cuda" else torch.float32
 
 
 def _im2col_rows(images: torch.Tensor, ph: int, pw: int, prefix_rows: int, dtype) -> torch.Tensor:
@@ -162,7 +168,7 @@ def _forward_torch(images, weight, bias, pos, prefix, scale, shift, covers, out_
     out = torch.empty(B, P + N, D, dtype=out_dtype, device=images.device)
     if out_dtype == cdt:
         torch.mm(a, w.to(cdt).t(), out=out.view(B * (P + N), D))
-        out.add_(table.to(cdt) if cdt != torch.float32 else table)
+        out.add_(table.to(cdt))
     else:
         torch.add(torch.mm(a, w.to(cdt).t()).view(B, P + N, D), table, out=out)
     return out
@@ -184,7 +190,7 @@ def _weight_grad_torch(grad, images, weight, scale, shift, P):
 
 def _new_image_grad(grad, shape, dtype, ph, pw) -> torch.Tensor:
     """Pixel gradient buffer: zeros only when remainder pixels exist (they get no gradient)."""
-    B, C, H, W = shape
+    H, W = shape[-2:]
     make = torch.zeros if (H % ph or W % pw) else torch.empty
     return make(shape, dtype=dtype, device=grad.device)
 
@@ -194,7 +200,7 @@ def _input_grad_torch(grad, shape, dtype, weight, scale, P):
     B, C, H, W = shape
     D, _, ph, pw = weight.shape
     gh, gw = H // ph, W // pw
-    cdt = weight.dtype if grad.device.type == "cuda" else torch.float32
+    cdt = _compute_dtype(grad, weight)
     w = weight.reshape(D, -1).to(torch.float32)
     if scale is not None:
         w = w * _channel_per_k(scale, ph, pw)
@@ -231,7 +237,8 @@ def _forward_triton(images, weight, bias, pos, prefix, scale, shift, covers, out
         return out
     M, K = B * L, C * ph * pw
     w2 = weight.reshape(D, K)
-    # absent operands: the weight stands in (never read: the kernel's flags skip them)
+    # absent operands: the weight stands in (never read: the kernel's flags, or P = 0 for the
+    # prefix, skip them)
     bias_args = (weight, 0) if bias is None else (bias, bias.stride(0))
     pos_args = (weight, 0, 0) if pos is None else (pos, *pos.stride())
     prefix_args = (weight, 0, 0) if prefix is None else (prefix, *prefix.stride())
@@ -528,20 +535,11 @@ class PatchEmbed(nn.Module):
                             mean=mean, std=std)
             return self._format(y, x)
         y = self.norm(self._format(patch_embed(x, w, b, mean=mean, std=std), x))
-        if not tokens_extra:
-            return y
-        pos = None if pos_embed is None else pos_embed.reshape(-1, pos_embed.shape[-1])
-        if pos is not None and not pos_covers_prefix:
-            y = y + pos
-        if prefix is not None:
-            pre = prefix.reshape(-1, prefix.shape[-1])
-            y = torch.cat([pre.expand(y.shape[0], -1, -1).to(y.dtype), y], dim=1)
-        if pos is not None and pos_covers_prefix:
-            y = y + pos
-        return y
+        prefix = None if prefix is None else prefix.to(y.dtype)
+        return _cat_prefix_add_pos(y, pos_embed, prefix, pos_covers_prefix)
 
     def _format(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.output_fmt in ("NLC",):
+        if self.output_fmt == "NLC":
             return y
         if self.output_fmt == "NCL":
             return y.transpose(1, 2)

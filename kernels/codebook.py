@@ -48,10 +48,9 @@ TOPK_TC_CONFIGS = [
 TOPK_FP32_CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=3),
 ]
-MAX_TOPK = 64          # largest k supported by the kernels
-MAX_SINGLE_BLOCK_D = 256  # up to this (padded) D, the query tile is loaded once per row block
-LOOP_BLOCK_D = 64      # D chunk when D is larger (also the fp32 chunk cap, see block_d_for)
-FP32_BLOCK_D = 32
+MAX_SINGLE_BLOCK_D = 256  # fp16/bf16: up to this (padded) D, the query tile is loaded once per row block
+LOOP_BLOCK_D = 64      # fp16/bf16: D chunk when D is larger
+FP32_BLOCK_D = 32      # fp32: D chunk cap (see block_d_for)
 SPLIT_ALIGN = 256      # codes_per_split is a multiple of this (>= every BLOCK_N)
 
 

@@ -292,6 +292,8 @@ def test_bad_input():
         VectorQuantizer(8, 16, gradient="gumbel")
     with pytest.raises(ValueError, match="codebook_size"):
         VectorQuantizer(8, 0)
+    with pytest.raises(ValueError, match="kmeans_iters must be a non-negative int, got -1"):
+        VectorQuantizer(8, 16, kmeans_iters=-1)
     with pytest.raises(RuntimeError, match="sync_codebook=True"):
         VectorQuantizer(8, 16, sync_codebook=True)(torch.randn(1, 4, 8))
     with pytest.raises(ValueError, match="heads=1"):

@@ -4,7 +4,7 @@ Conventions follow vector-quantize-pytorch (argument names, EMA with Laplace smo
 loss, straight-through and rotation-trick gradients, k-means init, dead-code expiry), with:
 
 - the search done by ``vtok_fast.codebook_search`` (no N x K matrix, no one-hot matrices: EMA
-  statistics come from ``scatter_add`` / ``index_add``), in fp32 unless ``search_dtype`` says
+  statistics come from ``index_add``), in fp32 unless ``search_dtype`` says
   otherwise, also under autocast;
 - the codes returned by a training step come from the codebook *before* that step's update;
 - distributed training (torch.distributed): with ``sync_codebook`` (default: on when a process
@@ -14,7 +14,6 @@ loss, straight-through and rotation-trick gradients, k-means init, dead-code exp
   summation order) to one process training on the concatenated batches.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.distributed as dist
@@ -110,10 +109,11 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
-        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads),
-                            ("kmeans_iters", kmeans_iters + 1)):
+        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(kmeans_iters, int) or kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be a non-negative int, got {kmeans_iters!r}")
         self.dim = dim
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim or dim
@@ -177,9 +177,7 @@ class VectorQuantizer(nn.Module):
         """Codes of ``indices`` (as returned by ``forward``), before ``project_out``: channel-last
         ``(..., heads * codebook_dim)``, or ``(B, heads * codebook_dim, ...)`` when
         ``channel_last=False``."""
-        if self.heads == 1:
-            codes = self.embed[0][indices]
-        elif self.separate_codebook_per_head:
+        if self.heads > 1 and self.separate_codebook_per_head:
             codes = torch.stack([self.embed[h][indices[..., h]] for h in range(self.heads)], dim=-2)
         else:
             codes = self.embed[0][indices]

@@ -171,8 +171,8 @@ def _tome_plan_fwd(
     v_i = tl.load(max_row + i, mask=i_ok, other=0.0)
     n_i = tl.load(idx_row + i, mask=i_ok, other=0)
     merged_i = _beats(v_i, i, thr_val, thr_idx) | (i == thr_idx)
-    rank = tl.zeros([BLOCK_I], tl.int32)  # position in descending-score order
-    merged_before = tl.zeros([BLOCK_I], tl.int32)  # merged A tokens with a lower index
+    rank = tl.zeros([BLOCK_I], tl.int32)  # position in descending-score order (not SORT_KEPT)
+    merged_before = tl.zeros([BLOCK_I], tl.int32)  # merged A tokens with a lower index (SORT_KEPT)
     slot = tl.zeros([BLOCK_I], tl.int32)  # position among merged, by (partner, index)
     for j0 in range(0, num_a, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
@@ -180,10 +180,12 @@ def _tome_plan_fwd(
         v_j = tl.load(max_row + j, mask=j_ok, other=0.0)
         n_j = tl.load(idx_row + j, mask=j_ok, other=0)
         merged_j = (_beats(v_j, j, thr_val, thr_idx) | (j == thr_idx)) & j_ok
-        rank += tl.sum((_beats(v_j[None, :], j[None, :], v_i[:, None], i[:, None])
-                        & j_ok[None, :]).to(tl.int32), axis=1)
         lower = j[None, :] < i[:, None]
-        merged_before += tl.sum((lower & merged_j[None, :]).to(tl.int32), axis=1)
+        if SORT_KEPT:  # only the count this layout uses
+            merged_before += tl.sum((lower & merged_j[None, :]).to(tl.int32), axis=1)
+        else:
+            rank += tl.sum((_beats(v_j[None, :], j[None, :], v_i[:, None], i[:, None])
+                            & j_ok[None, :]).to(tl.int32), axis=1)
         grouped_before = (n_j[None, :] < n_i[:, None]) | ((n_j[None, :] == n_i[:, None]) & lower)
         slot += tl.sum((grouped_before & merged_j[None, :]).to(tl.int32), axis=1)
     if SORT_KEPT:

@@ -84,8 +84,7 @@ def merge_map(image, source_map, patch_size: int, *, num_prefix_tokens: int | No
         raise ValueError(f"source_map has {groups.shape[0]} entries but the image has {grid_h}x{grid_w} = "
                          f"{num_patches} patches of {patch_size}px (+ num_prefix_tokens = {num_prefix_tokens})")
 
-    labels = groups[prefix:].reshape(grid_h, grid_w)
-    _, labels = np.unique(labels, return_inverse=True)  # dense group ids 0..G-1
+    _, labels = np.unique(groups[prefix:], return_inverse=True)  # dense group ids 0..G-1
     labels = labels.reshape(grid_h, grid_w)
     pixels = pixels[: grid_h * patch_size, : grid_w * patch_size]
     pixel_labels = np.repeat(np.repeat(labels, patch_size, axis=0), patch_size, axis=1)

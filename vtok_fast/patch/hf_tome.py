@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from vtok_fast.patch._common import is_patched, patch, restore, warn_not_applied
-from vtok_fast.patch.timm_tome import (attention_bias, check_r, finish, merge_step, new_state, schedule,
+from vtok_fast.patch.timm_tome import (attention_bias, finish, merge_step, new_state, reapply, schedule,
                                        size_bias)
 
 FEATURE = "hf_tome"
@@ -50,10 +50,7 @@ _PATCHER = "vtok_fast.patch.hf ToMe merging"
 
 def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
     """Patch every CLIP / SigLIP vision tower in ``model`` for ToMe merging with schedule ``r``."""
-    check_r(r, "tome_r")
-    if is_patched(model, FEATURE):
-        model.r = r
-        model._tome_info.update(prop_attn=bool(prop_attn), trace_source=bool(trace_source))
+    if reapply(model, FEATURE, r, prop_attn=prop_attn, trace_source=trace_source):
         return model
     towers = [m for m in model.modules() if isinstance(m, _tower_classes())]
     if not towers:

@@ -74,8 +74,19 @@ def schedule(r, num_layers: int, name: str = "model.r") -> tuple[int, ...]:
     from vtok_fast.tome import parse_r
 
     check_r(r, name)
-    counts = parse_r(num_layers, list(r) if isinstance(r, list) else r)
+    counts = parse_r(num_layers, r)  # parse_r returns a new list and never changes r
     return tuple(max(int(v), 0) for v in counts[:num_layers])
+
+
+def reapply(model: nn.Module, feature: str, r, *, prop_attn: bool, trace_source: bool) -> bool:
+    """The start of ``apply``: check ``r``; if ``feature`` is already applied on ``model``, update
+    ``model.r`` and the toggles in ``model._tome_info`` and return True (nothing else to do)."""
+    check_r(r, "tome_r")
+    if not is_patched(model, feature):
+        return False
+    model.r = r
+    model._tome_info.update(prop_attn=bool(prop_attn), trace_source=bool(trace_source))
+    return True
 
 
 def new_state(*, prop_attn: bool, trace_source: bool, merge_kwargs: dict) -> dict:
@@ -126,10 +137,7 @@ def finish(state: dict, info: dict, x: torch.Tensor, sched: tuple[int, ...], num
 
 def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
     """Patch ``model`` for ToMe merging with schedule ``r`` (re-applying updates the settings)."""
-    check_r(r, "tome_r")
-    if is_patched(model, FEATURE):
-        model.r = r
-        model._tome_info.update(prop_attn=bool(prop_attn), trace_source=bool(trace_source))
+    if reapply(model, FEATURE, r, prop_attn=prop_attn, trace_source=trace_source):
         return model
     reason = _unsupported_reason(model)
     if reason is not None:

@@ -21,30 +21,33 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
+def _apply(library: int, model, fuse_embed, tome_r, trace_source, prop_attn) -> nn.Module:
+    """Apply the chosen features with the patchers of ``library`` (0: timm, 1: HF)."""
+    if fuse_embed:
+        _module(_FEATURES["embed"][library]).apply(model)
+    if tome_r is not None:
+        _module(_FEATURES["tome"][library]).apply(model, r=tome_r, trace_source=trace_source,
+                                                  prop_attn=prop_attn)
+    return model
+
+
 def timm(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: bool = False,
          prop_attn: bool = True) -> nn.Module:
     """Patch a timm VisionTransformer (or DeiT) in place.
 
     ``fuse_embed``: patch embedding + position embedding run as one fused op.
     ``tome_r``: ToMe merging schedule (int, ``(r, inflection)`` or list); None = no merging.
+    ``trace_source``: keep the int64 source map ``(B, N0)`` in ``model._tome_info``.
+    ``prop_attn``: proportional attention (``log(size)`` key bias) once tokens are merged.
     """
-    if fuse_embed:
-        _module(_FEATURES["embed"][0]).apply(model)
-    if tome_r is not None:
-        _module(_FEATURES["tome"][0]).apply(model, r=tome_r, trace_source=trace_source,
-                                            prop_attn=prop_attn)
-    return model
+    return _apply(0, model, fuse_embed, tome_r, trace_source, prop_attn)
 
 
 def hf(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: bool = False,
        prop_attn: bool = True) -> nn.Module:
-    """Patch a Hugging Face CLIPVisionModel / SiglipVisionModel / LLaVA model in place."""
-    if fuse_embed:
-        _module(_FEATURES["embed"][1]).apply(model)
-    if tome_r is not None:
-        _module(_FEATURES["tome"][1]).apply(model, r=tome_r, trace_source=trace_source,
-                                            prop_attn=prop_attn)
-    return model
+    """Patch a Hugging Face CLIPVisionModel / SiglipVisionModel / LLaVA model in place (same
+    arguments as :func:`timm`)."""
+    return _apply(1, model, fuse_embed, tome_r, trace_source, prop_attn)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -155,6 +155,24 @@ def _score_tile(x_tile, x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd
     return tl.minimum(bias[None, :] + scale * acc, float("inf"))
 
 
+@triton.jit
+def _program_block(x_ptr, stride_xn, stride_xd, N, K, D, codes_per_split,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr,
+                   EVEN_D: tl.constexpr):
+    """This program's query rows, its code range ``[k_start, k_end)`` and, when D fits one
+    tile, the query tile loaded once (else zeros: ``_score_tile`` loads per D step)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    k_start = pid_s * codes_per_split
+    k_end = tl.minimum(k_start + codes_per_split, K)
+    x_tile = tl.zeros((BLOCK_M, BLOCK_D), dtype=x_ptr.dtype.element_ty)
+    if NUM_D == 1:
+        x_tile = _load_query_tile(x_ptr, stride_xn, stride_xd, rows, row_mask, 0, D, BLOCK_D, EVEN_D)
+    return rows, row_mask, k_start, k_end, x_tile
+
+
 # --- stage 1, k = 1: best two tile winners per row ----------------------------------------------
 
 @triton.jit
@@ -168,16 +186,9 @@ def _codebook_argmin_fwd(
     BLOCK_D: tl.constexpr, NUM_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    k_start = pid_s * codes_per_split
-    k_end = tl.minimum(k_start + codes_per_split, K)
-
-    x_tile = tl.zeros((BLOCK_M, BLOCK_D), dtype=x_ptr.dtype.element_ty)
-    if NUM_D == 1:
-        x_tile = _load_query_tile(x_ptr, stride_xn, stride_xd, rows, row_mask, 0, D, BLOCK_D, EVEN_D)
+    rows, row_mask, k_start, k_end, x_tile = _program_block(
+        x_ptr, stride_xn, stride_xd, N, K, D, codes_per_split, BLOCK_M, BLOCK_D, NUM_D, EVEN_D)
 
     best1 = tl.full((BLOCK_M,), float("inf"), tl.float32)
     best2 = tl.full((BLOCK_M,), float("inf"), tl.float32)
@@ -217,16 +228,9 @@ def _codebook_topk_fwd(
     BLOCK_D: tl.constexpr, NUM_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    k_start = pid_s * codes_per_split
-    k_end = tl.minimum(k_start + codes_per_split, K)
-
-    x_tile = tl.zeros((BLOCK_M, BLOCK_D), dtype=x_ptr.dtype.element_ty)
-    if NUM_D == 1:
-        x_tile = _load_query_tile(x_ptr, stride_xn, stride_xd, rows, row_mask, 0, D, BLOCK_D, EVEN_D)
+    rows, row_mask, k_start, k_end, x_tile = _program_block(
+        x_ptr, stride_xn, stride_xd, N, K, D, codes_per_split, BLOCK_M, BLOCK_D, NUM_D, EVEN_D)
 
     slots = tl.arange(0, R)
     local = tl.arange(0, BLOCK_N)

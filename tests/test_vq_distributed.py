@@ -7,6 +7,7 @@ The second comparison is within fp32 rounding: the per-code sums are added in a 
 (per-rank partial sums, then the all-reduce) than in the single process.
 """
 import datetime
+import os
 import time
 from pathlib import Path
 
@@ -35,16 +36,20 @@ def rank_batches():
 
 
 def _worker(rank, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the host name resolves to
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
-    try:
-        vq = make_vq().train()
-        assert vq._sync_active()
-        for step in rank_batches():
-            vq(step[rank])
-        torch.save({k: v.clone() for k, v in vq.state_dict().items()}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    vq = make_vq().train()
+    assert vq._sync_active()
+    for step in rank_batches():
+        vq(step[rank])
+    torch.save({k: v.clone() for k, v in vq.state_dict().items()}, Path(out_dir) / f"rank{rank}.pt")
+    # Both ranks finish every collective before either tears gloo down, and the process then ends
+    # without interpreter finalization: in CI one rank once died with SIGABRT ("terminate called
+    # without an active exception", a gloo thread destroyed while joinable) after its work was done.
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def test_two_ranks_match_each_other_and_one_process(tmp_path):

@@ -9,13 +9,14 @@ from PIL import Image
 from vtok_fast import tome_merge
 from vtok_fast.viz import merge_map
 
-IMAGE = Path(__file__).resolve().parents[2] / "shared/data/images/astronaut.png"
+# scikit-image's astronaut photograph, resized to 64 x 48 (tests/data/LICENSES.md)
+IMAGE = Path(__file__).resolve().parent / "data" / "astronaut_64x48.png"
 PATCH = 8
 
 
 @pytest.fixture(scope="module")
 def image() -> Image.Image:
-    return Image.open(IMAGE).convert("RGB").resize((64, 48))  # 8 x 6 patches of 8 px
+    return Image.open(IMAGE).convert("RGB")  # 64 x 48: 8 x 6 patches of 8 px
 
 
 def _source_map(image: Image.Image) -> torch.Tensor:

@@ -96,31 +96,40 @@ def machine_info(device: torch.device) -> dict:
 
 # --- peak memory -------------------------------------------------------------------------------
 
-def _keep_large_blocks_mmapped() -> None:
-    """Make RSS see every large CPU allocation. glibc raises its mmap threshold after large
-    blocks are freed and then serves new ones from heap it kept, which does not grow RSS (later
-    measurements would read ~0); pinning the threshold at its 128 KiB default keeps large blocks
-    mmapped and returned on free."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _set_glibc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)
+        libc.mallopt(_M_TRIM_THRESHOLD, trim_bytes)
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: RSS readings stay approximate
         pass
 
 
+def _mmap_large_blocks() -> None:
+    """For a memory reading: every block over 128 KiB is mmapped and returned on free, so the RSS
+    high-water mark sees each large allocation (glibc otherwise serves them from heap it kept
+    from earlier frees, which does not grow RSS, and later readings would read ~0)."""
+    _set_glibc_thresholds(128 * 1024, 128 * 1024)
+
+
+def _reuse_freed_blocks() -> None:
+    """For timing: the state glibc's dynamic thresholds reach in a long-running process (blocks
+    up to 32 MiB reused from the heap, not mmapped and page-faulted again on every call)."""
+    _set_glibc_thresholds(32 * 2**20, 64 * 2**20)
+
+
 class PeakMemory:
     """Peak extra memory during a block: CUDA allocator stats, or the process's RSS high-water
-    mark on Linux CPUs (reset through ``/proc/self/clear_refs``). ``mb`` is None if unknown."""
-
-    _pinned = False
+    mark on Linux CPUs (reset through ``/proc/self/clear_refs``). ``mb`` is None if unknown.
+    On the CPU, glibc's thresholds are set for the reading on entry and back for timing on exit."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.mb: float | None = None
-        if device.type != "cuda" and not PeakMemory._pinned:
-            _keep_large_blocks_mmapped()
-            PeakMemory._pinned = True
 
     @staticmethod
     def _status_kb(key: str) -> int:
@@ -135,6 +144,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _mmap_large_blocks()
             try:
                 Path("/proc/self/clear_refs").write_text("5")
                 self._base = self._status_kb("VmRSS") * 1024
@@ -146,8 +156,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        elif self._base is not None:
-            self.mb = max(self._status_kb("VmHWM") * 1024 - self._base, 0) / 2**20
+        else:
+            if self._base is not None:
+                self.mb = max(self._status_kb("VmHWM") * 1024 - self._base, 0) / 2**20
+            _reuse_freed_blocks()
         return False
 
 

@@ -20,9 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vtok_fast.codebook import METRICS, codebook_search
+from vtok_fast.codebook import MAX_K, METRICS, codebook_search
 
 GRADIENTS = ("ste", "rotation")
+MAX_BEAM = MAX_K  # beams extend by codebook_search(k=beam_size)
 _NORM_EPS = 1e-6  # vector-quantize-pytorch's safe_div / l2norm eps in the rotation trick
 
 
@@ -337,6 +338,12 @@ class VectorQuantizer(nn.Module):
         return q.reshape(m, self.heads * self.codebook_dim)
 
     def forward(self, x: torch.Tensor):
+        return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor, indices: torch.Tensor | None = None):
+        """``forward``, or with ``indices`` (``heads=1``, shape of ``x`` without the feature dim,
+        codebook already initialized) the same step with those codes instead of the nearest ones:
+        ``ResidualVQ``'s beam search picks the codes, this layer applies them and trains on them."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
         if not self.channel_last:
@@ -353,9 +360,12 @@ class VectorQuantizer(nn.Module):
             z = F.normalize(z, dim=-1)
         sync = self.training and self._sync_active()
 
-        if self.training and not bool(self.initted):
-            self._kmeans_init(z.detach(), sync)
-        idx = torch.stack([self._search(z[b], self.embed[b]) for b in range(z.shape[0])])
+        if indices is not None:
+            idx = indices.reshape(1, -1)
+        else:
+            if self.training and not bool(self.initted):
+                self._kmeans_init(z.detach(), sync)
+            idx = torch.stack([self._search(z[b], self.embed[b]) for b in range(z.shape[0])])
         embed = self.embed if self.learnable_codebook else self.embed.detach()
         codes = torch.stack([embed[b][idx[b]] for b in range(z.shape[0])])  # before any update
 
@@ -394,12 +404,28 @@ class ResidualVQ(nn.Module):
     """Residual vector quantization (SoundStream, Algorithm 1): ``num_quantizers`` ``VectorQuantizer``
     layers, each quantizing what the previous ones left.
 
-    ``forward(x) -> (quantized, indices, losses)`` with ``indices`` ``(..., num_quantizers)`` and
-    ``losses`` ``(num_quantizers,)``. Keyword arguments go to every layer.
+    ``forward(x, beam_size=None) -> (quantized, indices, losses)`` with ``indices``
+    ``(..., num_quantizers)`` and ``losses`` ``(num_quantizers,)``. Keyword arguments other than
+    the ones below go to every layer.
+
+    Beam search (``beam_size`` > 1, the default in training; ``eval_beam_size`` in eval, default
+    ``beam_size``): instead of each layer taking its nearest code, ``beam_size`` partial code paths
+    are kept per vector, ranked by the squared error still left (``|z - sum of their codes|^2``);
+    each layer extends every path with its ``beam_size`` nearest codes (``codebook_search(k=...)``)
+    and keeps the best ``beam_size`` extensions (ties: earlier path, then nearer code); the path
+    with the smallest final error wins. With enough beams (``beam_size >= K**(L-1)``) this is the
+    exact optimum over all ``K**L`` paths; ``beam_size=1`` is the greedy quantizer. The layers
+    then run on the winning path's codes exactly as in the greedy case (losses, gradients, EMA,
+    dead codes). Needs ``metric="l2"`` and ``beam_size <= 64``. A training step that still has to
+    k-means-initialize a codebook quantizes greedily (each codebook is initialized on the greedy
+    residuals its layer sees).
+    Unlike vector-quantize-pytorch, whose beams are ranked by a weighted sum of per-layer
+    commitment losses, the rank here is the reconstruction error itself.
     """
 
     def __init__(self, num_quantizers: int, dim: int, codebook_size: int, *,
-                 codebook_dim: int | None = None, channel_last: bool = True, **vq_kwargs):
+                 codebook_dim: int | None = None, channel_last: bool = True,
+                 beam_size: int | None = None, eval_beam_size: int | None = None, **vq_kwargs):
         super().__init__()
         if not isinstance(num_quantizers, int) or num_quantizers < 1:
             raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
@@ -409,11 +435,25 @@ class ResidualVQ(nn.Module):
         self.dim = dim
         self.codebook_dim = codebook_dim or dim
         self.channel_last = channel_last
+        self.metric = vq_kwargs.get("metric", "l2")
+        self.beam_size = self._check_beam(beam_size, "beam_size")
+        self.eval_beam_size = self._check_beam(beam_size if eval_beam_size is None else eval_beam_size,
+                                               "eval_beam_size")
         inner = self.codebook_dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.layers = nn.ModuleList(
             VectorQuantizer(inner, codebook_size, **vq_kwargs) for _ in range(num_quantizers))
+
+    def _check_beam(self, beam: int | None, name: str) -> int | None:
+        if beam is None:
+            return None
+        if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
+            raise ValueError(f"{name} must be an int in [1, {MAX_BEAM}] or None, got {beam!r}")
+        if beam > 1 and self.metric != "l2":
+            raise ValueError(f"{name} > 1 needs metric='l2' (beams are ranked by squared error), "
+                             f"got metric={self.metric!r}")
+        return beam
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -428,15 +468,21 @@ class ResidualVQ(nn.Module):
         out = self.project_out(self.get_codes_from_indices(indices).sum(0))
         return out if self.channel_last else out.movedim(-1, 1)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, beam_size: int | None = None):
+        beam = self._check_beam(beam_size, "beam_size")
+        if beam is None:
+            beam = self.beam_size if self.training else self.eval_beam_size
         if not self.channel_last:
             x = x.movedim(1, -1)
         z = self.project_in(x)
+        path = None
+        if beam is not None and beam > 1 and not (self.training and not all(bool(l.initted) for l in self.layers)):
+            path = self.beam_search(z, beam)
         residual = z
         quantized = torch.zeros_like(z)
         all_indices, all_losses = [], []
-        for layer in self.layers:
-            q, idx, loss = layer(residual)
+        for i, layer in enumerate(self.layers):
+            q, idx, loss = layer._quantize(residual, None if path is None else path[..., i])
             residual = residual - q.detach()
             quantized = quantized + q
             all_indices.append(idx)
@@ -445,3 +491,26 @@ class ResidualVQ(nn.Module):
         if not self.channel_last:
             out = out.movedim(-1, 1)
         return out, torch.stack(all_indices, dim=-1), torch.stack(all_losses)
+
+    @torch.no_grad()
+    def beam_search(self, z: torch.Tensor, beam_size: int) -> torch.Tensor:
+        """Code paths ``(..., num_quantizers)`` for ``z`` ``(..., codebook_dim)`` by beam search over
+        the current codebooks (see the class docstring); nothing is updated."""
+        lead, d = z.shape[:-1], z.shape[-1]
+        search_dtype = self.layers[0].search_dtype or z.dtype
+        residual = z.detach().reshape(-1, 1, d).to(search_dtype)  # (M, beams, d)
+        m = residual.shape[0]
+        paths = torch.zeros(m, 1, 0, dtype=torch.long, device=z.device)
+        rows = torch.arange(m, device=z.device)[:, None]
+        for layer in self.layers:
+            codebook = layer.codebook.detach().to(search_dtype)
+            k = min(beam_size, codebook.shape[0])
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                cand, err = codebook_search(residual.reshape(-1, d), codebook, k=k, return_distances=True)
+            width = residual.shape[1] * k
+            cand, err = cand.reshape(m, width), err.reshape(m, width)  # path-major
+            keep = torch.sort(err, dim=1, stable=True).indices[:, :beam_size]
+            parent, code = keep // k, cand.gather(1, keep)
+            residual = residual[rows, parent] - codebook[code]
+            paths = torch.cat([paths[rows, parent], code[..., None]], dim=-1)
+        return paths[:, 0].reshape(*lead, self.num_quantizers)

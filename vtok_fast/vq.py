@@ -475,9 +475,8 @@ class ResidualVQ(nn.Module):
         if not self.channel_last:
             x = x.movedim(1, -1)
         z = self.project_in(x)
-        path = None
-        if beam is not None and beam > 1 and not (self.training and not all(bool(l.initted) for l in self.layers)):
-            path = self.beam_search(z, beam)
+        initializing = self.training and not all(bool(layer.initted) for layer in self.layers)
+        path = self.beam_search(z, beam) if beam is not None and beam > 1 and not initializing else None
         residual = z
         quantized = torch.zeros_like(z)
         all_indices, all_losses = [], []

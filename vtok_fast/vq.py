@@ -262,10 +262,12 @@ class VectorQuantizer(nn.Module):
         return stats[..., d], stats[..., :d]
 
     # -- training updates ---------------------------------------------------------------------------
-    def _search(self, z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    def _search(self, z: torch.Tensor, codebook: torch.Tensor, **search_kwargs):
+        """``codebook_search`` in ``search_dtype`` (autocast off); ``search_kwargs``: k, return_distances."""
         dtype = self.search_dtype or z.dtype
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return codebook_search(z.detach().to(dtype), codebook.detach().to(dtype), metric=self.metric)
+            return codebook_search(z.detach().to(dtype), codebook.detach().to(dtype), metric=self.metric,
+                                   **search_kwargs)
 
     @torch.no_grad()
     def _kmeans_init(self, z: torch.Tensor, sync: bool):
@@ -435,24 +437,24 @@ class ResidualVQ(nn.Module):
         self.dim = dim
         self.codebook_dim = codebook_dim or dim
         self.channel_last = channel_last
-        self.metric = vq_kwargs.get("metric", "l2")
-        self.beam_size = self._check_beam(beam_size, "beam_size")
-        self.eval_beam_size = self._check_beam(beam_size if eval_beam_size is None else eval_beam_size,
-                                               "eval_beam_size")
         inner = self.codebook_dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
         self.layers = nn.ModuleList(
             VectorQuantizer(inner, codebook_size, **vq_kwargs) for _ in range(num_quantizers))
+        self.beam_size = self._check_beam(beam_size, "beam_size")
+        self.eval_beam_size = self._check_beam(beam_size if eval_beam_size is None else eval_beam_size,
+                                               "eval_beam_size")
 
     def _check_beam(self, beam: int | None, name: str) -> int | None:
         if beam is None:
             return None
         if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
             raise ValueError(f"{name} must be an int in [1, {MAX_BEAM}] or None, got {beam!r}")
-        if beam > 1 and self.metric != "l2":
+        metric = self.layers[0].metric
+        if beam > 1 and metric != "l2":
             raise ValueError(f"{name} > 1 needs metric='l2' (beams are ranked by squared error), "
-                             f"got metric={self.metric!r}")
+                             f"got metric={metric!r}")
         return beam
 
     @property
@@ -504,8 +506,7 @@ class ResidualVQ(nn.Module):
         for layer in self.layers:
             codebook = layer.codebook.detach().to(search_dtype)
             k = min(beam_size, codebook.shape[0])
-            with torch.autocast(device_type=z.device.type, enabled=False):
-                cand, err = codebook_search(residual.reshape(-1, d), codebook, k=k, return_distances=True)
+            cand, err = layer._search(residual.reshape(-1, d), codebook, k=k, return_distances=True)
             width = residual.shape[1] * k
             cand, err = cand.reshape(m, width), err.reshape(m, width)  # path-major
             keep = torch.sort(err, dim=1, stable=True).indices[:, :beam_size]

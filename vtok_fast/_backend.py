@@ -37,10 +37,18 @@ def forced_backend() -> str | None:
     return value
 
 
-def backend_for(tensor: torch.Tensor) -> str:
-    """Return ``"triton"`` or ``"torch"``: the implementation that handles ``tensor``."""
+def backend_for(tensor: torch.Tensor, *others: torch.Tensor | None) -> str:
+    """Return ``"triton"`` or ``"torch"``: the implementation that handles ``tensor`` (and the
+    ``others`` of the same call).
+
+    Under the interpreter, a call with any bf16 tensor runs the PyTorch path even when Triton is
+    forced: the interpreter's bf16 ``tl.dot`` returns wrong values, and a wrong answer is never
+    an option.
+    """
     forced = forced_backend()
     if forced == "torch":
+        return "torch"
+    if interpreting() and any(t is not None and t.dtype == torch.bfloat16 for t in (tensor, *others)):
         return "torch"
     if forced == "triton":
         if tensor.device.type != "cuda" and not interpreting():
@@ -54,8 +62,8 @@ def backend_for(tensor: torch.Tensor) -> str:
     return "torch"
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    return backend_for(tensor) == "triton"
+def use_triton(tensor: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    return backend_for(tensor, *others) == "triton"
 
 
 def default_backend() -> str:

@@ -256,7 +256,7 @@ def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int,
 
 @torch.library.custom_op("vtok_fast::codebook_search", mutates_args=())
 def _codebook_search_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x):
+    if use_triton(x, codebook):
         return _search_triton(x, codebook, metric, k)
     return _search_torch(x, codebook, metric, k)
 

@@ -340,7 +340,7 @@ def _patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                     pos: Optional[torch.Tensor], prefix: Optional[torch.Tensor],
                     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                     pos_covers_prefix: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    forward = _forward_triton if use_triton(images) else _forward_torch
+    forward = _forward_triton if use_triton(images, weight) else _forward_torch
     return forward(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype)
 
 
@@ -365,7 +365,7 @@ def _backward(ctx, grad):
     images, weight, scale, shift = ctx.saved_tensors
     need = ctx.needs_input_grad
     P, dt = ctx.prefix_rows, weight.dtype
-    triton = use_triton(grad)
+    triton = use_triton(grad, weight)
     d_images = d_weight = d_bias = d_pos = d_prefix = None
     if need[2] or need[3] or need[4]:
         rows = grad.sum(0, dtype=torch.float32)  # (P + N, D)

@@ -335,7 +335,7 @@ def _tome_merge_op(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | N
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, size_out, order, dest); ``r`` already capped and >= 1."""
     batch, num_tokens, _ = x.shape
-    if use_triton(x):
+    if use_triton(x, metric):
         node_max, node_idx = _scores_triton(metric, class_token, distill_token, prefix)
         order, dest, merged_src, src_start, src_count = _plan_triton(
             node_max, node_idx, r, num_tokens, prefix, sort_kept, distill_token)

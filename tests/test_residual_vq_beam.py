@@ -97,8 +97,9 @@ def test_eval_beam_size_and_kmeans_step_is_greedy():
 
 def test_empty_and_nan_rows():
     rvq = ResidualVQ(2, 4, 8).eval()
-    q, idx, _ = rvq(torch.randn(0, 4), beam_size=3)
+    q, idx, losses = rvq(torch.randn(0, 4), beam_size=3)
     assert q.shape == (0, 4) and idx.shape == (0, 2)
+    assert torch.equal(losses, torch.zeros(2))  # a mean over no rows is 0 here, not NaN
     x = torch.randn(3, 4)
     x[1] = float("nan")
     _, idx, _ = rvq(x, beam_size=3)

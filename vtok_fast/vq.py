@@ -15,16 +15,93 @@ loss, straight-through and rotation-trick gradients, k-means init, dead-code exp
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vtok_fast._checks import FLOAT_DTYPES, check_tensor
 from vtok_fast.codebook import MAX_K, METRICS, codebook_search
 
 GRADIENTS = ("ste", "rotation")
 MAX_BEAM = MAX_K  # beams extend by codebook_search(k=beam_size)
 _NORM_EPS = 1e-6  # vector-quantize-pytorch's safe_div / l2norm eps in the rotation trick
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+# --- argument checks ---------------------------------------------------------------------------------
+
+def _check_int(name: str, value, *, positive: bool = True, optional: bool = False) -> int | None:
+    """``value`` as an int (> 0, or >= 0 with ``positive=False``; ``None`` too when ``optional``).
+    A bool is not an int here."""
+    want = ("a positive int" if positive else "a non-negative int") + (" or None" if optional else "")
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {want}, got {value!r} of type {type(value).__name__}")
+    if value < (1 if positive else 0):
+        raise ValueError(f"{name} must be {want}, got {value}")
+    return int(value)
+
+
+def _check_number(name: str, value, *, open_low: bool = False, high: float | None = None,
+                  optional: bool = False) -> float | None:
+    """``value`` as a finite float in ``[0, high)`` (``(0, high)`` with ``open_low``; no upper bound
+    when ``high`` is None); ``None`` too when ``optional``. A bool is not a number here."""
+    want = f"a number in {'(' if open_low else '['}0, {'inf' if high is None else f'{high:g}'})"
+    want += " or None" if optional else ""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {want}, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    if not (0.0 < v if open_low else 0.0 <= v) or not (math.isfinite(v) if high is None else v < high):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return v
+
+
+def _check_flag(name: str, value, *, optional: bool = False) -> bool | None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        want = "a bool or None" if optional else "a bool"
+        raise TypeError(f"{name} must be {want}, got {value!r} of type {type(value).__name__}")
+    return value
+
+
+def _check_input(x, dim: int, channel_last: bool) -> torch.Tensor:
+    """``x`` in channel-last layout, after checking it is a float tensor with ``dim`` features."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if channel_last:
+        if x.dim() < 1 or x.shape[-1] != dim:
+            raise ValueError(f"x must have shape (..., dim) with dim = {dim}, got shape {tuple(x.shape)}")
+        return x
+    if x.dim() < 2 or x.shape[1] != dim:
+        raise ValueError(f"x must have shape (B, dim, ...) with dim = {dim} (channel_last=False), "
+                         f"got shape {tuple(x.shape)}")
+    return x.movedim(1, -1)
+
+
+def _check_indices(indices, codebook_size: int, *, min_dim: int, last: int | None,
+                   shape_doc: str) -> torch.Tensor:
+    """``indices`` as int64, after checking its dtype, its shape (at least ``min_dim`` dims, the last
+    of size ``last`` when given) and that every value is in ``[0, codebook_size)``."""
+    check_tensor("indices", indices, dtypes=INDEX_DTYPES)
+    want = f"indices must have shape {shape_doc} and values in [0, codebook_size) = [0, {codebook_size})"
+    if indices.dim() < min_dim or (last is not None and indices.shape[-1] != last):
+        raise ValueError(f"{want}, got shape {tuple(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
+        raise ValueError(f"{want}, got values from {int(indices.min())} to {int(indices.max())} "
+                         f"(shape {tuple(indices.shape)})")
+    return indices.long()
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.mse_loss(a, b)``, but 0 for empty inputs (a sum over no terms, still in the autograd graph)
+    where the mean would be NaN."""
+    return F.mse_loss(a, b) if a.numel() else (a - b).square().sum()
 
 
 # --- gradient estimators -----------------------------------------------------------------------------
@@ -80,7 +157,7 @@ class VectorQuantizer(nn.Module):
         gradient: ``"ste"`` (straight-through) or ``"rotation"`` (rotation trick).
         ema_decay: EMA decay of the codebook statistics; ``None`` makes the codebook a learnable
             parameter trained by the codebook loss ``mse(q, sg[z])`` (added to ``loss``).
-        eps: Laplace smoothing of the EMA cluster sizes.
+        eps: Laplace smoothing of the EMA cluster sizes (> 0).
         dead_code_threshold: codes whose EMA cluster size falls below this are replaced by random
             vectors of the current batch (0 disables).
         kmeans_init, kmeans_iters: initialize the codebook by k-means on the first training batch.
@@ -95,6 +172,9 @@ class VectorQuantizer(nn.Module):
     estimator when ``x`` requires grad), int64 ``indices`` (``x``'s shape without the feature dim,
     plus a trailing ``heads`` dim when ``heads > 1``) and the scalar ``loss``. In training mode it
     also updates the EMA codebook, expires dead codes and refreshes ``perplexity`` / ``usage``.
+    An empty batch gives a zero loss (still in the autograd graph) and, when no rank has any rows,
+    changes no state at all (no EMA step, k-means init or sampler draw); a rank with no rows while
+    others have some still joins every all-reduce.
     """
 
     def __init__(self, dim: int, codebook_size: int, *, codebook_dim: int | None = None,
@@ -108,27 +188,24 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay}")
-        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(kmeans_iters, int) or kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be a non-negative int, got {kmeans_iters!r}")
-        self.dim = dim
-        self.codebook_size = codebook_size
-        self.codebook_dim = codebook_dim or dim
+        if search_dtype is not None and search_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"search_dtype must be one of {FLOAT_DTYPES} or None, got {search_dtype!r}")
+        self.dim = dim = _check_int("dim", dim)
+        self.codebook_size = codebook_size = _check_int("codebook_size", codebook_size)
+        self.codebook_dim = _check_int("codebook_dim", codebook_dim, optional=True) or dim
+        self.heads = heads = _check_int("heads", heads)
+        self.kmeans_iters = _check_int("kmeans_iters", kmeans_iters, positive=False)
         self.metric = metric
-        self.commitment_weight = commitment_weight
         self.gradient = gradient
-        self.ema_decay = ema_decay
-        self.eps = eps
-        self.dead_code_threshold = dead_code_threshold
-        self.kmeans_iters = kmeans_iters
-        self.heads = heads
-        self.separate_codebook_per_head = separate_codebook_per_head
-        self.sync_codebook = sync_codebook
-        self.channel_last = channel_last
+        self.commitment_weight = _check_number("commitment_weight", commitment_weight)
+        self.ema_decay = ema_decay = _check_number("ema_decay", ema_decay, high=1.0, optional=True)
+        self.eps = _check_number("eps", eps, open_low=True)  # > 0: an unused code divides by it
+        self.dead_code_threshold = _check_number("dead_code_threshold", dead_code_threshold)
+        kmeans_init = _check_flag("kmeans_init", kmeans_init)
+        self.separate_codebook_per_head = _check_flag("separate_codebook_per_head",
+                                                      separate_codebook_per_head)
+        self.sync_codebook = _check_flag("sync_codebook", sync_codebook, optional=True)
+        self.channel_last = _check_flag("channel_last", channel_last)
         self.search_dtype = search_dtype
 
         inner = self.codebook_dim * heads
@@ -177,7 +254,16 @@ class VectorQuantizer(nn.Module):
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes of ``indices`` (as returned by ``forward``), before ``project_out``: channel-last
         ``(..., heads * codebook_dim)``, or ``(B, heads * codebook_dim, ...)`` when
-        ``channel_last=False``."""
+        ``channel_last=False``. ``indices`` must be integers in ``[0, codebook_size)`` with a trailing
+        ``heads`` dim when ``heads > 1`` (ValueError / TypeError otherwise)."""
+        lead = "..." if self.channel_last else "B, ..."
+        if self.heads > 1:
+            shape_doc = f"({lead}, heads) with heads = {self.heads}"
+        else:
+            shape_doc = f"({lead})"
+        indices = _check_indices(indices, self.codebook_size, shape_doc=shape_doc,
+                                 min_dim=(self.heads > 1) + (not self.channel_last),
+                                 last=self.heads if self.heads > 1 else None)
         if self.heads > 1 and self.separate_codebook_per_head:
             codes = torch.stack([self.embed[h][indices[..., h]] for h in range(self.heads)], dim=-2)
         else:
@@ -225,8 +311,8 @@ class VectorQuantizer(nn.Module):
 
     def _sample_rows(self, rows: torch.Tensor, n: int, sync: bool) -> torch.Tensor:
         """``n`` rows drawn at global positions over all ranks' ``rows`` (rank order), without
-        replacement when there are enough; every rank gets the same bitwise result."""
-        gen = self._generator(sync)
+        replacement when there are enough; every rank gets the same bitwise result. ``None``, with
+        the generator left as it was, when no rank has a row."""
         local = rows.shape[0]
         offset, total = 0, local
         if sync:
@@ -236,8 +322,9 @@ class VectorQuantizer(nn.Module):
             _all_reduce_(sizes)
             sizes = sizes.tolist()
             offset, total = sum(sizes[:rank]), sum(sizes)
-        if total == 0:
+        if total == 0:  # the same on every rank (an all-reduced size)
             return None
+        gen = self._generator(sync)
         if total >= n:
             pos = torch.randperm(total, generator=gen)[:n]
         else:
@@ -291,8 +378,13 @@ class VectorQuantizer(nn.Module):
         self.initted.fill_(True)
 
     @torch.no_grad()
-    def _update(self, z: torch.Tensor, idx: torch.Tensor, sync: bool):
-        counts, sums = self._cluster_stats(z, idx, sync)
+    def _update(self, z: torch.Tensor, idx: torch.Tensor, sync: bool) -> bool:
+        """One EMA step; False, with nothing changed, when no rank has any rows."""
+        counts, sums = self._cluster_stats(z, idx, sync)  # a rank without rows joins the all-reduce too
+        # A rank with rows knows the global batch is not empty; one without reads the global counts,
+        # so every rank decides alike (and only those ranks wait for the host read).
+        if z.shape[1] == 0 and not bool(counts.sum() > 0):
+            return False
         decay = 0.99 if self.learnable_codebook else self.ema_decay
         self.cluster_size.lerp_(counts, 1.0 - decay)
         probs = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
@@ -300,12 +392,13 @@ class VectorQuantizer(nn.Module):
         self.perplexity.copy_(entropy.exp().mean())
         self.usage.copy_((counts > 0).float().mean())
         if self.learnable_codebook:
-            return
+            return True
         self.embed_sum.lerp_(sums, 1.0 - self.ema_decay)
         codes = self.embed_sum / self._smoothed_cluster_size()[..., None]
         if self.metric == "cosine":
             codes = F.normalize(codes, dim=-1)
         self.embed.copy_(codes)
+        return True
 
     @torch.no_grad()
     def _expire_codes(self, z: torch.Tensor, sync: bool):
@@ -346,14 +439,7 @@ class VectorQuantizer(nn.Module):
         """``forward``, or with ``indices`` (``heads=1``, shape of ``x`` without the feature dim,
         codebook already initialized) the same step with those codes instead of the nearest ones:
         ``ResidualVQ``'s beam search picks the codes, this layer applies them and trains on them."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-        if not self.channel_last:
-            if x.dim() < 2:
-                raise ValueError(f"x must be (B, dim, ...) with channel_last=False, got shape {tuple(x.shape)}")
-            x = x.movedim(1, -1)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x's feature dimension must be dim = {self.dim}, got shape {tuple(x.shape)}")
+        x = _check_input(x, self.dim, self.channel_last)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.dim)
         m = flat.shape[0]
@@ -372,12 +458,11 @@ class VectorQuantizer(nn.Module):
         codes = torch.stack([embed[b][idx[b]] for b in range(z.shape[0])])  # before any update
 
         zf = z.float()
-        loss = self.commitment_weight * F.mse_loss(codes.detach(), zf)
+        loss = self.commitment_weight * _mse(codes.detach(), zf)
         if self.learnable_codebook:
-            loss = loss + F.mse_loss(codes, zf.detach())
+            loss = loss + _mse(codes, zf.detach())
 
-        if self.training:
-            self._update(z.detach(), idx, sync)
+        if self.training and self._update(z.detach(), idx, sync):  # no rows anywhere: no step at all
             self._expire_codes(z.detach(), sync)
 
         if torch.is_grad_enabled() and z.requires_grad:
@@ -429,14 +514,12 @@ class ResidualVQ(nn.Module):
                  codebook_dim: int | None = None, channel_last: bool = True,
                  beam_size: int | None = None, eval_beam_size: int | None = None, **vq_kwargs):
         super().__init__()
-        if not isinstance(num_quantizers, int) or num_quantizers < 1:
-            raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
         if vq_kwargs.get("heads", 1) != 1:
-            raise ValueError("ResidualVQ supports heads=1 only")
-        self.num_quantizers = num_quantizers
-        self.dim = dim
-        self.codebook_dim = codebook_dim or dim
-        self.channel_last = channel_last
+            raise ValueError(f"ResidualVQ supports heads=1 only, got heads={vq_kwargs['heads']!r}")
+        self.num_quantizers = num_quantizers = _check_int("num_quantizers", num_quantizers)
+        self.dim = dim = _check_int("dim", dim)
+        self.codebook_dim = _check_int("codebook_dim", codebook_dim, optional=True) or dim
+        self.channel_last = _check_flag("channel_last", channel_last)
         inner = self.codebook_dim
         self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
@@ -463,7 +546,13 @@ class ResidualVQ(nn.Module):
         return torch.stack([layer.codebook for layer in self.layers])
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``(num_quantizers, ..., codebook_dim)`` codes of ``indices`` ``(..., num_quantizers)``."""
+        """``(num_quantizers, ..., codebook_dim)`` codes of ``indices`` ``(..., num_quantizers)``
+        (``(B, ..., num_quantizers)`` when ``channel_last=False``), integers in
+        ``[0, codebook_size)`` (ValueError / TypeError otherwise)."""
+        lead = "..." if self.channel_last else "B, ..."
+        indices = _check_indices(indices, self.layers[0].codebook_size, min_dim=1 + (not self.channel_last),
+                                 last=self.num_quantizers,
+                                 shape_doc=f"({lead}, num_quantizers) with num_quantizers = {self.num_quantizers}")
         return torch.stack([layer.codebook[indices[..., i]] for i, layer in enumerate(self.layers)])
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -474,9 +563,7 @@ class ResidualVQ(nn.Module):
         beam = self._check_beam(beam_size, "beam_size")
         if beam is None:
             beam = self.beam_size if self.training else self.eval_beam_size
-        if not self.channel_last:
-            x = x.movedim(1, -1)
-        z = self.project_in(x)
+        z = self.project_in(_check_input(x, self.dim, self.channel_last))
         initializing = self.training and not all(bool(layer.initted) for layer in self.layers)
         path = self.beam_search(z, beam) if beam is not None and beam > 1 and not initializing else None
         residual = z

@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="vtok-fast",
@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vtok_fast", "vtok_fast.patch", "vtok_fast.kernels", "vtok_fast.bench"],
+    packages=[*find_packages(include=["vtok_fast", "vtok_fast.*"]), "vtok_fast.kernels", "vtok_fast.bench"],
     package_dir={"vtok_fast.kernels": "kernels", "vtok_fast.bench": "bench"},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import vtok_fast
 from helpers import assert_close
-from vtok_fast.vq import ResidualVQ, VectorQuantizer, rotation_trick, straight_through
+from vtok_fast.encode.vq import ResidualVQ, VectorQuantizer, rotation_trick, straight_through
 
 vqtorch = pytest.importorskip("vector_quantize_pytorch")
 

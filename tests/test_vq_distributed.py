@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vtok_fast.vq import VectorQuantizer
+from vtok_fast.encode.vq import VectorQuantizer
 
 WORLD = 2
 DIM, K = 8, 32

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vtok_fast.vq import ResidualVQ, VectorQuantizer
+from vtok_fast.encode.vq import ResidualVQ, VectorQuantizer
 
 
 def snapshot(module):

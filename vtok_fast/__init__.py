@@ -18,8 +18,8 @@ _EXPORTS = {
     # nearest-codebook search and vector quantization
     "codebook_search": "vtok_fast.codebook",
     "codebook_search_reference": "vtok_fast.codebook",
-    "VectorQuantizer": "vtok_fast.vq",
-    "ResidualVQ": "vtok_fast.vq",
+    "VectorQuantizer": "vtok_fast.encode.vq",
+    "ResidualVQ": "vtok_fast.encode.vq",
     # ToMe token merging
     "bipartite_soft_matching": "vtok_fast.tome",
     "merge_wavg": "vtok_fast.tome",

@@ -1,0 +1,1 @@
+"""Pixels -> tokens: fused patch embedding, nearest-codebook search and VQ layers."""

@@ -267,6 +267,18 @@ BAD_INPUTS = [
     ("prefix_width", lambda: dict(prefix=torch.randn(1, 1, 9)), ValueError, r"prefix must have width D=8 .*got shape \(1, 1, 9\)"),
     ("prefix_dtype", lambda: dict(prefix=torch.randn(1, 8, dtype=torch.float16)), TypeError, r"prefix must have the weight's dtype"),
     ("device", lambda: dict(bias=torch.randn(8, device="meta")), ValueError, r"bias is on meta but images is on (cpu|cuda)"),
+    ("images_float64", lambda: dict(images=torch.randn(2, 3, 32, 32, dtype=torch.float64)), TypeError, r"images must have dtype in .*got torch.float64"),
+    ("images_list", lambda: dict(images=[[0.0]]), TypeError, r"images must be a torch.Tensor, got list"),
+    ("empty_patch_height", lambda: dict(weight=torch.randn(8, 3, 0, 16)), ValueError, r"weight must be \(D, C, ph, pw\) with every size >= 1, got shape \(8, 3, 0, 16\)"),
+    ("empty_patch_width", lambda: dict(weight=torch.randn(8, 3, 16, 0)), ValueError, r"weight must be .*every size >= 1, got shape \(8, 3, 16, 0\)"),
+    ("empty_embed_dim", lambda: dict(weight=torch.randn(0, 3, 16, 16)), ValueError, r"weight must be .*every size >= 1, got shape \(0, 3, 16, 16\)"),
+    ("bias_rank", lambda: dict(bias=torch.randn(1, 8)), ValueError, r"bias must be \(D,\) with D=8, got shape \(1, 8\)"),
+    ("pos_rank", lambda: dict(pos_embed=torch.randn(1, 1, 5, 8)), ValueError, r"pos_embed must be \(L, D\) or \(1, L, D\), got shape \(1, 1, 5, 8\)"),
+    ("prefix_rank", lambda: dict(prefix=torch.randn(1, 1, 1, 8)), ValueError, r"prefix must be \(P, D\), \(1, P, D\) or \(D,\), got shape \(1, 1, 1, 8\)"),
+    ("prefix_batch", lambda: dict(prefix=torch.randn(2, 1, 8)), ValueError, r"prefix must be \(P, D\), \(1, P, D\) or \(D,\), got shape \(2, 1, 8\)"),
+    ("prefix_token_width", lambda: dict(prefix=torch.randn(9)), ValueError, r"prefix must have width D=8 .*got shape \(9,\)"),
+    ("prefix_list", lambda: dict(prefix=[0.0] * 8), TypeError, r"prefix must be a torch.Tensor, got list"),
+    ("zero_height", lambda: dict(images=torch.randn(2, 3, 0, 32)), ValueError, r"at least one patch \(16x16\).*got 0x32"),
 ]
 
 
@@ -284,8 +296,51 @@ def test_bad_options_raise_clear_errors():
         patch_embed(**args, mean=[0.5, 0.5])
     with pytest.raises(TypeError, match=r"out_dtype must be one of .*got torch.int64"):
         patch_embed(**args, out_dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"out_dtype must be one of .*got 'float16'"):
+        patch_embed(**args, out_dtype="float16")
     with pytest.raises(TypeError, match=r"weight must have dtype in .*got torch.float64"):
         patch_embed(args["images"], args["weight"].double())
+    with pytest.raises(TypeError, match=r"pos_covers_prefix must be a bool, got str"):
+        patch_embed(**args, pos_covers_prefix="no")
+
+
+# mean/std: (keyword arguments, exception, message); each builds its values when the test runs
+BAD_STATS = [
+    ("mean_str", lambda: dict(mean="abc"), TypeError, r"mean must be a number, a sequence of 3 numbers or a tensor, got str"),
+    ("mean_bool", lambda: dict(mean=True), TypeError, r"mean must be a number, .*got bool"),
+    ("mean_dict", lambda: dict(mean={"r": 0.5}), TypeError, r"mean must be a number, .*got dict"),
+    ("mean_strings", lambda: dict(mean=["0.5", "0.4", "0.3"]), TypeError, r"mean must be a sequence of numbers, got a list of str"),
+    ("mean_complex", lambda: dict(mean=torch.zeros(3, dtype=torch.complex64)), TypeError, r"mean must hold real numbers, got a tensor of torch.complex64"),
+    ("mean_meta", lambda: dict(mean=torch.zeros(3, device="meta")), ValueError, r"mean is on meta \(no values\) but images is on (cpu|cuda)"),
+    ("std_meta", lambda: dict(std=torch.ones(3, device="meta")), ValueError, r"std is on meta \(no values\) but images is on"),
+    ("mean_length", lambda: dict(mean=[0.5, 0.5]), ValueError, r"mean must have one value per channel \(C=3\) or one value, got 2 values"),
+    ("mean_empty", lambda: dict(mean=[]), ValueError, r"mean must have one value per channel \(C=3\) or one value, got 0 values"),
+    ("std_length", lambda: dict(std=torch.ones(4)), ValueError, r"std must have one value per channel \(C=3\) or one value, got 4 values"),
+    ("std_zero", lambda: dict(std=0.0), ValueError, r"std values must be positive and finite, got \[0.0\]"),
+    ("std_zero_channel", lambda: dict(std=[0.5, 0.0, 0.5]), ValueError, r"std values must be positive and finite, got \[0.5, 0.0, 0.5\]"),
+    ("std_negative", lambda: dict(std=torch.tensor([0.5, -0.25, 0.5])), ValueError, r"std values must be positive and finite, got \[0.5, -0.25, 0.5\]"),
+    ("std_nan", lambda: dict(std=float("nan")), ValueError, r"std values must be positive and finite, got \[nan\]"),
+    ("mean_inf", lambda: dict(mean=[0.0, float("inf"), 0.0]), ValueError, r"mean values must be finite, got \[0.0, inf, 0.0\]"),
+]
+
+
+@pytest.mark.parametrize("stats,exc,match", [c[1:] for c in BAD_STATS], ids=[c[0] for c in BAD_STATS])
+def test_bad_mean_std_raise_clear_errors(stats, exc, match):
+    with pytest.raises(exc, match=match):
+        patch_embed(**_bad_case(), **stats())
+
+
+def test_mean_std_accepted_forms():
+    """Numbers, sequences, numpy arrays, (C, 1, 1) tensors (torchvision's layout) and float64 or
+    integer tensors all give the same per-channel normalization."""
+    import numpy as np
+
+    args = _bad_case()
+    want = patch_embed(**args, mean=[1.0, 2.0, 3.0], std=[0.5, 0.25, 2.0])
+    for mean, std in [((1, 2, 3), np.array([0.5, 0.25, 2.0])),
+                      (torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64)),
+                      (torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1), torch.tensor([[0.5, 0.25, 2.0]]))]:
+        torch.testing.assert_close(patch_embed(**args, mean=mean, std=std), want, rtol=0, atol=0)
 
 
 def test_edge_shapes_give_correct_results():
@@ -323,6 +378,103 @@ def test_module_loads_timm_state_dict_and_matches(kwargs):
         expected, out = theirs(x), ours(x)
     assert out.shape == expected.shape
     assert_close(out, expected.double(), dtype=torch.float32, reduction=768)
+
+
+MODULE_VARIANTS = {"default": dict(), "no_bias": dict(bias=False), "NHWC": dict(output_fmt="NHWC"),
+                   "NCHW": dict(flatten=False), "norm": dict(norm_layer=nn.LayerNorm)}
+# (variant, autocast dtype, parameter dtype); timm's LayerNorm itself fails on bf16 parameters
+# under fp16 autocast, so that one combination has no original to compare with
+AUTOCAST_CASES = [(v, amp, p) for v in MODULE_VARIANTS for amp in (torch.bfloat16, torch.float16)
+                  for p in (torch.float32, torch.bfloat16)
+                  if not (v == "norm" and amp == torch.float16 and p == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("variant,amp,param_dtype", AUTOCAST_CASES,
+                         ids=[f"{v}-{str(a)[6:]}-{str(p)[6:]}_params" for v, a, p in AUTOCAST_CASES])
+def test_module_under_autocast_returns_what_timm_returns(variant, amp, param_dtype, device):
+    """Under autocast timm's conv runs in the autocast dtype and so does its result: the module
+    returns that dtype, not the parameters'."""
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    kw = dict(img_size=32, patch_size=16, in_chans=3, embed_dim=24, **MODULE_VARIANTS[variant])
+    theirs = TimmPatchEmbed(**kw).to(param_dtype).eval()
+    ours = PatchEmbed(**kw).to(param_dtype).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp):
+        expected, out = theirs(x), ours(x)
+    assert out.dtype == expected.dtype == amp
+    # Both multiply amp-rounded pixels and weights with fp32 accumulation; they differ in the
+    # summation order of the K = 768 products and in where the result (and bias) is rounded to
+    # amp: the amp resolution, plus resolution * sqrt(K) * |y| for the sums.
+    assert_close(out, expected, dtype=amp, reduction=768)
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_module_tokens_under_autocast_promote_like_timm_pos_embed(amp, device):
+    """``forward(x, pos_embed, prefix)`` returns what timm's ``_pos_embed(patch_embed(x))``
+    returns: an amp-dtype conv result, then ``cat`` / ``+`` promote with fp32 parameters."""
+    ours = PatchEmbed(img_size=32, patch_size=16, embed_dim=16)
+    normed = PatchEmbed(img_size=32, patch_size=16, embed_dim=16, norm_layer=nn.LayerNorm)
+    normed.proj.load_state_dict(ours.proj.state_dict())
+    x, pre, pos = torch.randn(2, 3, 32, 32), torch.randn(1, 1, 16), torch.randn(1, 5, 16)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp):
+        conv = ours.proj(x).flatten(2).transpose(1, 2)
+        expected = torch.cat([pre.expand(2, -1, -1), conv], dim=1) + pos
+        expected_normed = torch.cat([pre.expand(2, -1, -1), normed.norm(conv)], dim=1) + pos
+        only_prefix = torch.cat([pre.expand(2, -1, -1).to(amp), conv], dim=1)
+        out, out_normed = ours(x, pos, pre), normed(x, pos, pre)
+        out_prefix = ours(x, prefix=pre.to(amp))
+    assert out.dtype == expected.dtype == torch.float32
+    assert out_normed.dtype == expected_normed.dtype == torch.float32
+    assert out_prefix.dtype == only_prefix.dtype == amp
+    # amp-rounded products summed over K = 768 (see above); the fused op rounds the table and
+    # prefix to amp where the unfused add keeps them in fp32: one more amp rounding of |y|.
+    assert_close(out, expected, dtype=amp, reduction=768)
+    assert_close(out_normed, expected_normed, dtype=amp, reduction=768)
+    assert_close(out_prefix, only_prefix, dtype=amp, reduction=768)
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_op_ignores_autocast(amp, backend, monkeypatch, device):
+    """``patch_embed`` itself is not an autocast op: inside an autocast region it computes (and
+    differentiates) exactly as outside it, in its arguments' dtypes."""
+    monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+    x, params = make_inputs(2, 3, 32, 48, 16, 16, 16, 1, True, True, True, torch.float32)
+    grad = torch.randn(2, 7, 16)
+    runs = []
+    for enabled in (False, True):
+        with torch.autocast(device.type, dtype=amp, enabled=enabled):
+            out, grads = run_with_grads(patch_embed, x, params, grad, mean=0.5, std=0.25)
+        runs.append([out, *grads])
+        for t in (x, *params):
+            t.grad = None
+    assert runs[1][0].dtype == torch.float32
+    for plain, under_autocast in zip(*runs):
+        assert torch.equal(plain, under_autocast)
+
+
+def test_module_under_autocast_compiled_equals_eager(torch_backend, device):
+    model = TinyEmbed()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        eager_out, compiled_out = model(x), compiled(x)
+    assert compiled_out.dtype == eager_out.dtype
+    assert torch.equal(compiled_out, eager_out)
+
+
+def test_module_float64_runs_the_original_math(device):
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    theirs = TimmPatchEmbed(img_size=32, patch_size=16, embed_dim=24).double().eval()
+    ours = PatchEmbed(img_size=32, patch_size=16, embed_dim=24).double().eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):  # float64 is never cast
+        out, expected = ours(x), theirs(x)
+    assert out.dtype == torch.float64
+    assert_close(out, expected, dtype=torch.float64, reduction=768)
 
 
 def test_module_fuses_pos_and_prefix_and_norm_fallback():

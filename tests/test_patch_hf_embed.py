@@ -78,10 +78,12 @@ def test_llava_vision_tower_parity(backend, device):
     assert_close(got, want, dtype=torch.float32, reduction=K)
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("interpolate", [False, True])
 @pytest.mark.parametrize("kind", list(TOWERS))
-def test_autocast_bf16_parity(kind, interpolate, device):
-    """Same dtype as the original under bf16 autocast with fp32 parameters.
+def test_autocast_parity(kind, interpolate, amp, device):
+    """Same dtype as the original under autocast with fp32 parameters: the conv returns the
+    autocast dtype, ``cat`` with the fp32 class embedding (CLIP) and ``+`` the fp32 table promote.
 
     Default backend only: the Triton interpreter cannot run bf16 dots (triton-notes.md).
     """
@@ -91,7 +93,7 @@ def test_autocast_bf16_parity(kind, interpolate, device):
     x = torch.randn(2, 3, height, width, device=device)
     with torch.no_grad():
         want = ref.embeddings(x.double(), interpolate_pos_encoding=interpolate)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=amp):
             original = model.embeddings(x, interpolate_pos_encoding=interpolate)
             original_out = model(x, interpolate_pos_encoding=interpolate).last_hidden_state
             vpatch.hf(model)
@@ -99,9 +101,31 @@ def test_autocast_bf16_parity(kind, interpolate, device):
             out = model(x, interpolate_pos_encoding=interpolate).last_hidden_state
     assert tokens.dtype == original.dtype == torch.float32
     assert out.dtype == original_out.dtype
-    # Both are bf16-rounded approximations of the float64 tokens (K-term bf16 products).
-    assert_close(original, want, dtype=torch.bfloat16, reduction=K)
-    assert_close(tokens, want, dtype=torch.bfloat16, reduction=K)
+    # Both are amp-rounded approximations of the float64 tokens (K-term products of amp-rounded
+    # pixels and weights, fp32 accumulation) and differ from each other by the summation order
+    # and where the one amp rounding falls (conv result vs table): amp resolution * sqrt(K) * |y|.
+    assert_close(original, want, dtype=amp, reduction=K)
+    assert_close(tokens, want, dtype=amp, reduction=K)
+    assert_close(tokens, original, dtype=amp, reduction=K)
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_llava_vision_tower_autocast_parity(amp, device):
+    """The LLaVA tower's embeddings and the model's logits keep the original's dtypes under autocast."""
+    model = llava(device)
+    pixels = torch.randn(1, 3, 28, 28, device=device)
+    input_ids = torch.tensor([[1, 2] + [IMAGE_TOKEN] * 4 + [3, 4]], device=device)
+    tower = model.model.vision_tower
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp):
+        original = tower.embeddings(pixels)
+        original_logits = model(input_ids=input_ids, pixel_values=pixels).logits
+        vpatch.hf(model)
+        tokens = tower.embeddings(pixels)
+        logits = model(input_ids=input_ids, pixel_values=pixels).logits
+    assert tokens.dtype == original.dtype == torch.float32
+    assert logits.dtype == original_logits.dtype == amp
+    # as in test_autocast_parity: one amp rounding apart, over K-term sums
+    assert_close(tokens, original, dtype=amp, reduction=K)
 
 
 @pytest.mark.parametrize("kind", list(TOWERS))

@@ -16,10 +16,19 @@ Semantics (summarized in the README, "Semantics worth knowing"):
 - ``pos_covers_prefix=True`` (timm ``no_embed_class=False``): the table has ``P + N`` rows and is
   added to the prefix rows too; ``False`` (``no_embed_class=True``): ``N`` rows, patches only;
 - fp32 weights follow ``torch.backends.cudnn.allow_tf32`` on CUDA (TF32 by default, exactly like
-  the ``nn.Conv2d`` this op replaces); set it to False for IEEE fp32 products.
+  the ``nn.Conv2d`` this op replaces); set it to False for IEEE fp32 products;
+- ``patch_embed`` is not an autocast op: it computes in its arguments' dtypes inside an autocast
+  region too. ``PatchEmbed`` and the model patchers apply the unfused path's autocast rules
+  (``patch_embed_like_conv``): the conv's dtype is the autocast dtype, then ``cat`` / ``+ pos``
+  promote with the prefix and table dtypes;
+- images must hold at least one patch (``F.conv2d`` rejects an input smaller than its kernel);
+  ``std`` must be positive and ``mean`` / ``std`` finite.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -75,22 +84,65 @@ def patch_embed_reference(images, weight, bias=None, pos_embed=None, prefix=None
 
 # --- argument checks ---------------------------------------------------------------------------
 
-def _token_table(name: str, value, rows: Optional[int], width: int, weight: torch.Tensor):
-    """A ``(rows, width)`` or ``(1, rows, width)`` table as a 2-D view; ``rows=None``: any."""
-    t = check_tensor(name, value, ndim=(2, 3), shape_doc="(L, D) or (1, L, D)")
+def _token_table(name: str, value, rows: Optional[int], width: int, weight: torch.Tensor, *,
+                 shape_doc: str = "(L, D) or (1, L, D)", shown=None):
+    """A ``(rows, width)`` or ``(1, rows, width)`` table as a 2-D view; ``rows=None``: any.
+    Messages show the shape of ``shown`` (default ``value``): what the caller passed."""
+    t = check_tensor(name, value, ndim=(2, 3), shape_doc=shape_doc)
+    shape = tuple((value if shown is None else shown).shape)
     if t.dim() == 3:
         if t.shape[0] != 1:
-            raise ValueError(f"{name} must be (L, D) or (1, L, D), got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be {shape_doc}, got shape {shape}")
         t = t.squeeze(0)  # a view whose backward is a view too (indexing would scatter)
     if t.shape[1] != width:
-        raise ValueError(f"{name} must have width D={width} (weight.shape[0]), got shape "
-                         f"{tuple(value.shape)}")
+        raise ValueError(f"{name} must have width D={width} (weight.shape[0]), got shape {shape}")
     if rows is not None and t.shape[0] != rows:
-        raise ValueError(f"{name} must have {rows} rows, got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must have {rows} rows, got shape {shape}")
     if t.dtype != weight.dtype:
         raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype} "
                         "(cast it, e.g. with .to(weight.dtype))")
     return t
+
+
+def _stat_values(name: str, value, channels: int, default: float, images: torch.Tensor):
+    """``mean`` / ``std`` as ``C`` fp32 values on the images' device.
+
+    Accepted: a number, a sequence of numbers, or a real tensor / array (any shape) holding ``C``
+    values or one value. Values must be finite, and ``std`` positive. That is checked for
+    numbers, sequences and CPU tensors; a tensor on another device is not read back (that would
+    synchronize every call), nor is a tensor while ``torch.compile`` traces.
+    """
+    if value is None:
+        return torch.full((channels,), default, dtype=torch.float32, device=images.device)
+    values = None  # the values as Python floats, where they can be read cheaply
+    if isinstance(value, torch.Tensor) or hasattr(value, "__array__"):
+        t = torch.as_tensor(value).detach()
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a tensor of {t.dtype}")
+        if t.device.type == "meta" and images.device.type != "meta":
+            raise ValueError(f"{name} is on meta (no values) but images is on {images.device}; "
+                             "pass numbers or a tensor holding them")
+        if t.device.type == "cpu" and not torch.compiler.is_compiling():
+            values = t.reshape(-1).tolist()
+    elif isinstance(value, (numbers.Real, Sequence)) and not isinstance(value, (str, bytes, bool)):
+        values = [value] if isinstance(value, numbers.Real) else list(value)
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+            kinds = ", ".join(sorted({type(v).__name__ for v in values}))
+            raise TypeError(f"{name} must be a sequence of numbers, got a {type(value).__name__} "
+                            f"of {kinds}")
+        values = [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float32)
+    else:
+        raise TypeError(f"{name} must be a number, a sequence of {channels} numbers or a tensor, "
+                        f"got {type(value).__name__}")
+    t = t.reshape(-1)
+    if t.numel() not in (1, channels):
+        raise ValueError(f"{name} must have one value per channel (C={channels}) or one value, "
+                         f"got {t.numel()} values")
+    if values is not None and not all(math.isfinite(v) and (v > 0 or name != "std") for v in values):
+        want = "positive and finite" if name == "std" else "finite"
+        raise ValueError(f"{name} values must be {want}, got {values}")
+    return t.to(device=images.device, dtype=torch.float32).expand(channels)
 
 
 def _channel_affine(images: torch.Tensor, mean: ChannelStats, std: ChannelStats):
@@ -100,20 +152,8 @@ def _channel_affine(images: torch.Tensor, mean: ChannelStats, std: ChannelStats)
     unit = 1.0 / 255 if images.dtype == torch.uint8 else 1.0
     if mean is None and std is None and unit == 1.0:
         return None, None
-
-    def stats(name, value, default):
-        if value is None:
-            return torch.full((channels,), default, dtype=torch.float32, device=images.device)
-        t = torch.as_tensor(value).detach().to(device=images.device, dtype=torch.float32).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(channels)
-        if t.numel() != channels:
-            raise ValueError(f"{name} must have one value per channel (C={channels}) or one value, "
-                             f"got {t.numel()} values")
-        return t
-
-    m = stats("mean", mean, 0.0)
-    s = stats("std", std, 1.0)
+    m = _stat_values("mean", mean, channels, 0.0, images)
+    s = _stat_values("std", std, channels, 1.0, images)
     scale = unit / s
     shift = -m / s
     return scale.contiguous(), shift.contiguous()
@@ -335,13 +375,31 @@ def _input_grad_triton(grad, shape, dtype, weight, scale, P):
 
 # --- the registered op -------------------------------------------------------------------------
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device``'s type, or None."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
+
+
+def _autocast_off(device: torch.device):
+    """The op is not an autocast op: its PyTorch path's matmuls must not be recast by an
+    enclosing autocast region (in eager mode they would be; in a compiled graph they are not)."""
+    if _autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 @torch.library.custom_op("vtok_fast::patch_embed", mutates_args=())
 def _patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     pos: Optional[torch.Tensor], prefix: Optional[torch.Tensor],
                     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                     pos_covers_prefix: bool, out_dtype: torch.dtype) -> torch.Tensor:
     forward = _forward_triton if use_triton(images, weight) else _forward_torch
-    return forward(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype)
+    with _autocast_off(images.device):
+        return forward(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype)
 
 
 @_patch_embed_op.register_fake
@@ -362,6 +420,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    with _autocast_off(grad.device):
+        return _backward_impl(ctx, grad)
+
+
+def _backward_impl(ctx, grad):
     images, weight, scale, shift = ctx.saved_tensors
     need = ctx.needs_input_grad
     P, dt = ctx.prefix_rows, weight.dtype
@@ -409,8 +472,9 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         pos_covers_prefix: True: the table also has rows for (and is added to) the prefix
             tokens (timm ``no_embed_class=False``); False: it covers the patches only.
         mean, std: per-channel normalization ``(x - mean) / std`` applied on the load (after
-            the uint8 scaling); tensors or sequences of ``C`` values (or one value). They are
-            constants: no gradient flows to them.
+            the uint8 scaling); numbers, sequences, tensors or arrays of ``C`` values (or one
+            value), finite, ``std`` > 0 (ValueError otherwise; CUDA tensors are not read back
+            to check). They are constants: no gradient flows to them.
         out_dtype: result dtype (float16/bfloat16/float32/float64); default ``weight.dtype``.
 
     ``bias``, ``pos_embed`` and ``prefix`` must have the weight's dtype (TypeError otherwise);
@@ -419,17 +483,23 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES, shape_doc="(B, C, H, W)")
     check_tensor("weight", weight, ndim=4, dtypes=FLOAT_DTYPES, shape_doc="(D, C, ph, pw)")
+    if weight.numel() == 0:
+        raise ValueError(f"weight must be (D, C, ph, pw) with every size >= 1, got shape "
+                         f"{tuple(weight.shape)}")
     check_same_device(images=images, weight=weight, bias=bias, pos_embed=pos_embed, prefix=prefix)
+    if not isinstance(pos_covers_prefix, bool):
+        raise TypeError(f"pos_covers_prefix must be a bool, got {type(pos_covers_prefix).__name__}")
     B, C, H, W = images.shape
     D, c_w, ph, pw = weight.shape
     if C != c_w:
         raise ValueError(f"images must have C={c_w} channels (weight.shape[1]), got shape "
                          f"{tuple(images.shape)}")
     if H < ph or W < pw:
+        # F.conv2d refuses an input smaller than its kernel too (no empty grids)
         raise ValueError(f"images must be at least one patch ({ph}x{pw}) in size, got "
                          f"{H}x{W} (shape {tuple(images.shape)})")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, shape_doc="(D,)")
+        check_tensor("bias", bias, ndim=1, shape_doc=f"(D,) with D={D}")
         if bias.shape[0] != D:
             raise ValueError(f"bias must be (D,) with D={D}, got shape {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
@@ -437,7 +507,8 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     pre = None
     if prefix is not None:
         one_token = isinstance(prefix, torch.Tensor) and prefix.dim() == 1
-        pre = _token_table("prefix", prefix[None] if one_token else prefix, None, D, weight)
+        pre = _token_table("prefix", prefix[None] if one_token else prefix, None, D, weight,
+                           shape_doc="(P, D), (1, P, D) or (D,)", shown=prefix)
         if pre.shape[0] == 0:
             pre = None
     P = 0 if pre is None else pre.shape[0]
@@ -449,10 +520,45 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of ({', '.join(str(d) for d in OUT_DTYPES)}), "
-                        f"got {out_dtype}")
+                        f"got {out_dtype!r}")
     scale, shift = _channel_affine(images, mean, std)
-    return _patch_embed_op(images, weight, bias, pos, pre, scale, shift, bool(pos_covers_prefix),
-                           out_dtype)
+    return _patch_embed_op(images, weight, bias, pos, pre, scale, shift, pos_covers_prefix, out_dtype)
+
+
+def patch_embed_like_conv(images: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None,
+                          pos_embed: Optional[torch.Tensor] = None,
+                          prefix: Optional[torch.Tensor] = None, *, pos_covers_prefix: bool = True,
+                          mean: ChannelStats = None, std: ChannelStats = None) -> torch.Tensor:
+    """:func:`patch_embed` with the dtypes of the unfused ``conv2d`` -> ``cat`` / ``+ pos`` path
+    it replaces (what the module and the model patchers call).
+
+    - Without autocast the conv runs in the weight's dtype. Under autocast (CPU or CUDA, for the
+      images' device) the conv is on the lower-precision list: pixels, weight and bias are cast
+      to the autocast dtype (float64 weights are never cast), and so is its result.
+    - ``cat`` with the prefix and ``+ pos_embed`` then promote that dtype with the prefix's and
+      the table's: fp32 parameters under bf16 autocast give fp32 tokens, no prefix or table
+      gives the conv's dtype.
+
+    The fused op is not an autocast op and takes its tables in the weight's dtype, so the casts
+    are made here and the promoted dtype is its ``out_dtype``. Under autocast the prefix and table
+    are therefore rounded to the autocast dtype while the conv result is not: the two paths
+    differ by about one rounding of that dtype. float64 weights (not a kernel dtype) run the
+    unfused reference, which is the original math.
+    """
+    compute = weight.dtype
+    amp = _autocast_dtype(images.device)
+    if amp is not None and weight.dtype != torch.float64:
+        compute = amp
+    out_dtype = compute
+    for extra in (prefix, pos_embed):
+        if isinstance(extra, torch.Tensor):
+            out_dtype = torch.promote_types(out_dtype, extra.dtype)
+    cast = [None if t is None else t.to(compute) if isinstance(t, torch.Tensor) else t
+            for t in (weight, bias, pos_embed, prefix)]
+    fn = patch_embed_reference if compute == torch.float64 else patch_embed
+    return fn(images, *cast, pos_covers_prefix=pos_covers_prefix, mean=mean, std=std,
+              out_dtype=out_dtype)
 
 
 _FORMATS = ("NLC", "NCHW", "NHWC", "NCL")
@@ -466,9 +572,11 @@ class PatchEmbed(nn.Module):
     """timm's ``PatchEmbed`` (same constructor, attributes and ``state_dict`` keys
     ``proj.weight`` / ``proj.bias``) running the fused op.
 
-    ``forward(x)`` returns what timm's does. Extra optional arguments fuse the ViT's
-    ``_pos_embed`` too: ``forward(x, pos_embed, prefix, pos_covers_prefix=..., mean=, std=)``
-    returns ``(B, P + N, D)`` tokens (NLC output only).
+    ``forward(x)`` returns what timm's does, in the same dtype (under autocast: the autocast
+    dtype, like timm's conv; float64 modules run the unfused math). Extra optional arguments
+    fuse the ViT's ``_pos_embed`` too: ``forward(x, pos_embed, prefix, pos_covers_prefix=...,
+    mean=, std=)`` returns ``(B, P + N, D)`` tokens (NLC output only), in the dtype timm's
+    ``_pos_embed(patch_embed(x))`` returns (``cat`` / ``+`` promote with the prefix and table).
 
     Only ``norm_layer=None`` (Identity) is fully fused. With a norm layer the fused op computes
     the projection (+ bias), the norm is applied to it, and prefix / position table are then
@@ -531,11 +639,10 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"pos_embed / prefix need output_fmt='NLC', got {self.output_fmt!r}")
         w, b = self.proj.weight, self.proj.bias
         if isinstance(self.norm, nn.Identity):
-            y = patch_embed(x, w, b, pos_embed, prefix, pos_covers_prefix=pos_covers_prefix,
-                            mean=mean, std=std)
+            y = patch_embed_like_conv(x, w, b, pos_embed, prefix,
+                                      pos_covers_prefix=pos_covers_prefix, mean=mean, std=std)
             return self._format(y, x)
-        y = self.norm(self._format(patch_embed(x, w, b, mean=mean, std=std), x))
-        prefix = None if prefix is None else prefix.to(y.dtype)
+        y = self.norm(self._format(patch_embed_like_conv(x, w, b, mean=mean, std=std), x))
         return _cat_prefix_add_pos(y, pos_embed, prefix, pos_covers_prefix)
 
     def _format(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

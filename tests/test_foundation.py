@@ -110,8 +110,74 @@ def test_cli_bench_quick_runs_every_op(tmp_path, capsys, torch_backend):
                  "--min-time", "0.01", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     for op in OPS:
-        data = json.loads((tmp_path / f"{op}_cpu.json").read_text())
+        data = json.loads((tmp_path / f"{op}_cpu_quick.json").read_text())
         assert data["records"], op
         failed = [(r["case"], r["provider"], r["error"]) for r in data["records"] if r["error"]]
         assert not failed, failed
         assert f"## {op} on cpu" in printed
+
+
+# --- bf16 under the interpreter: the PyTorch path, even with VTOK_FAST_BACKEND=triton ----------
+# The interpreter's bf16 tl.dot returns wrong values, so backend_for sends any call with a bf16
+# tensor to the PyTorch path. Small-integer values keep every product and sum exact in fp32 and
+# bf16 (|sums| <= 256), so the results are bitwise equal on any CPU and BLAS.
+
+def _small_ints(*shape, dtype=torch.float32, low=-2, high=3):
+    return torch.randint(low, high, shape).to(dtype)
+
+
+@pytest.mark.parametrize("image_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_patch_embed_with_forced_triton_equals_torch_path(image_dtype, monkeypatch):
+    from vtok_fast.patch_embedding import patch_embed, patch_embed_reference
+
+    bf = torch.bfloat16
+    images = _small_ints(2, 3, 8, 12, dtype=image_dtype).requires_grad_()    # 2 x 3 patches of 4x4
+    params = [_small_ints(5, 3, 4, 4, dtype=bf, low=-1, high=2), _small_ints(5, dtype=bf),
+              _small_ints(1, 7, 5, dtype=bf), _small_ints(1, 1, 5, dtype=bf)]  # K = 48: |y| <= 100
+    params = [p.requires_grad_() for p in params]
+    grad = _small_ints(2, 7, 5, dtype=bf, low=-1, high=2)
+    runs = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+        assert backend_for(images, params[0]) == "torch"
+        out = patch_embed(images, *params)
+        out.backward(grad)
+        runs[backend] = [out.detach()] + [t.grad.clone() for t in (images, *params)]
+        for t in (images, *params):
+            t.grad = None
+    for a, b in zip(runs["triton"], runs["torch"]):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        expected = patch_embed_reference(images, *params)
+    assert runs["triton"][0].dtype == bf and torch.equal(runs["triton"][0], expected)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_bf16_codebook_search_with_forced_triton_equals_reference(k, monkeypatch):
+    from vtok_fast.codebook import codebook_search, codebook_search_reference
+
+    monkeypatch.setenv("VTOK_FAST_BACKEND", "triton")
+    x = _small_ints(37, 16, dtype=torch.bfloat16, low=-4, high=5)   # squared distances <= 1024:
+    codebook = _small_ints(50, 16, dtype=torch.bfloat16, low=-4, high=5)  # exact in fp32
+    assert backend_for(x, codebook) == "torch"
+    idx, dist = codebook_search(x, codebook, k=k, return_distances=True)
+    ref_idx, ref_dist = codebook_search_reference(x, codebook, k=k, return_distances=True)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+    monkeypatch.setenv("VTOK_FAST_BACKEND", "torch")
+    assert torch.equal(codebook_search(x, codebook, k=k), idx)
+
+
+def test_bf16_tome_merge_with_forced_triton_equals_torch_path(monkeypatch):
+    from vtok_fast.tome_fused import tome_merge
+
+    x = _small_ints(2, 17, 8, dtype=torch.bfloat16)
+    metric = _small_ints(2, 17, 4, dtype=torch.bfloat16)
+    runs = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("VTOK_FAST_BACKEND", backend)
+        assert backend_for(x, metric) == "torch"
+        merged, size, info = tome_merge(x, metric, 5, class_token=True)
+        runs[backend] = (merged, size, info.dest, info.order)
+    for a, b in zip(runs["triton"], runs["torch"]):
+        assert torch.equal(a, b)
+    assert runs["triton"][0].shape == (2, 12, 8)

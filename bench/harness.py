@@ -309,18 +309,24 @@ def format_table(results: list[Result], baseline: str = "vtok_fast") -> str:
     return "\n".join(lines)
 
 
-def write_json(op: str, results: list[Result], device: torch.device, out_dir: str | os.PathLike,
-               extra: dict | None = None) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    machine = machine_info(device)
+def results_path(op: str, device: torch.device, out_dir: str | os.PathLike, quick: bool = False) -> Path:
+    """``<out_dir>/<op>_<cpu|gpu>.json``; quick (smoke) runs write ``<op>_<cpu|gpu>_quick.json``,
+    so they never replace a full run's results (git-ignore ``*_quick.json``)."""
     tag = "gpu" if device.type == "cuda" else "cpu"
-    path = out / f"{op}_{tag}.json"
+    return Path(out_dir) / f"{op}_{tag}{'_quick' if quick else ''}.json"
+
+
+def write_json(op: str, results: list[Result], device: torch.device, out_dir: str | os.PathLike,
+               extra: dict | None = None, quick: bool = False) -> Path:
+    path = results_path(op, device, out_dir, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(device)
     payload = {
         "op": op,
         "machine": machine,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(sys.argv),
+        "quick": quick,
         "records": [r.__dict__ for r in results],
     }
     if extra:

@@ -36,6 +36,31 @@ def _info(_args) -> int:
     return 0
 
 
+def _error(message: str) -> int:
+    """One line on stderr and exit status 2 (a usage error, as argparse's own)."""
+    print(f"vtok-fast: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _parse_modes(text: str | None, op_modes: dict[str, tuple[str, ...]]) -> dict | str:
+    """``{op: modes to run}`` for ``--modes`` (None: each op's own), or an error message.
+
+    Every requested mode must be one of the op's modes; with several ops (``all``) it must be
+    one of some op's, and each op runs the requested modes it has."""
+    if text is None:
+        return dict(op_modes)
+    requested = [m.strip() for m in text.split(",")]
+    if "" in requested:
+        return f"--modes must be a comma-separated list of modes, got {text!r}"
+    known = sorted({m for modes in op_modes.values() for m in modes})
+    unknown = [m for m in requested if m not in known]
+    if unknown:
+        where = f"{next(iter(op_modes))} has" if len(op_modes) == 1 else "the benchmarks have"
+        return f"--modes: {where} modes {', '.join(known)}; got {', '.join(map(repr, unknown))}"
+    requested = list(dict.fromkeys(requested))
+    return {op: tuple(m for m in requested if m in modes) for op, modes in op_modes.items()}
+
+
 def _bench(args) -> int:
     import torch
 
@@ -43,25 +68,42 @@ def _bench(args) -> int:
     from vtok_fast.bench.harness import format_table, run_benchmark, text_progress, write_json
 
     names = list(OPS) if args.op == "all" else [args.op]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda: no CUDA device is available here "
+                      "(torch.cuda.is_available() is False); use --device cpu")
+    if not args.min_time >= 0:
+        return _error(f"--min-time must be >= 0 seconds, got {args.min_time}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for name in names:
-        mod = importlib.import_module(OPS[name])
-        modes = tuple(args.modes.split(",")) if args.modes else mod.MODES
+    mods = {name: importlib.import_module(OPS[name]) for name in names}
+    modes = _parse_modes(args.modes, {name: tuple(mod.MODES) for name, mod in mods.items()})
+    if isinstance(modes, str):
+        return _error(modes)
+    status = 0
+    for name, mod in mods.items():
+        if not modes[name]:
+            print(f"\n## {mod.OP}: skipped (--modes {args.modes}; it has {', '.join(mod.MODES)})")
+            continue
         cases = mod.cases(quick=args.quick, device=device)
-        results = run_benchmark(mod.OP, cases, mod.providers(device), modes=modes, device=device,
-                                progress=None if args.no_progress else text_progress,
+        results = run_benchmark(mod.OP, cases, mod.providers(device), modes=modes[name],
+                                device=device, progress=None if args.no_progress else text_progress,
                                 min_time_s=args.min_time,
-                                on_result=lambda rs: write_json(mod.OP, rs, device, args.out))
+                                on_result=lambda rs: write_json(mod.OP, rs, device, args.out,
+                                                                quick=args.quick))
         print(f"\n## {mod.OP} on {device}")
+        if not results:
+            print(f"vtok-fast: error: {mod.OP}: no provider ran on any case (nothing measured)",
+                  file=sys.stderr)
+            status = 1
+            continue
         print(format_table(results))
         summary = getattr(mod, "summarize", None)
         extra = None
         if summary is not None:
             text, extra = summary(results, device)
             print(text)
-        path = write_json(mod.OP, results, device, args.out, extra=extra)
+        path = write_json(mod.OP, results, device, args.out, extra=extra, quick=args.quick)
         print(f"results written to {path}")
-    return 0
+    return status
 
 
 def main(argv=None) -> int:
@@ -73,9 +115,12 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="run a benchmark and print its table")
     b.add_argument("op", choices=[*OPS, "all"])
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    b.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
-    b.add_argument("--modes", help="comma-separated subset of forward,backward,full")
-    b.add_argument("--out", default="bench/results", help="folder for the JSON results")
+    b.add_argument("--quick", action="store_true",
+                   help="small shapes (smoke run); writes <op>_<cpu|gpu>_quick.json")
+    b.add_argument("--modes", help="comma-separated subset of the op's modes "
+                                   "(of forward,backward,full; default: all it has)")
+    b.add_argument("--out", default="bench/results",
+                   help="folder for the JSON results, <op>_<cpu|gpu>.json (default: bench/results)")
     b.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per provider")
     b.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""measurement: budgets, metrics, visualization"""

@@ -1,0 +1,567 @@
+"""Token budgets: how many tokens one image costs in a vision encoder and in a VLM's language model.
+
+``count_tokens(model, (H, W), *, compress=None, **options) -> TokenBudget`` reproduces each
+model's own preprocessing arithmetic (resizing, crops, slices, tiles, unpadding, separators):
+
+- ``"vit-b/16"``, ``"vit-l/14-336"``, ``"vit"``: a fixed patch grid on the image as given,
+  ``(H // p) * (W // p)`` (floor: remainder pixels dropped, as timm and HF patchify; resize the
+  image first to model a processor). ``patch_size=`` overrides p; ``"vit"`` needs it. There is no
+  language model: ``llm_tokens`` is what the encoder hands on (CLS excluded).
+- ``"llava-1.5"``: every image is resized to CLIP ViT-L/14's 336x336: 24x24 = 576 tokens, CLS
+  dropped.
+- ``"llava-next"``: anyres as ``transformers``' ``LlavaNextProcessor``: the pinpoint
+  (``grid_pinpoints=``, default ``LLAVA_NEXT_PINPOINTS``, (height, width) multiples of 336) with
+  the largest effective resolution ``min(int(W*s) * int(H*s), W*H)``, ``s = min(w/W, h/H)``
+  (ties: least waste) is cut into 336x336 crops; ViT tokens = (1 base view + crops) x 576; LLM
+  tokens = 576 (base) + the crops' grid unpadded to the image's aspect ratio + one newline per
+  row.
+- ``"llava-uhd"``: LLaVA-UHD v1 (its released ``slice_logic.py``): ``ceil(W*H / 336**2)`` slices
+  (capped at 6; the candidates n-1, n, n+1, or n, n+1 for n <= 2, factorized into cols x rows),
+  the grid with the smallest ``|log(W/H) - log(cols/rows)|``; every slice, and the thumbnail when
+  there are several slices, is resized to about 576 patches of 14 px keeping its aspect ratio,
+  and the resampler hands 64 tokens per view to the LLM. (The paper's ``,``/``\\n`` spatial-schema
+  separators are not inserted by the released code and not counted.)
+- ``"qwen2-vl"``: ``smart_resize`` (factor ``patch_size * merge_size`` = 28; ``min_pixels=`` and
+  ``max_pixels=``, defaults the HF ``Qwen2VLImageProcessor``'s 3,136 and 1,003,520; Qwen's own
+  utilities use ``max_pixels=12_845_056``); ViT tokens = 14-px patches, LLM tokens = after the
+  2x2 merger. ``<|vision_start|>``/``<|vision_end|>`` are not counted.
+- ``"deepseek-ocr"``: ``mode=`` ``"tiny"`` (512), ``"small"`` (640), ``"base"`` (1024),
+  ``"large"`` (1280): one view, SAM 16-px patches, a 16x conv compressor to q x q (q = size/64),
+  then ``(q + 1) * q + 1`` LLM tokens (a newline per row and a view separator). ``"gundam"``
+  (default, the official configuration): a 1024 global view (273 tokens) plus, for an image
+  larger than 640 on a side, 640x640 tiles chosen as InternVL's ``dynamic_preprocess``
+  (``min_crops=2``, ``max_crops=6``), laid out as one grid with a newline per row.
+
+``compress=`` counts the tokens after a vision-side compression of each view's tokens (each
+crop, slice or tile: what the encoder/projector hands on, before the model adds newlines or
+separators). It is ``(method, {budget})`` or the string ``"method:key=value,..."``, the budget in
+the method's own terms, those of ``vtok_fast.compress`` (same names, defaults and rounding):
+
+- ``("pool", {"stride": s, "mode": "avg" | "max" | "bilinear", "ceil_mode": False})``: s x s
+  pooling of the token grid (default s = 2, mode ``"avg"``); avg/max floor odd grids (SigLIP
+  27x27 -> 13x13) unless ``ceil_mode=True``; bilinear ceils them (LLaVA-Video: 27x27 -> 14x14).
+- ``("pixel_shuffle", {"stride": s})``: s x s space-to-depth (default 2); s must divide the grid.
+- ``("tome", {"keep": k})``, ``{"r": r}`` or ``{"ratio": f}``: merging to ``k``, ``n - r`` or
+  ``round(f * n)`` tokens.
+- ``("attn_topk" | "prumerge", {"keep": k})`` or ``{"ratio": f}``: ``f`` is the fraction kept,
+  ``round(f * n)`` (Python's round); ``prumerge`` adds its one token for the tokens not kept
+  (``k + 1``). PruMerge's own budget (the IQR outliers) and PruMerge+'s spatial samples depend on
+  the image: ``prumerge`` needs ``keep=`` or ``ratio=`` here, ``prumerge_plus`` is refused with
+  the range of its possible counts.
+- ``("visionzip", {"dominant": d, "contextual": c})``: ``d + c`` tokens (LLaVA-1.5's 64 = 54 +
+  10; the official VisionZip code also forwards the CLS token).
+- ``("fastv", {"ratio": R, "layer": K})`` (or ``keep=``): in the language model; FastV's ``R`` is
+  the fraction *pruned*: from layer K on (default 2) the LLM sees ``round(N * (1 - R))`` of the N
+  image tokens, newlines included.
+
+Grid methods keep a grid, so the model's layout is recomputed on the reduced grid (LLaVA-NeXT
+unpads the pooled crops, DeepSeek-OCR adds a newline per pooled row). Token-count methods leave
+no grid: LLaVA-NeXT then uses its ``flat`` layout (views concatenated, no unpadding, no
+newlines), DeepSeek-OCR drops its row newlines (the view separator stays), and LLaVA-UHD's 64
+resampler queries per view (not a grid) accept only token-count methods. Keep counts are per view.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+CLIP_SIZE = 336  # CLIP ViT-L/14-336: input side of LLaVA and of every LLaVA-NeXT crop
+CLIP_PATCH = 14
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+UHD_MAX_PATCHES = 576  # LLaVA-UHD resizes every slice to about this many 14-px patches
+UHD_MAX_SLICES = 6
+UHD_QUERIES = 64  # resampler tokens per slice
+QWEN2_VL_MIN_PIXELS = 56 * 56
+QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280
+DEEPSEEK_OCR_MODES = {"tiny": 512, "small": 640, "base": 1024, "large": 1280, "gundam": None}
+DEEPSEEK_OCR_PATCH = 16
+DEEPSEEK_OCR_DOWNSAMPLE = 4  # the 16x compressor: two stride-2 convs, 4x per side
+DEEPSEEK_OCR_GLOBAL = 1024  # gundam: global view side
+DEEPSEEK_OCR_TILE = 640  # gundam: local tile side
+
+POOL_MODES = ("avg", "max", "bilinear")
+GRID_METHODS = ("pool", "pixel_shuffle")
+# method -> the budget terms it takes
+BUDGET_TERMS = {
+    "pool": ("stride", "mode", "ceil_mode"),
+    "pixel_shuffle": ("stride",),
+    "tome": ("keep", "r", "ratio"),
+    "attn_topk": ("keep", "ratio"),
+    "visionzip": ("dominant", "contextual"),
+    "prumerge": ("keep", "ratio"),
+    "prumerge_plus": ("keep", "ratio"),
+    "fastv": ("keep", "ratio", "layer"),
+}
+FASTV_DEFAULT_LAYER = 2
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Token counts of one image.
+
+    ``vit_tokens``: patch tokens the encoder produces, all views (crops, slices, tiles, base or
+    thumbnail view) included, CLS excluded. ``llm_tokens``: image tokens the language model sees,
+    the newline and separator tokens the model inserts included, begin/end-of-image markers
+    excluded (after ``compress``). ``pixels_per_token``: ``H * W / llm_tokens`` of the image as
+    given. ``breakdown``: ``(label, count)`` rows; the ``"ViT: "`` rows add up to ``vit_tokens``,
+    the ``"LLM: "`` rows to ``llm_tokens``. ``uncompressed_llm_tokens``: ``llm_tokens`` without
+    ``compress``; ``compress``: the normalized ``(method, {budget})`` or None.
+    """
+
+    model: str
+    image_size: tuple[int, int]
+    vit_tokens: int
+    llm_tokens: int
+    pixels_per_token: float
+    breakdown: tuple[tuple[str, int], ...]
+    uncompressed_llm_tokens: int
+    compress: tuple[str, dict] | None = None
+
+    def __str__(self) -> str:
+        height, width = self.image_size
+        lines = [f"{self.model}, {height}x{width} image (HxW): {self.vit_tokens} ViT tokens, "
+                 f"{self.llm_tokens} LLM tokens, {self.pixels_per_token:.1f} pixels per LLM token"]
+        if self.compress is not None:
+            lines.append(f"compressed with {format_compress(self.compress)}: "
+                         f"{self.uncompressed_llm_tokens} -> {self.llm_tokens} LLM tokens")
+        wide = max(len(label) for label, _ in self.breakdown)
+        lines += [f"  {label:<{wide}}  {count:>7}" for label, count in self.breakdown]
+        return "\n".join(lines)
+
+
+# --- compression specs -----------------------------------------------------------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _parse_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _need_int(method: str, key: str, value, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"compress {method}: {key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _need_one(method: str, params: dict, *keys: str) -> None:
+    given = [k for k in keys if k in params]
+    if len(given) != 1:
+        raise ValueError(f"compress {method}: give exactly one of {', '.join(f'{k}=' for k in keys)}; "
+                         f"got {', '.join(f'{k}=' for k in given) or 'none'}")
+
+
+def _check_budget(method: str, params: dict) -> None:
+    if method in GRID_METHODS:
+        _need_int(method, "stride", params.setdefault("stride", 2), 1)
+        if params.get("mode", "avg") not in POOL_MODES:
+            raise ValueError(f"compress pool: mode must be one of {', '.join(POOL_MODES)}, "
+                             f"got {params['mode']!r}")
+        if not isinstance(params.get("ceil_mode", False), bool):
+            raise ValueError(f"compress pool: ceil_mode must be True or False, got {params['ceil_mode']!r}")
+        return
+    if method == "visionzip":
+        if "dominant" not in params or "contextual" not in params:
+            raise ValueError("compress visionzip: give dominant= and contextual=, got "
+                             f"{', '.join(f'{k}=' for k in params) or 'none'}")
+        _need_int(method, "dominant", params["dominant"], 0)
+        _need_int(method, "contextual", params["contextual"], 0)
+        if params["dominant"] + params["contextual"] < 1:
+            raise ValueError("compress visionzip: dominant + contextual must be >= 1, got 0")
+        return
+    if method in ("prumerge", "prumerge_plus") and "keep" not in params and "ratio" not in params:
+        raise ValueError(f"compress {method}: its own budget (the CLS-attention IQR outliers, about "
+                         "32 of 576 on LLaVA-1.5) depends on the image; give keep= or ratio= to count "
+                         "a fixed budget")
+    _need_one(method, params, *(("keep", "r", "ratio") if method == "tome" else ("keep", "ratio")))
+    if "r" in params:
+        _need_int(method, "r", params["r"], 0)
+    if "keep" in params:
+        _need_int(method, "keep", params["keep"], 1)
+    if "layer" in params:
+        _need_int(method, "layer", params["layer"], 1)
+    if "ratio" in params:
+        ratio = params["ratio"]
+        number = isinstance(ratio, numbers.Real) and not isinstance(ratio, bool)
+        if method == "fastv" and not (number and 0 <= ratio < 1):
+            raise ValueError(f"compress fastv: ratio (the fraction pruned) must be a number in [0, 1), "
+                             f"got {ratio!r}")
+        if method != "fastv" and not (number and 0 < ratio <= 1):
+            raise ValueError(f"compress {method}: ratio (the fraction kept) must be a number in (0, 1], "
+                             f"got {ratio!r}")
+
+
+def parse_compress(spec) -> tuple[str, dict]:
+    """Normalize a compression spec to ``(method, {budget})`` and validate it.
+
+    Accepts ``(method, {budget})`` or ``"method:key=value,..."`` (``"pool:stride=2"``,
+    ``"attn_topk:ratio=0.25"``, ``"pool:stride=2,mode=bilinear"``).
+    """
+    if isinstance(spec, str):
+        method, _, rest = spec.partition(":")
+        params = {}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, equals, value = item.partition("=")
+            if not equals:
+                raise ValueError(f"compress={spec!r}: expected key=value after the method name, got {item!r}")
+            params[key.strip()] = _parse_value(value.strip())
+    elif (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
+          and isinstance(spec[1], dict)):
+        method, params = spec[0], dict(spec[1])
+    else:
+        raise TypeError("compress must be (method, {budget}) or 'method:key=value,...', "
+                        f"got {spec!r}")
+    method = method.strip()
+    if method not in BUDGET_TERMS:
+        raise ValueError(f"compress method must be one of {', '.join(BUDGET_TERMS)}, got {method!r}")
+    unknown = sorted(set(params) - set(BUDGET_TERMS[method]))
+    if unknown:
+        raise ValueError(f"compress {method} takes {', '.join(BUDGET_TERMS[method])}; "
+                         f"got unknown {', '.join(unknown)}")
+    _check_budget(method, params)
+    return method, params
+
+
+def format_compress(spec: tuple[str, dict]) -> str:
+    method, params = spec
+    return f"{method}({', '.join(f'{k}={v}' for k, v in params.items())})"
+
+
+def _budget(method: str, params: dict, n: int, what: str) -> int:
+    """The count a token-count budget asks for out of ``n`` tokens."""
+    if "r" in params:
+        if params["r"] >= n:
+            raise ValueError(f"compress tome: r={params['r']} removes every one of the {n} tokens of {what}")
+        return n - params["r"]
+    if "ratio" in params:  # FastV's R is the fraction pruned; the vision methods' the fraction kept
+        kept = 1 - params["ratio"] if method == "fastv" else params["ratio"]
+        keep = round(n * kept)
+        if keep < 1:
+            raise ValueError(f"compress {method}: ratio={params['ratio']} keeps no token of the {n} of {what}")
+        return keep
+    keep = params["keep"] if "keep" in params else params["dominant"] + params["contextual"]
+    if keep > n:
+        raise ValueError(f"compress {method}: a budget of {keep} tokens is more than the {n} tokens of {what}")
+    return keep
+
+
+def _keep(method: str, params: dict, n: int, what: str) -> int:
+    """Tokens out of ``n`` after a token-count method (PruMerge adds its token for the rest)."""
+    keep = _budget(method, params, n, what)
+    if method == "prumerge_plus":
+        step = max(1, int(int(1 / (keep / n)) / 3))
+        samples = -(-(n - 1) // step)
+        raise ValueError(f"compress prumerge_plus: its count depends on the image (the {samples} spatial "
+                         f"samples overlap the top {keep} of {what} by attention): between "
+                         f"{max(keep, samples) + 1} and {keep + samples + 1}; count prumerge for a fixed one")
+    return keep + 1 if method == "prumerge" else keep
+
+
+def _reduce_grid(spec, h: int, w: int, what: str) -> tuple[int, tuple[int, int] | None]:
+    """``(count, grid)`` of an h x w token grid after ``spec``; grid None when no longer a grid."""
+    if spec is None or spec[0] == "fastv":
+        return h * w, (h, w)
+    method, params = spec
+    if method in GRID_METHODS:
+        s = params["stride"]
+        if method == "pool":
+            if s > h or s > w:
+                raise ValueError(f"compress pool: stride={s} is larger than the {h}x{w} token grid of {what}")
+            ceil = params.get("mode", "avg") == "bilinear" or params.get("ceil_mode", False)
+            grid = (-(-h // s), -(-w // s)) if ceil else (h // s, w // s)
+        else:
+            if h % s or w % s:
+                raise ValueError(f"compress pixel_shuffle: stride={s} must divide the {h}x{w} token "
+                                 f"grid of {what}")
+            grid = (h // s, w // s)
+        return grid[0] * grid[1], grid
+    return _keep(method, params, h * w, what), None
+
+
+def _reduce_count(spec, n: int, what: str) -> int:
+    """Tokens left of ``n`` tokens that form no grid."""
+    if spec is None or spec[0] == "fastv":
+        return n
+    if spec[0] in GRID_METHODS:
+        raise ValueError(f"compress {spec[0]} needs a token grid, but {what} is {n} tokens without one")
+    return _keep(*spec, n, what)
+
+
+def _grid_text(spec, h: int, w: int, n: int, grid) -> str:
+    """How an h x w grid came out of the compression, for the breakdown."""
+    if spec is None or spec[0] == "fastv":
+        return f"{h}x{w}"
+    if grid is not None:
+        return f"{grid[0]}x{grid[1]} ({format_compress(spec)} of {h}x{w})"
+    return f"{n} of {h}x{w} ({format_compress(spec)})"
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def _fixed_grid(size, spec, *, patch_size):
+    height, width = size
+    if not _is_int(patch_size) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}")
+    gh, gw = height // patch_size, width // patch_size
+    if gh == 0 or gw == 0:
+        raise ValueError(f"image_size {height}x{width} is smaller than one patch of patch_size={patch_size}")
+    n, grid = _reduce_grid(spec, gh, gw, "the patch grid")
+    vit = [(f"{gh}x{gw} patches of {patch_size} px (CLS not counted)", gh * gw)]
+    llm = [(f"{_grid_text(spec, gh, gw, n, grid)} tokens handed on (no language model)", n)]
+    return vit, llm
+
+
+def _llava15(size, spec):
+    g = CLIP_SIZE // CLIP_PATCH
+    n, grid = _reduce_grid(spec, g, g, "the 24x24 view")
+    vit = [(f"{CLIP_SIZE}x{CLIP_SIZE} view (every image is resized to it), {g}x{g} patches of "
+            f"{CLIP_PATCH} px (CLS dropped)", g * g)]
+    return vit, [(f"{_grid_text(spec, g, g, n, grid)} image tokens", n)]
+
+
+def _best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
+    """LLaVA-NeXT's pinpoint choice: largest effective resolution, then least waste."""
+    best, best_effective, best_waste = None, 0, math.inf
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        waste = h * w - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (h, w), effective, waste
+    return best  # never None: a zero effective resolution still ties with the initial 0
+
+
+def _unpad(height: int, width: int, grid_h: int, grid_w: int) -> tuple[int, int]:
+    """The crops' token grid with LLaVA-NeXT's padding rows (or columns) removed."""
+    if width / height > grid_w / grid_h:  # the image is wider: rows were padded
+        new_h = int(round(height * (grid_w / width), 7))
+        return grid_h - 2 * ((grid_h - new_h) // 2), grid_w
+    new_w = int(round(width * (grid_h / height), 7))
+    return grid_h, grid_w - 2 * ((grid_w - new_w) // 2)
+
+
+def _pinpoints(value) -> tuple[tuple[int, int], ...]:
+    try:
+        points = tuple((h, w) for h, w in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"grid_pinpoints must be (height, width) pairs, got {value!r}") from None
+    if not points or any(not (_is_int(v) and v > 0 and v % CLIP_SIZE == 0) for p in points for v in p):
+        raise ValueError(f"grid_pinpoints must be (height, width) pairs of positive multiples of "
+                         f"{CLIP_SIZE}, got {value!r}")
+    return points
+
+
+def _llava_next(size, spec, *, grid_pinpoints=LLAVA_NEXT_PINPOINTS):
+    height, width = size
+    best_h, best_w = _best_resolution(height, width, _pinpoints(grid_pinpoints))
+    rows, cols = best_h // CLIP_SIZE, best_w // CLIP_SIZE
+    crops, g = rows * cols, CLIP_SIZE // CLIP_PATCH
+    vit = [(f"base view {CLIP_SIZE}x{CLIP_SIZE}, {g}x{g} patches of {CLIP_PATCH} px", g * g),
+           (f"{crops} crops of {CLIP_SIZE}x{CLIP_SIZE} ({rows}x{cols} for the {best_h}x{best_w} "
+            f"pinpoint), {g}x{g} patches each", crops * g * g)]
+    n, grid = _reduce_grid(spec, g, g, f"a {g}x{g} view")
+    if grid is None:
+        return vit, [(f"base view: {_grid_text(spec, g, g, n, grid)}", n),
+                     (f"{crops} crops x {n} (no grid left: the flat layout, no unpadding or newlines)",
+                      crops * n)]
+    gh, gw = grid
+    uh, uw = _unpad(height, width, rows * gh, cols * gw)
+    return vit, [(f"base view {_grid_text(spec, g, g, n, grid)}", n),
+                 (f"crops {rows * gh}x{cols * gw} unpadded to {uh}x{uw}", uh * uw),
+                 ("one newline per row", uh)]
+
+
+def _uhd_grid(height: int, width: int) -> tuple[int, int]:
+    """LLaVA-UHD's slice grid ``(cols, rows)``."""
+    n = min(math.ceil(width * height / (CLIP_SIZE * CLIP_SIZE)), UHD_MAX_SLICES)
+    candidates = (n, n + 1) if n <= 2 else (n - 1, n, n + 1)
+    log_ratio = math.log(width / height)
+    best, best_error = (1, 1), math.inf
+    for count in candidates:
+        for cols in range(1, count + 1):
+            if count % cols == 0:
+                error = abs(math.log(cols / (count / cols)) - log_ratio)
+                if error < best_error:
+                    best, best_error = (cols, count // cols), error
+    return best
+
+
+def _uhd_patches(height: int, width: int) -> tuple[int, int]:
+    """Patch grid LLaVA-UHD resizes a slice to: about 576 patches, the slice's aspect ratio."""
+    scale = math.sqrt(UHD_MAX_PATCHES * (CLIP_PATCH / height) * (CLIP_PATCH / width))
+    return (max(min(math.floor(scale * height / CLIP_PATCH), UHD_MAX_PATCHES), 1),
+            max(min(math.floor(scale * width / CLIP_PATCH), UHD_MAX_PATCHES), 1))
+
+
+def _llava_uhd(size, spec):
+    height, width = size
+    cols, rows = _uhd_grid(height, width)
+    n = _reduce_count(spec, UHD_QUERIES, f"a view's {UHD_QUERIES} resampler tokens")
+    if cols * rows == 1:
+        ph, pw = _uhd_patches(height, width)
+        return ([(f"one slice (the image) resized to {ph}x{pw} patches of {CLIP_PATCH} px", ph * pw)],
+                [(f"{n} resampler tokens", n)])
+    slices = cols * rows
+    sh, sw = _uhd_patches(height // rows, width // cols)
+    th, tw = _uhd_patches(height, width)
+    vit = [(f"{slices} slices of {height // rows}x{width // cols} ({cols} cols x {rows} rows), each "
+            f"resized to {sh}x{sw} patches of {CLIP_PATCH} px", slices * sh * sw),
+           (f"thumbnail resized to {th}x{tw} patches", th * tw)]
+    return vit, [(f"{slices} slices x {n} resampler tokens", slices * n),
+                 (f"thumbnail: {n} resampler tokens", n)]
+
+
+def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+    """Qwen2-VL's resize: multiples of ``factor``, pixel count in [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image_size {height}x{width}: Qwen2-VL needs an aspect ratio below 200, "
+                         f"got {max(height, width) / min(height, width):.1f}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _qwen2_vl(size, spec, *, min_pixels=QWEN2_VL_MIN_PIXELS, max_pixels=QWEN2_VL_MAX_PIXELS,
+              patch_size=CLIP_PATCH, merge_size=2):
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels),
+                        ("patch_size", patch_size), ("merge_size", merge_size)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels must be <= max_pixels, got {min_pixels} > {max_pixels}")
+    rh, rw = _smart_resize(*size, patch_size * merge_size, min_pixels, max_pixels)
+    gh, gw = rh // patch_size, rw // patch_size
+    mh, mw = gh // merge_size, gw // merge_size
+    n, grid = _reduce_grid(spec, mh, mw, f"the {mh}x{mw} merged grid")
+    vit = [(f"resized to {rh}x{rw} (smart_resize to {min_pixels}..{max_pixels} pixels), {gh}x{gw} "
+            f"patches of {patch_size} px", gh * gw)]
+    return vit, [(f"{_grid_text(spec, mh, mw, n, grid)} after the {merge_size}x{merge_size} merger", n)]
+
+
+def _closest_tiles(height: int, width: int, min_crops: int, max_crops: int, tile: int):
+    """InternVL's ``dynamic_preprocess`` tile grid ``(cols, rows)``, as DeepSeek-OCR uses it."""
+    ratios = {(i, j) for n in range(min_crops, max_crops + 1) for i in range(1, n + 1)
+              for j in range(1, n + 1) if min_crops <= i * j <= max_crops}
+    aspect = width / height
+    best, best_diff = (1, 1), math.inf
+    for i, j in sorted(ratios, key=lambda r: r[0] * r[1]):
+        diff = abs(aspect - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * i * j:
+            best = (i, j)
+    return best
+
+
+def _ocr_rows(spec, q: int, tiles_h: int, tiles_w: int, what: str):
+    """LLM rows of a (tiles_h x tiles_w) layout of q x q views, with a newline per token row."""
+    n, grid = _reduce_grid(spec, q, q, what)
+    views = tiles_h * tiles_w
+    if grid is None:
+        return [(f"{views} x {_grid_text(spec, q, q, n, grid)} tokens (no grid left: no row newlines)",
+                 views * n)]
+    gh, gw = tiles_h * grid[0], tiles_w * grid[1]
+    label = _grid_text(spec, q, q, n, grid)
+    if views > 1:
+        label = f"{gh}x{gw} ({tiles_h} rows x {tiles_w} cols of {label} tiles)"
+    return [(f"{label} tokens", gh * gw), ("one newline per row", gh)]
+
+
+def _deepseek_ocr(size, spec, *, mode="gundam", min_crops=2, max_crops=6):
+    if mode not in DEEPSEEK_OCR_MODES:
+        raise ValueError(f"mode must be one of {', '.join(DEEPSEEK_OCR_MODES)}, got {mode!r}")
+    for name, value in (("min_crops", min_crops), ("max_crops", max_crops)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if min_crops > max_crops:
+        raise ValueError(f"min_crops must be <= max_crops, got {min_crops} > {max_crops}")
+    side = DEEPSEEK_OCR_MODES[mode] or DEEPSEEK_OCR_GLOBAL
+    per_side = side // DEEPSEEK_OCR_PATCH
+    q = math.ceil(per_side / DEEPSEEK_OCR_DOWNSAMPLE)
+    vit = [(f"{'global ' if mode == 'gundam' else ''}{side}x{side} view: SAM {per_side}x{per_side} "
+            f"patches of {DEEPSEEK_OCR_PATCH} px, 16x compressor to {q}x{q}", per_side * per_side)]
+    llm = [(f"{'global ' if mode == 'gundam' else ''}view: {label}", count)
+           for label, count in _ocr_rows(spec, q, 1, 1, f"the {q}x{q} view")]
+    height, width = size
+    if mode == "gundam" and (height > DEEPSEEK_OCR_TILE or width > DEEPSEEK_OCR_TILE):
+        cols, rows = _closest_tiles(height, width, min_crops, max_crops, DEEPSEEK_OCR_TILE)
+        t_side = DEEPSEEK_OCR_TILE // DEEPSEEK_OCR_PATCH
+        tq = math.ceil(t_side / DEEPSEEK_OCR_DOWNSAMPLE)
+        vit.append((f"{rows * cols} tiles of {DEEPSEEK_OCR_TILE}x{DEEPSEEK_OCR_TILE} ({cols} cols x "
+                    f"{rows} rows), SAM {t_side}x{t_side} patches each", rows * cols * t_side * t_side))
+        llm += [(f"tiles: {label}", count)
+                for label, count in _ocr_rows(spec, tq, rows, cols, f"a {tq}x{tq} tile")]
+    llm.append(("view separator", 1))
+    return vit, llm
+
+
+# name -> (function, default options)
+_MODELS = {
+    "vit-b/16": (_fixed_grid, {"patch_size": 16}),
+    "vit-l/14-336": (_fixed_grid, {"patch_size": 14}),
+    "vit": (_fixed_grid, {"patch_size": None}),
+    "llava-1.5": (_llava15, {}),
+    "llava-next": (_llava_next, {"grid_pinpoints": LLAVA_NEXT_PINPOINTS}),
+    "llava-uhd": (_llava_uhd, {}),
+    "qwen2-vl": (_qwen2_vl, {"min_pixels": QWEN2_VL_MIN_PIXELS, "max_pixels": QWEN2_VL_MAX_PIXELS,
+                             "patch_size": CLIP_PATCH, "merge_size": 2}),
+    "deepseek-ocr": (_deepseek_ocr, {"mode": "gundam", "min_crops": 2, "max_crops": 6}),
+}
+MODEL_NAMES = tuple(_MODELS)
+
+
+def _image_size(value) -> tuple[int, int]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"image_size must be (H, W), got {value!r}")
+    if not all(_is_int(v) and v > 0 for v in value):
+        raise ValueError(f"image_size must be two positive integers (H, W), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def count_tokens(model: str, image_size, *, compress=None, **options) -> TokenBudget:
+    """Token counts of one ``image_size = (H, W)`` image for ``model`` (see the module docstring).
+
+    ``options``: ``patch_size`` (ViTs, Qwen2-VL), ``grid_pinpoints`` (LLaVA-NeXT), ``min_pixels``,
+    ``max_pixels``, ``merge_size`` (Qwen2-VL), ``mode``, ``min_crops``, ``max_crops``
+    (DeepSeek-OCR). ``compress``: ``(method, {budget})`` or ``"method:key=value,..."``.
+    """
+    if not isinstance(model, str) or model.strip().lower() not in _MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {model!r}")
+    name = model.strip().lower()
+    size = _image_size(image_size)
+    function, defaults = _MODELS[name]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"count_tokens({name!r}) got unexpected option(s) {', '.join(unknown)}; it takes "
+                        f"{', '.join(defaults) or 'none'}")
+    kwargs = {**defaults, **options}
+    if name == "vit" and kwargs["patch_size"] is None:
+        raise ValueError("count_tokens('vit') needs patch_size=")
+    spec = parse_compress(compress) if compress is not None else None
+    vit, llm = function(size, spec, **kwargs)
+    uncompressed = sum(c for _, c in function(size, None, **kwargs)[1]) if spec else sum(c for _, c in llm)
+    if spec is not None and spec[0] == "fastv":
+        seen = sum(c for _, c in llm)
+        layer = spec[1].get("layer", FASTV_DEFAULT_LAYER)
+        keep = _keep("fastv", spec[1], seen, "the image span")
+        llm = [(f"image tokens from layer {layer} on (layers 0..{layer - 1} see all {seen})", keep)]
+    vit_tokens, llm_tokens = sum(c for _, c in vit), sum(c for _, c in llm)
+    breakdown = tuple([(f"ViT: {label}", c) for label, c in vit] + [(f"LLM: {label}", c) for label, c in llm])
+    return TokenBudget(model=name, image_size=size, vit_tokens=vit_tokens, llm_tokens=llm_tokens,
+                       pixels_per_token=size[0] * size[1] / llm_tokens, breakdown=breakdown,
+                       uncompressed_llm_tokens=uncompressed, compress=spec)

@@ -83,7 +83,7 @@ def _op_args(inputs):
 
 
 def _vtok(inputs):
-    from vtok_fast.patch_embedding import patch_embed
+    from vtok_fast.encode.patch_embed import patch_embed
 
     args, mean, std = _op_args(inputs), inputs["mean"], inputs["std"]
     if mean is not None:  # per-channel constants live on the device, as a model would hold them
@@ -93,14 +93,14 @@ def _vtok(inputs):
 
 
 def _eager(inputs):
-    from vtok_fast.patch_embedding import patch_embed_reference
+    from vtok_fast.encode.patch_embed import patch_embed_reference
 
     args, mean, std = _op_args(inputs), inputs["mean"], inputs["std"]
     return lambda: patch_embed_reference(*args, mean=mean, std=std)
 
 
 def _compiled(inputs):
-    from vtok_fast.patch_embedding import patch_embed_reference
+    from vtok_fast.encode.patch_embed import patch_embed_reference
 
     # one graph per (case, grad mode): keep them all
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

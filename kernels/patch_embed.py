@@ -1,14 +1,14 @@
-"""Triton kernels of the fused patch embedding (host code: ``vtok_fast/patch_embedding.py``).
+"""Triton kernels of the fused patch embedding (host code: ``vtok_fast/encode/patch_embed.py``).
 
 All three are implicit-im2col GEMMs: the ``(rows, K)`` patch matrix is never materialized;
 each tile gathers its pixels from NCHW images, with K ordered ``(c, kh, kw)`` and masked (K need
 not be a multiple of the tile: p=14 gives 588). Pixels may be normalized on the load
 (``x * scale[c] + shift[c]``, fp32) before the cast to the dot dtype. fp32 accumulation.
 
-- ``_patch_embed_fwd``: tokens ``(B, P + N, D)``; output rows ``r = b * L + l``; prefix rows
+- ``patch_embed_fwd``: tokens ``(B, P + N, D)``; output rows ``r = b * L + l``; prefix rows
   (``l < P``) take the prefix token, patch rows the product plus bias; both add a position row.
-- ``_patch_embed_bwd_dw``: split-M weight gradient, fp32 partials ``(SPLIT, D, K)``.
-- ``_patch_embed_bwd_dx``: pixel gradient ``(dY W) * scale``, scattered to the pixels
+- ``patch_embed_bwd_dw``: split-M weight gradient, fp32 partials ``(SPLIT, D, K)``.
+- ``patch_embed_bwd_dx``: pixel gradient ``(dY W) * scale``, scattered to the pixels
   (stride = patch size: each pixel belongs to at most one patch).
 """
 import triton
@@ -31,8 +31,6 @@ DW_CONFIGS = [
     triton.Config({"BD": 128, "BK": 128, "BM": 32}, num_warps=8, num_stages=3),
     triton.Config({"BD": 128, "BK": 64, "BM": 64}, num_warps=4, num_stages=3),
 ]
-# The host sizes the split count for tiles of this edge (the split does not depend on the config).
-DW_NOMINAL_TILE = 128
 
 # (BM, BK, BD): a BM x BK tile of the pixel gradient, reducing over BD embedding columns.
 DX_CONFIGS = [
@@ -82,7 +80,7 @@ def _load_patch_tile(img_ptr, row_off, row_mask, ks, K, stride_c, stride_h, stri
 
 @autotune(configs=FWD_CONFIGS, key=["M", "D", "K"])
 @triton.jit
-def _patch_embed_fwd(
+def patch_embed_fwd(
     out_ptr, stride_ob, stride_ol, stride_od,             # (B, L, D) tokens, L = P + N
     img_ptr, stride_ib, stride_ic, stride_ih, stride_iw,  # (B, C, H, W) pixels
     w_ptr, stride_wd, stride_wk,                          # (D, K) conv weight, K = (c, kh, kw)
@@ -146,7 +144,7 @@ def _patch_embed_fwd(
 
 @autotune(configs=DW_CONFIGS, key=["M", "D", "K", "SPLIT"])
 @triton.jit
-def _patch_embed_bwd_dw(
+def patch_embed_bwd_dw(
     dw_ptr, stride_ws, stride_wd, stride_wk,              # (SPLIT, D, K) fp32 partial sums
     g_ptr, stride_gb, stride_gl, stride_gd,               # (B, P + N, D) output gradient
     img_ptr, stride_ib, stride_ic, stride_ih, stride_iw,  # (B, C, H, W) pixels
@@ -186,7 +184,7 @@ def _patch_embed_bwd_dw(
 
 @autotune(configs=DX_CONFIGS, key=["M", "D", "K"])
 @triton.jit
-def _patch_embed_bwd_dx(
+def patch_embed_bwd_dx(
     dx_ptr, stride_xb, stride_xc, stride_xh, stride_xw,   # (B, C, H, W) pixel gradient
     g_ptr, stride_gb, stride_gl, stride_gd,               # (B, P + N, D) output gradient
     w_ptr, stride_wd, stride_wk,                          # (D, K) conv weight, K = (c, kh, kw)

@@ -128,7 +128,7 @@ def _small_ints(*shape, dtype=torch.float32, low=-2, high=3):
 
 @pytest.mark.parametrize("image_dtype", [torch.float32, torch.bfloat16])
 def test_bf16_patch_embed_with_forced_triton_equals_torch_path(image_dtype, monkeypatch):
-    from vtok_fast.patch_embedding import patch_embed, patch_embed_reference
+    from vtok_fast.encode.patch_embed import patch_embed, patch_embed_reference
 
     bf = torch.bfloat16
     images = _small_ints(2, 3, 8, 12, dtype=image_dtype).requires_grad_()    # 2 x 3 patches of 4x4

@@ -6,7 +6,7 @@ import torch.nn as nn
 from helpers import assert_close
 
 import vtok_fast
-from vtok_fast.patch_embedding import PatchEmbed, patch_embed, patch_embed_reference
+from vtok_fast.encode.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
 
 
 
@@ -103,9 +103,9 @@ def test_forward_and_grads_match_float64(case, backend, dtype, monkeypatch):
 def test_weight_grad_split_over_rows(triton_backend, monkeypatch):
     """dW reduces M = B*N rows in several programs per tile (fp32 partials, then one sum),
     with an uneven last slice."""
-    import vtok_fast.patch_embedding as host
+    import vtok_fast.encode.patch_embed as host
 
-    monkeypatch.setattr(host, "_num_sms", lambda device: 64)
+    monkeypatch.setattr(host, "sm_count", lambda device: 64)
     B, C, H, W, p, D = 5, 3, 160, 160, 16, 32
     N, K = (H // p) * (W // p), C * p * p  # M = 500 rows: two slices of 256 and 244
     x, params = make_inputs(B, C, H, W, p, p, D, 1, True, True, True, torch.float32, image_grad=False)

@@ -71,8 +71,8 @@ def aot_report(arch: int) -> list[dict]:
     """Compile every kernel x launched config x dtype variant for ``sm_<arch>``."""
     import triton.language as tl
 
-    from vtok_fast.kernels.patch_embed import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, _patch_embed_bwd_dw,
-                                               _patch_embed_bwd_dx, _patch_embed_fwd)
+    from vtok_fast.kernels.patch_embed import (DW_CONFIGS, DX_CONFIGS, FWD_CONFIGS, patch_embed_bwd_dw,
+                                               patch_embed_bwd_dx, patch_embed_fwd)
 
     dot_dtype = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
     report = []
@@ -94,13 +94,13 @@ def aot_report(arch: int) -> list[dict]:
             # 16-bit-weight variants
             for p in ((16, 14) if i == 0 and weight != "fp32" else (16,)):
                 add("fwd", variant, config, p,
-                    compile_launch(_patch_embed_fwd, pointers, flags, config, arch, p))
+                    compile_launch(patch_embed_fwd, pointers, flags, config, arch, p))
     # optional operands absent, IEEE fp32 products
     pointers = {name: "fp32" for name in ("out_ptr", "img_ptr", "w_ptr", "bias_ptr", "pos_ptr",
                                           "pre_ptr", "scale_ptr", "shift_ptr")}
     flags = dict(HAS_BIAS=False, HAS_POS=False, HAS_NORM=True, ALLOW_TF32=False)
     add("fwd_ieee", ("fp32", "fp32", "fp32"), FWD_CONFIGS[-1], 16,
-        compile_launch(_patch_embed_fwd, pointers, flags, FWD_CONFIGS[-1], arch, 16))
+        compile_launch(patch_embed_fwd, pointers, flags, FWD_CONFIGS[-1], arch, 16))
 
     for variant in DW_VARIANTS:
         img, weight, grad = variant
@@ -109,14 +109,14 @@ def aot_report(arch: int) -> list[dict]:
                         shift_ptr="fp32" if norm else weight)
         flags = dict(HAS_NORM=norm, ALLOW_TF32=weight == "fp32", DOT_DTYPE=dot_dtype[weight])
         for config in DW_CONFIGS:
-            add("dw", variant, config, 16, compile_launch(_patch_embed_bwd_dw, pointers, flags, config, arch, 16))
+            add("dw", variant, config, 16, compile_launch(patch_embed_bwd_dw, pointers, flags, config, arch, 16))
 
     for variant in DX_VARIANTS:
         img, weight, grad = variant
         pointers = dict(dx_ptr=img, g_ptr=grad, w_ptr=weight, scale_ptr="fp32")
         flags = dict(HAS_NORM=True, ALLOW_TF32=weight == "fp32")
         for config in DX_CONFIGS:
-            add("dx", variant, config, 16, compile_launch(_patch_embed_bwd_dx, pointers, flags, config, arch, 16))
+            add("dx", variant, config, 16, compile_launch(patch_embed_bwd_dx, pointers, flags, config, arch, 16))
     return report
 
 

@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     # fused patch embedding
-    "patch_embed": "vtok_fast.patch_embedding",
-    "patch_embed_reference": "vtok_fast.patch_embedding",
-    "PatchEmbed": "vtok_fast.patch_embedding",
+    "patch_embed": "vtok_fast.encode.patch_embed",
+    "patch_embed_reference": "vtok_fast.encode.patch_embed",
+    "PatchEmbed": "vtok_fast.encode.patch_embed",
     # nearest-codebook search and vector quantization
     "codebook_search": "vtok_fast.codebook",
     "codebook_search_reference": "vtok_fast.codebook",
@@ -26,23 +26,27 @@ _EXPORTS = {
     "merge_source": "vtok_fast.tome",
     "parse_r": "vtok_fast.tome",
     "tome_merge": "vtok_fast.tome_fused",
-    # subpackages
+}
+
+# public name -> module exposed under that name
+_MODULES = {
     "patch": "vtok_fast.patch",
     "viz": "vtok_fast.viz",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted({*_EXPORTS, *_MODULES})
 
 
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
         raise AttributeError(f"module 'vtok_fast' has no attribute {name!r}")
-    mod = importlib.import_module(module)
-    value = mod if module.endswith("." + name) else getattr(mod, name)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__all__))

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
+from vtok_fast._launch import cdiv, sm_count
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 IMAGE_DTYPES = (*FLOAT_DTYPES, torch.uint8)
@@ -257,14 +258,8 @@ def _allow_tf32(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _forward_triton(images, weight, bias, pos, prefix, scale, shift, covers, out_dtype):
-    from vtok_fast.kernels.patch_embed import _patch_embed_fwd
+    from vtok_fast.kernels.patch_embed import patch_embed_fwd
 
     B, C, H, W = images.shape
     D, _, ph, pw = weight.shape
@@ -286,9 +281,9 @@ def _forward_triton(images, weight, bias, pos, prefix, scale, shift, covers, out
     shift_t = weight if shift is None else shift
 
     def grid(meta):
-        return (triton_cdiv(M, meta["BM"]) * triton_cdiv(D, meta["BN"]),)
+        return (cdiv(M, meta["BM"]) * cdiv(D, meta["BN"]),)
 
-    _patch_embed_fwd[grid](
+    patch_embed_fwd[grid](
         out, *out.stride(),
         images, *images.stride(),
         w2, *w2.stride(),
@@ -301,19 +296,20 @@ def _forward_triton(images, weight, bias, pos, prefix, scale, shift, covers, out
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _dot_dtype(weight: torch.Tensor):
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[weight.dtype]
 
 
+# dW splits its row reduction so that about two programs per SM run; the split count is sized for
+# tiles of this edge (it does not depend on the autotuned config).
+_DW_SPLIT_TILE = 128
+
+
 def _weight_grad_triton(grad, images, weight, scale, shift, P):
     """Split-M reduction: ``SPLIT`` programs per (D, K) tile write fp32 partials, then one sum."""
-    from vtok_fast.kernels.patch_embed import DW_NOMINAL_TILE, _patch_embed_bwd_dw
+    from vtok_fast.kernels.patch_embed import patch_embed_bwd_dw
 
     B, C, H, W = images.shape
     D, _, ph, pw = weight.shape
@@ -322,16 +318,16 @@ def _weight_grad_triton(grad, images, weight, scale, shift, P):
     M, K = B * N, C * ph * pw
     if M == 0:
         return torch.zeros_like(weight)
-    tiles = triton_cdiv(D, DW_NOMINAL_TILE) * triton_cdiv(K, DW_NOMINAL_TILE)
-    split = max(1, min(triton_cdiv(2 * _num_sms(images.device), tiles), triton_cdiv(M, 256)))
+    tiles = cdiv(D, _DW_SPLIT_TILE) * cdiv(K, _DW_SPLIT_TILE)
+    split = max(1, min(cdiv(2 * sm_count(images.device), tiles), cdiv(M, 256)))
     partial = torch.empty(split, D, K, dtype=torch.float32, device=images.device)
     scale_t = weight if scale is None else scale
     shift_t = weight if shift is None else shift
 
     def grid(meta):
-        return (triton_cdiv(D, meta["BD"]) * triton_cdiv(K, meta["BK"]), split)
+        return (cdiv(D, meta["BD"]) * cdiv(K, meta["BK"]), split)
 
-    _patch_embed_bwd_dw[grid](
+    patch_embed_bwd_dw[grid](
         partial, *partial.stride(),
         grad, *grad.stride(),
         images, *images.stride(),
@@ -346,7 +342,7 @@ def _weight_grad_triton(grad, images, weight, scale, shift, P):
 
 def _input_grad_triton(grad, shape, dtype, weight, scale, P):
     """``dx = (dY W) * s`` written once per pixel (stride = patch: no overlaps, no atomics)."""
-    from vtok_fast.kernels.patch_embed import _patch_embed_bwd_dx
+    from vtok_fast.kernels.patch_embed import patch_embed_bwd_dx
 
     B, C, H, W = shape
     D, _, ph, pw = weight.shape
@@ -360,9 +356,9 @@ def _input_grad_triton(grad, shape, dtype, weight, scale, P):
     scale_t = weight if scale is None else scale
 
     def grid(meta):
-        return (triton_cdiv(M, meta["BM"]) * triton_cdiv(K, meta["BK"]),)
+        return (cdiv(M, meta["BM"]) * cdiv(K, meta["BK"]),)
 
-    _patch_embed_bwd_dx[grid](
+    patch_embed_bwd_dx[grid](
         dx, *dx.stride(),
         grad, *grad.stride(),
         w2, *w2.stride(),

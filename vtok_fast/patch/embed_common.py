@@ -3,14 +3,14 @@
 Shared by the timm and Hugging Face patchers. The unfused path is
 ``cat(prefix, conv2d(images).flatten(2).transpose(1, 2)) + pos``; its result dtype, with and
 without autocast, is what the fused call returns (the rules:
-``vtok_fast.patch_embedding.patch_embed_like_conv``).
+``vtok_fast.encode.patch_embed.patch_embed_like_conv``).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch_embedding import patch_embed_like_conv
+from vtok_fast.encode.patch_embed import patch_embed_like_conv
 
 
 def conv_is_plain_patchify(proj: nn.Module, patch_size: tuple[int, int]) -> str | None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from vtok_fast.patch._common import bind, is_patched, patch, restore, warn_not_applied
-from vtok_fast.patch._fused_embed import conv_is_plain_patchify, embed_tokens
+from vtok_fast.patch.embed_common import conv_is_plain_patchify, embed_tokens
 
 FEATURE = "hf_embed"
 _PATCHER = "vtok_fast.patch.hf fused patch embedding"

@@ -26,12 +26,18 @@ _EXPORTS = {
     "merge_source": "vtok_fast.tome",
     "parse_r": "vtok_fast.tome",
     "tome_merge": "vtok_fast.tome_fused",
+    # measurement
+    "count_tokens": "vtok_fast.measure.budget",
+    "TokenBudget": "vtok_fast.measure.budget",
 }
 
 # public name -> module exposed under that name
 _MODULES = {
     "patch": "vtok_fast.patch",
     "viz": "vtok_fast.viz",
+    "measure": "vtok_fast.measure",
+    "budget": "vtok_fast.measure.budget",
+    "metrics": "vtok_fast.measure.metrics",
 }
 
 __all__ = sorted({*_EXPORTS, *_MODULES})

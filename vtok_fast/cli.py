@@ -1,4 +1,4 @@
-"""``vtok-fast`` command line: ``info`` and ``bench``."""
+"""``vtok-fast`` command line: ``info``, ``bench`` and ``budget``."""
 from __future__ import annotations
 
 import argparse
@@ -123,8 +123,11 @@ def main(argv=None) -> int:
                    help="folder for the JSON results, <op>_<cpu|gpu>.json (default: bench/results)")
     b.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per provider")
     b.add_argument("--no-progress", action="store_true")
+    from vtok_fast.measure.budget_cli import add_budget_parser, run_budget
+
+    add_budget_parser(sub)
     args = parser.parse_args(argv)
-    return {"info": _info, "bench": _bench}[args.command](args)
+    return {"info": _info, "bench": _bench, "budget": run_budget}[args.command](args)
 
 
 if __name__ == "__main__":

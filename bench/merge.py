@@ -1,0 +1,230 @@
+"""Merger / projector benchmark: the fused drop-in modules against the real ones, in one run.
+
+Providers: ``vtok_fast`` (the drop-in module of ``vtok_fast.project.modules``, loaded with the
+real module's weights); ``eager`` (the real module: transformers / timm code); ``torch.compile``
+of the real module's forward.
+
+Cases (GPU sizes from the issue; CPU sizes reduced so a full run stays within a few minutes):
+
+- ``qwen2vl``: Qwen2-VL's ``PatchMerger``, N = 4,096 patches (CPU: 1,024) of C = 1,280, 2x2
+  windows already contiguous, LayerNorm over C, Linear 5,120 -> 5,120, GELU, Linear -> 3,584;
+- ``internvl``: InternVL's ``pixel_shuffle`` + ``InternVLMultiModalProjector`` on 1,024 tokens
+  (32 x 32, plus CLS, dropped) of C = 1,024, LayerNorm over 4,096, Linear -> 4,096, GELU,
+  Linear -> 4,096; B = 8 on GPU, 1 on CPU;
+- ``swin_b_stage2``: timm Swin-B's ``PatchMerging`` between stages 1 and 2, (B, 56, 56, 128) ->
+  (B, 28, 28, 256); B = 64 on GPU, 8 on CPU.
+
+fp32 on CPU, bf16 on CUDA. The summary reports each case against the targets (CPU: vtok_fast time
+<= 1.0x eager; GPU: >= 1.5x eager and >= 1.1x torch.compile, bf16) and the bytes a forward must
+move (fused kernel vs eager) against the memory-bandwidth bound.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vtok_fast.bench.harness import Case, Provider
+
+OP = "merge"
+MODES = ("forward", "full")
+TARGETS = {"cpu_vs_eager": 1.0, "gpu_vs_eager": 1.5, "gpu_vs_compile": 1.1}
+GPU_BANDWIDTH_GBS = 4800.0  # H200 HBM3e; H100 SXM: 3350
+
+
+def _sizes(name: str, quick: bool, gpu: bool) -> dict:
+    """Problem sizes: tokens in, merged rows R, first Linear K -> H, second H -> D (0: none)."""
+    if name == "qwen2vl":
+        n, c, d = (64, 64, 96) if quick else (4096 if gpu else 1024, 1280, 3584)
+        return dict(B=1, N=n, C=c, R=n // 4, K=4 * c, H=4 * c, D=d, gather=False, act=True)
+    if name == "internvl":
+        b, side, c, d = (1, 8, 32, 64) if quick else (8 if gpu else 1, 32, 1024, 4096)
+        return dict(B=b, N=b * (side * side + 1), C=c, side=side, R=b * side * side // 4, K=4 * c, H=d, D=d,
+                    gather=True, act=True)
+    b, side, c = (1, 8, 16) if quick else (64 if gpu else 8, 56, 128)
+    return dict(B=b, N=b * side * side, C=c, side=side, R=b * side * side // 4, K=4 * c, H=2 * c, D=0,
+                gather=True, act=False, pad=True)
+
+
+def _randomized(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(noise * 0.02 if p.dim() > 1 else 1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+    return module
+
+
+def _make_inputs(name: str, sizes: dict):
+    def make(device: torch.device) -> dict:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        gen = torch.Generator().manual_seed(0)
+        if name == "qwen2vl":
+            from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger as Real
+
+            from vtok_fast.project.modules import PatchMerger
+            real = Real(dim=sizes["D"], context_dim=sizes["C"])
+            ours = PatchMerger(sizes["D"], sizes["C"])
+            x = torch.randn(sizes["N"], sizes["C"], generator=gen)
+
+            def real_fn(t):
+                return real(t)
+        elif name == "internvl":
+            from transformers import InternVLConfig
+            from transformers.models.internvl.modeling_internvl import InternVLModel, InternVLMultiModalProjector
+
+            from vtok_fast.project.modules import PixelShuffleProjector
+            config = InternVLConfig(vision_config=dict(hidden_size=sizes["C"], num_attention_heads=8),
+                                    text_config=dict(model_type="qwen2", hidden_size=sizes["D"],
+                                                     num_attention_heads=32, num_key_value_heads=8))
+            real = InternVLMultiModalProjector(config)
+            ours = PixelShuffleProjector(config)
+            side, b = sizes["side"], sizes["B"]
+            x = torch.randn(b, side * side + 1, sizes["C"], generator=gen)
+
+            def real_fn(t):  # InternVLModel.get_image_features after the tower ("default": CLS dropped)
+                t = t[:, 1:].reshape(b, side, side, -1)
+                t = InternVLModel.pixel_shuffle(None, t, scale_factor=config.downsample_ratio)
+                return real(t.reshape(b, -1, t.shape[-1]))
+        else:
+            from timm.models.swin_transformer import PatchMerging
+
+            from vtok_fast.project.modules import SwinPatchMerging
+            real = PatchMerging(sizes["C"], sizes["H"])
+            ours = SwinPatchMerging(sizes["C"], sizes["H"])
+            x = torch.randn(sizes["B"], sizes["side"], sizes["side"], sizes["C"], generator=gen)
+
+            def real_fn(t):
+                return real(t)
+        _randomized(real, gen)
+        ours.load_state_dict(real.state_dict(), strict=True)
+        real.to(device, dtype)
+        ours.to(device, dtype)
+        kw = {"prefix": 1} if name == "internvl" else {}
+        return dict(x=x.to(device, dtype).requires_grad_(), real=real_fn, ours=lambda t: ours(t, **kw),
+                    sizes=sizes, name=name)
+    return make
+
+
+def cases(quick: bool, device) -> list[Case]:
+    gpu = torch.device(device).type == "cuda"
+    out = []
+    for name in ("qwen2vl", "internvl", "swin_b_stage2"):
+        s = _sizes(name, quick, gpu)
+        flops = 2.0 * s["R"] * s["K"] * s["H"] + 2.0 * s["R"] * s["H"] * s["D"]
+        params = {k: v for k, v in s.items() if isinstance(v, (int, bool))}
+        out.append(Case(name, params, _make_inputs(name, s), flops=flops))
+    return out
+
+
+def _vtok(inputs):
+    fn, x = inputs["ours"], inputs["x"]
+    return lambda: fn(x)
+
+
+def _eager(inputs):
+    fn, x = inputs["real"], inputs["x"]
+    return lambda: fn(x)
+
+
+def _compiled(inputs):
+    # one graph per (case, grad mode): keep them all
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    fn, x = torch.compile(inputs["real"]), inputs["x"]
+    return lambda: fn(x)
+
+
+def providers(device=None) -> list[Provider]:
+    return [Provider("vtok_fast", _vtok), Provider("eager", _eager), Provider("torch.compile", _compiled)]
+
+
+# --- bytes moved and the memory-bandwidth bound -------------------------------------------------------
+
+def bytes_moved(params: dict, element: int) -> dict:
+    """Bytes a forward must move through memory (each tensor written / read once).
+
+    ``fused``: the fused kernel's traffic: the tokens twice (statistics pass + GEMM), the
+    weights, the first Linear's output (written, then read by the second Linear) and the result.
+    ``eager``: the real module's, adding the gathered copy (written + read), the normalized copy
+    (written + read), the pre-activation (written + read) and Swin's zero-pad copy.
+    """
+    R, K, H, D, N, C = (params[k] for k in ("R", "K", "H", "D", "N", "C"))
+    weights = K * H + H * D + 2 * K + H + D
+    out = R * H + (2 * R * H + R * D if D else 0)  # first output (+ read and second output)
+    fused = element * (2 * N * C + weights + out)
+    extra = 2 * R * K * (2 if params["gather"] else 1)
+    extra += 2 * R * H if params["act"] else 0
+    extra += 2 * N * C if params.get("pad") else 0
+    return {"fused": fused, "eager": fused - element * N * C + element * extra}
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Measured device-memory bandwidth (read + write of a 256 MiB copy), GB/s."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def _median(results, case, provider, mode):
+    for r in results:
+        if (r.case, r.provider, r.mode) == (case, provider, mode) and r.median_ms:
+            return r.median_ms
+    return None
+
+
+def summarize(results, device, bandwidth_gbs: float | None = None) -> tuple[str, dict]:
+    """Ratios against the issue's targets, and bytes moved against the bandwidth bound."""
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    if bandwidth_gbs is None:
+        bandwidth_gbs = GPU_BANDWIDTH_GBS if gpu else copy_bandwidth_gbs(device)
+    element = 2 if gpu else 4
+    lines, summary = [], {"bandwidth_gbs": bandwidth_gbs}
+    if gpu:
+        lines.append(f"GPU targets (bf16): vtok_fast >= {TARGETS['gpu_vs_eager']}x eager and "
+                     f">= {TARGETS['gpu_vs_compile']}x torch.compile")
+    else:
+        lines.append(f"CPU target: vtok_fast / eager time ratio <= {TARGETS['cpu_vs_eager']:.1f}")
+    params = {r.case: r.params for r in results}
+    for case in dict.fromkeys(r.case for r in results):
+        for mode in MODES:
+            ours = _median(results, case, "vtok_fast", mode)
+            eager = _median(results, case, "eager", mode)
+            compiled = _median(results, case, "torch.compile", mode)
+            if not (ours and eager):
+                continue
+            key = f"{case}/{mode}"
+            if gpu:
+                s_eager = eager / ours
+                s_comp = compiled / ours if compiled else None
+                ok = s_eager >= TARGETS["gpu_vs_eager"] and (s_comp is None or s_comp >= TARGETS["gpu_vs_compile"])
+                summary[key] = {"speedup_vs_eager": s_eager, "speedup_vs_compile": s_comp, "target_met": ok}
+                comp = "" if s_comp is None else f", {s_comp:.2f}x vs torch.compile"
+                lines.append(f"  {key:<24} {s_eager:.2f}x vs eager{comp}  {'ok' if ok else 'MISSED'}")
+            else:
+                ratio = ours / eager
+                comp = f" (torch.compile / eager {compiled / eager:.2f})" if compiled else ""
+                summary[key] = {"ratio_vs_eager": ratio, "target_met": ratio <= TARGETS["cpu_vs_eager"]}
+                lines.append(f"  {key:<24} ratio {ratio:.2f}{comp}  "
+                             f"{'ok' if ratio <= TARGETS['cpu_vs_eager'] else 'MISSED'}")
+    lines.append(f"Bytes moved per forward vs the memory-bandwidth bound ({bandwidth_gbs:.0f} GB/s"
+                 f"{'' if gpu else ', measured copy'}):")
+    for case, p in params.items():
+        moved = bytes_moved(p, element)
+        bound_ms = moved["fused"] / (bandwidth_gbs * 1e9) * 1e3
+        ours = _median(results, case, "vtok_fast", "forward")
+        summary[f"{case}/bytes"] = dict(moved, bound_ms=bound_ms, forward_ms=ours)
+        share = f", vtok_fast forward {ours:.2f} ms = {bound_ms / ours:.0%} of it" if ours else ""
+        lines.append(f"  {case:<16} fused {moved['fused'] / 2**20:7.1f} MiB, eager {moved['eager'] / 2**20:7.1f} MiB;"
+                     f" bandwidth bound {bound_ms:.3f} ms{share}")
+    lines.append("  (the GEMMs dominate these cases: their FLOP bound, not bytes, sets the floor; "
+                 "see the TFLOP/s column)")
+    return "\n".join(lines), {"summary": summary}

@@ -1,0 +1,405 @@
+"""merge_project: Triton (interpreter on CPU) and PyTorch paths against the eager reference and a
+float64 ground truth; window orders, norms, prefix, tails, every gradient, autocast,
+torch.compile, bad input, and ahead-of-time compilation for sm_80 / sm_90."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import aot_reports, assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
+from vtok_fast.project.merge_project import merge_project, merge_project_reference, window_positions
+
+# (norm, norm_type) combinations of the real modules: none (LLaVA), Qwen2-VL / Qwen2.5-VL
+# (pre-concat LayerNorm / RMS), Swin / InternVL (post-concat LayerNorm), and post-concat RMS.
+NORMS = [(None, "layernorm"), ("pre_concat", "layernorm"), ("pre_concat", "rmsnorm"),
+         ("post_concat", "layernorm"), ("post_concat", "rmsnorm")]
+ORDERS = ["swin", "row_major", "contiguous"]
+
+
+def make_inputs(B, h, w, C, D, s, *, prefix=0, norm="post_concat", norm_type="layernorm", bias=True,
+                dtype=torch.float32, shift=0.0):
+    """Tokens ``(B, prefix + h*w, C)`` and the op's parameters, all leaves requiring grad.
+    ``shift`` offsets the tokens (a large mean tests the norm's statistics)."""
+    K = s * s * C
+    p = {"tokens": torch.randn(B, prefix + h * w, C) + shift, "weight": torch.randn(D, K) / K ** 0.5}
+    p["bias"] = torch.randn(D) if bias else None
+    if norm is not None:
+        width = C if norm == "pre_concat" else K
+        p["norm_weight"] = 1 + 0.5 * torch.randn(width)
+        p["norm_bias"] = 0.5 * torch.randn(width) if norm_type == "layernorm" else None
+    p = {k: (None if v is None else v.to(dtype).requires_grad_()) for k, v in p.items()}
+    return p
+
+
+def call(fn, p, grid, **kw):
+    tensors = {k: v for k, v in p.items() if k != "tokens"}
+    return fn(p["tokens"], grid, **tensors, **kw)
+
+
+def float64_copy(p):
+    return {k: (None if v is None else v.detach().double().requires_grad_()) for k, v in p.items()}
+
+
+def grads(out, p, g):
+    leaves = [k for k, v in p.items() if v is not None]
+    return dict(zip(leaves, torch.autograd.grad(out, [p[k] for k in leaves], g)))
+
+
+def check_against_float64(p, grid, dtype, *, check_grads=True, **kw):
+    """Output (and every gradient) of merge_project vs the float64 reference; output also vs the
+    eager reference at the same dtype."""
+    out = call(merge_project, p, grid, **kw)
+    p64 = float64_copy(p)
+    want = call(merge_project_reference, p64, grid, **kw)
+    K = p["weight"].shape[1]
+    assert out.dtype == p["weight"].dtype and out.shape == want.shape
+    assert_close(out, want.detach(), dtype=dtype, reduction=K, msg="output vs float64")
+    same_dtype = call(merge_project_reference, {k: (None if v is None else v.detach()) for k, v in p.items()},
+                      grid, **kw)
+    assert_close(out, same_dtype.double(), dtype=dtype, reduction=K, msg="output vs eager reference")
+    if not check_grads:
+        return
+    g = torch.randn_like(out)
+    got, expected = grads(out, p, g), grads(want, p64, g.double())
+    # gradients reduce over the merged rows (weight, biases, norm affine) or over D then the norm
+    # row (tokens): the longest of those sums sets the fp32 error growth
+    reduction = max(out.numel() // out.shape[-1], p["weight"].shape[0], K)
+    for name in got:
+        assert got[name].dtype == p[name].dtype, name
+        assert_close(got[name], expected[name], dtype=dtype, reduction=reduction, msg=f"grad {name}")
+
+
+# --- correctness -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("norm, norm_type", NORMS)
+@pytest.mark.parametrize("window", [2, 3])
+def test_matches_float64_fp32(backend, order, norm, norm_type, window):
+    s = window
+    p = make_inputs(2, 2 * s, 3 * s, 24, 20, s, prefix=1, norm=norm, norm_type=norm_type)
+    check_against_float64(p, (2 * s, 3 * s), torch.float32, window=s, order=order, norm=norm,
+                          norm_type=norm_type, activation="gelu", prefix=1)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("norm", ["pre_concat", "post_concat"])
+def test_several_tiles_and_channel_tails(backend, order, norm):
+    # Triton tiles under the interpreter: BM = BN = 64, BK = 32. M = 2 * 8 * 9 = 144 rows (3 row
+    # tiles), D = 80 (2 column tiles), C = 40 (a full and a masked 8-wide channel step per window
+    # position); a large token mean checks the chunked statistics.
+    p = make_inputs(2, 16, 18, 40, 80, 2, norm=norm, shift=20.0)
+    check_against_float64(p, (16, 18), torch.float32, window=2, order=order, norm=norm, activation="silu")
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "silu", "relu"])
+def test_activations(backend, activation):
+    p = make_inputs(1, 4, 4, 8, 16, 2, norm="pre_concat", bias=activation != "relu")
+    check_against_float64(p, (4, 4), torch.float32, window=2, order="swin", norm="pre_concat",
+                          activation=activation)
+
+
+@pytest.mark.parametrize("norm, norm_type", NORMS)
+def test_fp16_triton(triton_backend, norm, norm_type):
+    # fp16 tokens and weights: tensor-core products on GPUs, fp32 statistics and accumulation.
+    # The normalized operand is rounded to fp16 before the product (as nn.LayerNorm's fp16 output
+    # is before nn.Linear), so the float64 comparison is at fp16 resolution.
+    p = make_inputs(2, 4, 6, 40, 24, 2, prefix=2, norm=norm, norm_type=norm_type, dtype=torch.float16)
+    check_against_float64(p, (4, 6), torch.float16, window=2, order="row_major", norm=norm,
+                          norm_type=norm_type, activation="gelu", prefix=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_torch_path(torch_backend, dtype):
+    # bf16 tl.dot is wrong in the interpreter: bf16 runs the PyTorch path here (and on GPU tests)
+    p = make_inputs(2, 4, 4, 16, 24, 2, norm="post_concat", dtype=dtype)
+    check_against_float64(p, (4, 4), dtype, window=2, order="swin", norm="post_concat", activation="gelu")
+
+
+def test_bf16_under_the_interpreter_runs_the_torch_path(triton_backend):
+    p = make_inputs(1, 4, 4, 16, 8, 2, dtype=torch.bfloat16)
+    check_against_float64(p, (4, 4), torch.bfloat16, window=2, check_grads=False)
+
+
+def test_backends_agree(monkeypatch):
+    p = make_inputs(2, 6, 4, 12, 16, 2, prefix=1, norm="post_concat")
+    outs = []
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("VTOK_FAST_BACKEND", name)
+        outs.append(call(merge_project, p, (6, 4), window=2, order="swin", activation="gelu", prefix=1))
+    assert_close(outs[1], outs[0].detach().double(), dtype=torch.float32, reduction=4 * 12)
+
+
+def test_gather_orders_are_the_real_modules(torch_backend):
+    # integer channels = token index: the merged rows list exactly the tokens the real modules
+    # concatenate (Swin: column-major windows, InternVL: row-major, Qwen: consecutive)
+    h, w, s = 4, 6, 2
+    tokens = torch.arange(h * w, dtype=torch.float32).view(1, h * w, 1)
+    eye = torch.eye(s * s)
+    rows = {o: merge_project(tokens, (h, w), weight=eye, window=s, order=o, norm=None)[0] for o in ORDERS}
+    assert rows["swin"][0].tolist() == [0, 6, 1, 7] and rows["swin"][1].tolist() == [2, 8, 3, 9]
+    assert rows["row_major"][0].tolist() == [0, 1, 6, 7] and rows["row_major"][3].tolist() == [12, 13, 18, 19]
+    assert rows["contiguous"][1].tolist() == [4, 5, 6, 7]
+    grid = tokens.view(1, h, w, 1)
+    swin = grid.reshape(1, h // 2, 2, w // 2, 2, 1).permute(0, 1, 3, 4, 2, 5).flatten(3)  # timm >= 1.0
+    assert torch.equal(rows["swin"], swin.reshape(-1, 4))
+    assert window_positions(2, "swin") == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+def test_window_one_is_a_plain_linear(backend):
+    x = torch.randn(3, 5, 16)
+    weight, bias = torch.randn(8, 16), torch.randn(8)
+    out = merge_project(x.reshape(-1, 16), None, weight=weight, bias=bias, window=1, order="contiguous",
+                        norm=None, activation="gelu")
+    assert_close(out, F.gelu(F.linear(x.double(), weight.double(), bias.double())).reshape(15, 8),
+                 dtype=torch.float32, reduction=16)
+
+
+def test_contiguous_2d_tokens_without_grid(backend):
+    p = make_inputs(1, 4, 4, 8, 12, 2, norm="pre_concat")
+    flat = p["tokens"].detach()[0].requires_grad_()
+    out = merge_project(flat, None, weight=p["weight"], bias=p["bias"], window=2, order="contiguous",
+                        norm="pre_concat", norm_weight=p["norm_weight"], norm_bias=p["norm_bias"])
+    want = call(merge_project, p, (4, 4), window=2, order="contiguous", norm="pre_concat")
+    assert out.shape == (4, 12)
+    torch.testing.assert_close(out, want[0])
+
+
+def test_prefix_tokens_are_kept_apart(backend):
+    p = make_inputs(2, 4, 4, 8, 12, 2, prefix=3)
+    out = call(merge_project, p, (4, 4), window=2, activation="gelu", prefix=3)
+    body = dict(p, tokens=p["tokens"].detach()[:, 3:])
+    torch.testing.assert_close(out, call(merge_project, body, (4, 4), window=2, activation="gelu"))
+    changed = dict(p, tokens=p["tokens"].detach().clone())
+    changed["tokens"][:, :3] = 1e4
+    torch.testing.assert_close(out, call(merge_project, changed, (4, 4), window=2, activation="gelu", prefix=3))
+    (d_tokens,) = torch.autograd.grad(out.sum(), p["tokens"])
+    assert d_tokens[:, :3].eq(0).all() and d_tokens[:, 3:].abs().sum() > 0
+
+
+def test_strided_tokens(backend):
+    base = torch.randn(2, 16, 24)
+    x = base[:, :, 4:20]  # channel stride 1, token stride 24: read in place
+    p = make_inputs(2, 4, 4, 16, 8, 2)
+    p["tokens"] = x.requires_grad_(False)
+    check_against_float64(p, (4, 4), torch.float32, window=2, check_grads=False)
+
+
+def test_no_grad_and_inference_mode(backend):
+    p = make_inputs(1, 4, 4, 8, 8, 2)
+    with torch.no_grad():
+        a = call(merge_project, p, (4, 4), activation="gelu")
+    with torch.inference_mode():
+        b = call(merge_project, p, (4, 4), activation="gelu")
+    torch.testing.assert_close(a, b)
+    assert not a.requires_grad
+
+
+def test_empty_batch(backend):
+    p = make_inputs(1, 4, 4, 8, 8, 2)
+    p["tokens"] = torch.randn(0, 16, 8)
+    assert call(merge_project, p, (4, 4)).shape == (0, 4, 8)
+
+
+def test_autocast_matches_eager_modules():
+    # LayerNorm in fp32, Linear in bf16: the dtype and values of nn.LayerNorm + nn.Linear
+    ln, lin = torch.nn.LayerNorm(32), torch.nn.Linear(32, 16)
+    x = torch.randn(2, 16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = merge_project(x, (4, 4), weight=lin.weight, bias=lin.bias, norm_weight=ln.weight,
+                            norm_bias=ln.bias, activation="gelu")
+        rows = x.view(2, 2, 2, 2, 2, 8).permute(0, 1, 3, 4, 2, 5).reshape(2, 4, 32)
+        want = F.gelu(lin(ln(rows)))
+        # without a norm the fp32 tokens are cast too, as nn.Linear's input is
+        plain = merge_project(rows, None, weight=lin.weight, norm=None, window=1, order="contiguous")
+    assert out.dtype == want.dtype == torch.bfloat16 and plain.dtype == torch.bfloat16
+    assert_close(out, want.detach().double(), dtype=torch.bfloat16, reduction=32)
+
+
+def test_torch_compile_fullgraph(backend):
+    p = make_inputs(2, 4, 4, 8, 12, 2, norm="post_concat")
+
+    def fn(t, w, b, g, beta):
+        return merge_project(t, (4, 4), weight=w, bias=b, norm_weight=g, norm_bias=beta, activation="gelu")
+
+    args = (p["tokens"], p["weight"], p["bias"], p["norm_weight"], p["norm_bias"])
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*args)
+    torch.testing.assert_close(out, fn(*args))
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, args, g), torch.autograd.grad(fn(*args), args, g))
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+def _bad(**overrides):
+    kw = dict(tokens=torch.randn(2, 16, 8), grid=(4, 4), weight=torch.randn(6, 32), bias=None,
+              norm_weight=None, norm_bias=None)
+    kw.update(overrides)
+    tokens, grid = kw.pop("tokens"), kw.pop("grid")
+    return lambda: merge_project(tokens, grid, **kw)
+
+
+@pytest.mark.parametrize("call_, err, words", [
+    (_bad(grid=(5, 4), tokens=torch.randn(2, 20, 8)), ValueError,
+     r"grid sides must be divisible by window=2, got grid \(5, 4\)"),
+    (_bad(grid=(4, 4), tokens=torch.randn(2, 15, 8)), ValueError, "needs 16 after the prefix, got 15"),
+    (_bad(grid=(3, 3), window=3, tokens=torch.randn(2, 10, 8), prefix=2), ValueError,
+     "needs 9 after the prefix, got 8"),
+    (_bad(weight=torch.randn(6, 30)), ValueError, r"weight must have window\*\*2 \* C = 2\*\*2 \* 8 = 32 columns"),
+    (_bad(bias=torch.randn(5)), ValueError, "bias must be"),
+    (_bad(bias=torch.randn(6, dtype=torch.float64)), TypeError, "bias must have the weight's dtype"),
+    (_bad(norm="pre_concat", norm_weight=torch.randn(32)), ValueError, r"norm_weight must be \(8,\)"),
+    (_bad(norm_weight=torch.randn(8)), ValueError, r"norm_weight must be \(32,\)"),
+    (_bad(norm_weight=torch.randn(32), norm_bias=torch.randn(32).half()), TypeError, "norm_bias has dtype"),
+    (_bad(norm=None, tokens=torch.randn(2, 16, 8).half()), TypeError, "tokens must have the weight's dtype"),
+    (_bad(norm=None, norm_weight=torch.randn(32)), ValueError, "need norm="),
+    (_bad(norm_type="rmsnorm", norm_bias=torch.randn(32)), ValueError, "norm_bias must be None"),
+    (_bad(order="col_major"), ValueError, "order must be one of"),
+    (_bad(norm="after"), ValueError, "norm must be one of"),
+    (_bad(norm_type="batchnorm"), ValueError, "norm_type must be one of"),
+    (_bad(activation="tanh"), ValueError, "activation must be one of"),
+    (_bad(window=0), ValueError, "window must be >= 1"),
+    (_bad(window=2.0), TypeError, "window must be an int"),
+    (_bad(prefix=-1), ValueError, "prefix must be >= 0"),
+    (_bad(prefix=17), ValueError, "prefix must be <="),
+    (_bad(grid=None), ValueError, "grid .* is required for order='swin'"),
+    (_bad(grid=(4,)), TypeError, "grid must be a pair"),
+    (_bad(grid=None, order="contiguous", tokens=torch.randn(2, 18, 8)), ValueError, "whole number of windows"),
+    (_bad(tokens=torch.randint(0, 3, (2, 16, 8))), TypeError, "tokens must have dtype"),
+    (_bad(tokens=torch.randn(16, 8, 1, 1)), ValueError, "tokens must be"),
+    (_bad(weight=torch.randn(32)), ValueError, "weight must be"),
+    (_bad(tokens=torch.randn(2, 16, 0), weight=torch.randn(6, 0)), ValueError, "C >= 1"),
+    (_bad(eps=-1.0), ValueError, "eps must be"),
+    (_bad(weight=torch.randn(6, 32, device="meta")), ValueError, "weight is on meta"),
+    ([1.0], TypeError, "torch.Tensor"),
+])
+def test_bad_input(call_, err, words):
+    fn = call_ if callable(call_) else (lambda: merge_project(call_, (4, 4), weight=torch.randn(6, 32)))
+    with pytest.raises(err, match=words):
+        fn()
+
+
+# --- ahead-of-time compilation for sm_80 / sm_90 -------------------------------------------------------
+# The suite runs with TRITON_INTERPRET=1; the compiles run in interpreter-free subprocesses that call
+# aot_jobs_merge_project() below (tests/helpers.py's aot_reports).
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+# Qwen2-VL scale launch (tokens viewed (1, L, C)): the run-time integers the JIT specializes on
+QWEN = dict(B=1, L=4096, C=1280, D=5120, s=2)
+
+# (tokens, weight) dtypes the host launches: matching halves, fp32 tokens into a bf16 Linear
+# (autocast), fp32 with IEEE and with TF32 products
+FWD_VARIANTS = [("fp16", "fp16", False), ("bf16", "bf16", False), ("fp32", "bf16", False),
+                ("fp32", "fp32", False), ("fp32", "fp32", True)]
+# module flavours: (ORDER, NORM, activation, bias, SAVE_PRE)
+FLAVOURS = {"qwen": ("contiguous", "pre", "gelu", True, True), "swin": ("swin", "post", "none", False, False),
+            "internvl": ("row_major", "post", "gelu", True, False), "llava": ("contiguous", "none", "gelu", True, True)}
+
+
+def _values():
+    B, L, C, D, s = QWEN["B"], QWEN["L"], QWEN["C"], QWEN["D"], QWEN["s"]
+    K, M = s * s * C, B * L // (s * s)
+    return dict(stride_om=D, stride_od=1, stride_pm=D, stride_pd=1, stride_xb=L * C, stride_xl=C,
+                stride_xc=1, stride_wd=K, stride_wk=1, M=M, R=M, D=D, C=C, P=0, W=64, WS=32)
+
+
+def _compile(kernel, pointers, consts, arch, num_warps, num_stages, floats=()):
+    values = _values()
+    signature, divisible = {}, list(pointers)
+    for name in kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.arg_names:
+        if name in consts:
+            continue
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+        elif name in floats:
+            signature[name] = "fp32"
+        elif values[name] == 1:
+            consts[name] = 1
+        elif values[name] == 0:
+            signature[name] = "i32"
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                divisible.append(name)
+    return compile_for_gpu(kernel, signature, consts, arch=arch, num_warps=num_warps,
+                           num_stages=num_stages, divisible=divisible)
+
+
+def aot_jobs_merge_project(arch: int) -> list[dict]:
+    """Compile the statistics kernel and every forward config x dtype x module flavour for
+    ``sm_<arch>``; one record per compile."""
+    from vtok_fast.kernels import merge_project as km
+
+    records = []
+
+    def run(what, kind, fn):
+        rec = {"what": what, "kind": kind}
+        try:
+            compiled = fn()
+            rec.update(shared=compiled.metadata.shared, tensor_cores=tensor_core_instructions(compiled, arch),
+                       any_mma="mma" in compiled.asm["ptx"])
+        except Exception as exc:  # reported by the test
+            rec["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
+        records.append(rec)
+
+    for tokens in ("fp32", "fp16", "bf16"):
+        for order, per_token, rms in (("contiguous", True, False), ("swin", False, False), ("row_major", False, True)):
+            consts = dict(S=2, ORDER=order, PER_TOKEN=per_token, RMS=rms, BLOCK_M=km.STATS_BLOCK_M,
+                          BLOCK_C=km.STATS_BLOCK_C, stride_xc=1)
+            run(f"stats {tokens} {order} per_token={per_token} rms={rms}", "stats",
+                lambda consts=consts, tokens=tokens: _compile(
+                    km._merge_project_stats, dict(mean_ptr="fp32", rstd_ptr="fp32", x_ptr=tokens), consts,
+                    arch, km.STATS_NUM_WARPS, 1, floats=("eps",)))
+
+    for tokens, weight, tf32 in FWD_VARIANTS:
+        for flavour, (order, norm, act, bias, save) in FLAVOURS.items():
+            configs = km.FWD_CONFIGS if flavour == "qwen" else km.FWD_CONFIGS[:1]
+            for config in configs:
+                tuned, warps, stages = config_constexprs(config)
+                consts = dict(tuned, S=1 if norm == "none" else 2, ORDER=order, NORM=norm, HAS_G=norm != "none",
+                              HAS_BETA=norm != "none", HAS_BIAS=bias, ACTIVATION=act, SAVE_PRE=save,
+                              ALLOW_TF32=tf32, stride_od=1, stride_pd=1, stride_xc=1, stride_wk=1)
+                pointers = dict(out_ptr=weight, pre_ptr=weight, x_ptr=tokens, mean_ptr="fp32", rstd_ptr="fp32",
+                                g_ptr=tokens, beta_ptr=tokens, w_ptr=weight, bias_ptr=weight)
+                kind = "fwd_ieee" if weight == "fp32" and not tf32 else "fwd"
+                run(f"fwd {tokens}->{weight} tf32={tf32} {flavour} {tuned} warps={warps}", kind,
+                    lambda consts=consts, pointers=pointers, warps=warps, stages=stages: _compile(
+                        km._merge_project_fwd, pointers, consts, arch, warps, stages))
+    return records
+
+
+@pytest.fixture(scope="module")
+def aot_records():
+    return aot_reports("test_merge_project", "aot_jobs_merge_project")
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_gpu(arch, aot_records):
+    from vtok_fast.kernels.merge_project import FWD_CONFIGS
+
+    records = aot_records[arch]
+    assert len(records) == 9 + len(FWD_VARIANTS) * (len(FWD_CONFIGS) + len(FLAVOURS) - 1)
+    too_big = []
+    for rec in records:
+        assert "error" not in rec, f"{rec['what']}: {rec.get('error')}"
+        if rec["kind"] == "fwd":  # 16-bit and TF32 products on tensor cores
+            assert rec["tensor_cores"], f"{rec['what']} does not use tensor cores"
+        elif rec["kind"] == "fwd_ieee":  # the IEEE fp32 contract: no TF32 mma
+            assert not rec["any_mma"], rec["what"]
+        if rec["shared"] > SHARED_LIMIT[arch]:
+            too_big.append(rec["what"])
+    # only fp32 tiles of the widest config may exceed shared memory (the autotuner skips them)
+    assert all("fp32->fp32" in w and "'BN': 256" in w for w in too_big), too_big
+
+
+# --- real GPU ------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("order, norm", [("contiguous", "pre_concat"), ("swin", "post_concat"),
+                                         ("row_major", "post_concat")])
+def test_cuda_matches_float64(dtype, order, norm):
+    p = make_inputs(2, 32, 24, 200, 300, 2, prefix=1, norm=norm)
+    p = {k: (None if v is None else v.detach().to("cuda", dtype).requires_grad_()) for k, v in p.items()}
+    check_against_float64(p, (32, 24), dtype, window=2, order=order, norm=norm, activation="gelu", prefix=1)

@@ -8,4 +8,5 @@ OPS = {
     "patch-embed": "vtok_fast.bench.patch_embed",
     "codebook": "vtok_fast.bench.codebook",
     "tome": "vtok_fast.bench.tome",
+    "merge": "vtok_fast.bench.merge",
 }

@@ -26,6 +26,15 @@ _EXPORTS = {
     "merge_source": "vtok_fast.tome",
     "parse_r": "vtok_fast.tome",
     "tome_merge": "vtok_fast.tome_fused",
+    # tokens -> LLM space
+    "merge_project": "vtok_fast.project.merge_project",
+    "merge_project_reference": "vtok_fast.project.merge_project",
+    "PatchMerger": "vtok_fast.project.modules",
+    "PixelShuffleProjector": "vtok_fast.project.modules",
+    "SwinPatchMerging": "vtok_fast.project.modules",
+    "MLPProjector": "vtok_fast.project.modules",
+    "OpticalCompressor": "vtok_fast.project.modules",
+    "PerceiverResampler": "vtok_fast.project.resampler",
     # measurement
     "count_tokens": "vtok_fast.measure.budget",
     "TokenBudget": "vtok_fast.measure.budget",

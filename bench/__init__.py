@@ -9,4 +9,5 @@ OPS = {
     "codebook": "vtok_fast.bench.codebook",
     "tome": "vtok_fast.bench.tome",
     "merge": "vtok_fast.bench.merge",
+    "compress": "vtok_fast.bench.compress",
 }

@@ -6,7 +6,8 @@ Token layout (per batch row): ``prefix`` protected tokens, then A tokens at ``pr
 ``[A0, B0, kept A[1:], B[1:]]`` (``prefix`` is 0 then).
 
 1. ``_tome_scores_fwd``: cosine score of every A token with every B token by ``tl.dot`` tiles,
-   keeping only the running row max / argmax (the A×B matrix is never stored).
+   keeping only the running row max / argmax (the A×B matrix is never stored). A tile holding
+   a row whose squares over- or underflow is recomputed with that row divided by its max |.|.
 2. ``_tome_plan_fwd``: programs per (batch row, chunk of tokens) turn the best edges into the
    merge plan by pairwise counting (a stable descending ranking without a sort).
 3. ``_tome_merge_fwd``: every output token = size-weighted mean of its representative and its
@@ -28,6 +29,45 @@ SCORE_CONFIGS = [
 ]
 
 
+@triton.jit
+def _tile_dots(base, a_tokens, b_tokens, row_ok, col_ok, channels, stride_mn, stride_mc, a_div, b_div,
+               RESCALE: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A x B dot products of one tile, the squared norms of its A rows / B columns and their max
+    |.|, all accumulated in fp32; with RESCALE every A row is divided by ``a_div`` and every B
+    column by ``b_div`` first (1 leaves a row unchanged)."""
+    dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    a_sq = tl.zeros([BLOCK_A], tl.float32)
+    b_sq = tl.zeros([BLOCK_B], tl.float32)
+    a_max = tl.zeros([BLOCK_A], tl.float32)
+    b_max = tl.zeros([BLOCK_B], tl.float32)
+    for k0 in range(0, channels, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < channels
+        a = tl.load(base + a_tokens[:, None] * stride_mn + ks[None, :] * stride_mc,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_A, BLOCK_K)
+        b = tl.load(base + b_tokens[None, :] * stride_mn + ks[:, None] * stride_mc,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_B)
+        if RESCALE:  # correctly rounded: a power-of-two row becomes exactly ±1 / ±0.5 ...
+            a = tl.math.div_rn(a.to(tl.float32), a_div[:, None]).to(a.dtype)
+            b = tl.math.div_rn(b.to(tl.float32), b_div[None, :]).to(b.dtype)
+        dots = tl.dot(a, b, dots, input_precision=PRECISION)
+        a32 = a.to(tl.float32)
+        b32 = b.to(tl.float32)
+        a_sq += tl.sum(a32 * a32, axis=1)
+        b_sq += tl.sum(b32 * b32, axis=0)
+        a_max = tl.maximum(a_max, tl.max(tl.abs(a32), axis=1))
+        b_max = tl.maximum(b_max, tl.max(tl.abs(b32), axis=0))
+    return dots, a_sq, b_sq, a_max, b_max
+
+
+@triton.jit
+def _needs_rescale(sq, vmax, ok, MIN_SQ: tl.constexpr):
+    """Rows whose squared norm overflowed or underflowed while their max |.| is a finite,
+    non-zero number (a zero or inf/NaN row stays NaN: it scores NAN_SCORE)."""
+    return ok & ((sq < MIN_SQ) | (sq == float("inf"))) & (vmax > 0.0) & (vmax < float("inf"))
+
+
 # keyed on the metric width only: N shrinks every layer, and one tuning per model is enough
 @autotune(configs=SCORE_CONFIGS, key=["channels"])
 @triton.jit
@@ -37,6 +77,7 @@ def _tome_scores_fwd(
     metric_ptr, stride_mb, stride_mn, stride_mc,  # (B, N, C) fp32/fp16/bf16
     num_a, num_b, channels, prefix,
     NAN_SCORE: tl.constexpr,  # what a NaN cosine counts as
+    MIN_SQ: tl.constexpr,  # rows with a smaller (or an inf) sum of squares are rescaled first
     PROTECT_A0: tl.constexpr,  # class token: A0 never merges (row 0 = -inf)
     PROTECT_B0: tl.constexpr,  # distillation token: nothing merges into B0 (column 0 = -inf)
     PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32x3" keeps fp32 accuracy)
@@ -55,24 +96,23 @@ def _tome_scores_fwd(
         cols = b0 + tl.arange(0, BLOCK_B)
         col_ok = cols < num_b
         b_tokens = (prefix + 2 * cols + 1).to(tl.int64)
-        dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-        a_sq = tl.zeros([BLOCK_A], tl.float32)
-        b_sq = tl.zeros([BLOCK_B], tl.float32)
-        for k0 in range(0, channels, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < channels
-            a = tl.load(base + a_tokens[:, None] * stride_mn + ks[None, :] * stride_mc,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_A, BLOCK_K)
-            b = tl.load(base + b_tokens[None, :] * stride_mn + ks[:, None] * stride_mc,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_B)
-            dots = tl.dot(a, b, dots, input_precision=PRECISION)
-            a32 = a.to(tl.float32)
-            b32 = b.to(tl.float32)
-            a_sq += tl.sum(a32 * a32, axis=1)
-            b_sq += tl.sum(b32 * b32, axis=0)
-        a_sq = tl.where(row_ok, a_sq, 1.0)  # padding rows/columns: no 0/0
-        b_sq = tl.where(col_ok, b_sq, 1.0)
-        scores = dots / tl.sqrt(a_sq)[:, None] / tl.sqrt(b_sq)[None, :]
+        dots, a_sq, b_sq, a_max, b_max = _tile_dots(
+            base, a_tokens, b_tokens, row_ok, col_ok, channels, stride_mn, stride_mc, 1.0, 1.0,
+            False, PRECISION, BLOCK_A, BLOCK_B, BLOCK_K)
+        # cosine is scale-invariant: a row whose squares over- or underflowed (|values| near
+        # 1e19 or 1e-30) is divided by its max |.| and the tile recomputed (rare: a slow path)
+        a_fix = _needs_rescale(a_sq, a_max, row_ok, MIN_SQ)
+        b_fix = _needs_rescale(b_sq, b_max, col_ok, MIN_SQ)
+        if tl.max(a_fix.to(tl.int32), axis=0) + tl.max(b_fix.to(tl.int32), axis=0) > 0:
+            dots, a_sq, b_sq, a_max, b_max = _tile_dots(
+                base, a_tokens, b_tokens, row_ok, col_ok, channels, stride_mn, stride_mc,
+                tl.where(a_fix, a_max, 1.0), tl.where(b_fix, b_max, 1.0),
+                True, PRECISION, BLOCK_A, BLOCK_B, BLOCK_K)
+        # inverse norms correctly rounded (sqrt_rn, div_rn; tl.sqrt and / are approximate on GPUs),
+        # so a metric whose cosines are exact in fp32 scores exactly, ties included
+        inv_a = tl.math.div_rn(1.0, tl.sqrt_rn(tl.where(row_ok, a_sq, 1.0)))  # padding: no 0/0
+        inv_b = tl.math.div_rn(1.0, tl.sqrt_rn(tl.where(col_ok, b_sq, 1.0)))
+        scores = dots * inv_a[:, None] * inv_b[None, :]
         scores = tl.where(scores != scores, NAN_SCORE, scores)
         if PROTECT_B0:
             scores = tl.where(cols[None, :] == 0, float("-inf"), scores)

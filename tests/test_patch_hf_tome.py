@@ -165,6 +165,30 @@ def test_encoder_attention_mask_is_refused_while_merging():
         model.encoder(inputs_embeds=embeds, attention_mask=torch.zeros(1, 1, 65, 65))
 
 
+@pytest.mark.parametrize("build", [_clip, _siglip], ids=["clip", "siglip"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("r", [0, 4])
+def test_empty_batch(build, impl, r, backend):
+    """An empty batch gives empty outputs with the merged lengths (transformers' own attention
+    reshapes with -1 and fails on 0 elements; the patched layers do not)."""
+    model = build(impl)
+    vtok_fast.patch.hf(model, fuse_embed=False, tome_r=r, trace_source=True)
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(0, 3, IMG, IMG), output_hidden_states=True)
+    prefix = int(build is _clip)
+    lengths = [64 + prefix - k * r for k in range(4)]
+    assert [tuple(h.shape) for h in out.hidden_states] == [(0, n, 64) for n in lengths]
+    assert out.pooler_output.shape == (0, 64)
+    assert model._tome_info["source_map"].shape == (0, 64 + prefix)
+    if r:
+        assert model._tome_info["size"].shape == (0, lengths[-1], 1)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module .*got NoneType"):
+        vtok_fast.patch.hf(None, tome_r=4)
+
+
 def test_not_a_vision_model_warns():
     with pytest.warns(RuntimeWarning, match="no CLIPVisionModel or SiglipVisionModel"):
         vtok_fast.patch.hf(torch.nn.Linear(2, 2), fuse_embed=False, tome_r=4)

@@ -289,6 +289,27 @@ def test_bad_schedule_raises():
         model(torch.randn(1, 3, IMG, IMG))
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("r", [0, 8])
+def test_empty_batch(variant, r, backend):
+    """An empty batch gives (0, num_classes), like the unpatched model."""
+    model = VARIANTS[variant][0]()
+    images = torch.randn(0, 3, IMG, IMG)
+    with torch.no_grad():
+        expected = model(images)
+        vtok_fast.patch.timm(model, fuse_embed=False, tome_r=r, trace_source=True)
+        actual = model(images)
+    assert expected.shape == actual.shape == (0, 10)
+    assert model._tome_info["source_map"].shape[0] == 0
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module .*got NoneType"):
+        vtok_fast.patch.timm(None)
+    with pytest.raises(TypeError, match="model must be an nn.Module .*got str"):
+        vtok_fast.patch.timm("vit_base_patch16_224", tome_r=4)
+
+
 def test_unsupported_models_warn_and_stay_unpatched():
     with pytest.warns(RuntimeWarning, match="not a timm VisionTransformer"):
         linear = vtok_fast.patch.timm(nn.Linear(2, 2), fuse_embed=False, tome_r=4)

@@ -1,12 +1,33 @@
 """The ToMe reference contract (vtok_fast/tome.py) against hand-computed cases, a loop-by-loop
-float64 oracle written from the reference page, and the page's properties."""
+float64 oracle written from the reference page, and the page's properties.
+
+Tests that compare matchings computed in different ways (fp32 BLAS vs the float64 oracle, the
+interpreter's numpy ``tl.dot`` vs torch) use :func:`exact_metric`, whose cosines every
+implementation computes without rounding, so their exact assertions hold on any CPU and BLAS."""
 import math
+import re
 
 import pytest
 import torch
 
 from vtok_fast import bipartite_soft_matching, merge_source, merge_wavg, parse_r
+from vtok_fast.tome import unit_rows
 from helpers import assert_close
+
+
+def exact_metric(*shape: int) -> torch.Tensor:
+    """A float32 ``(..., C)`` metric whose cosines are computed exactly by any BLAS, summation
+    order or kernel: every row holds 1, 4 or 16 entries ±1 (norm 1, 2 or 4) times a power of two
+    (the rest 0), so normalizing divides by a power of two and each cosine is a multiple of 1/16,
+    a short sum of exact products. Equal scores are therefore exact ties (they are frequent),
+    which every implementation breaks by index."""
+    *lead, channels = shape
+    counts = torch.tensor([k for k in (1, 4, 16) if k <= channels])
+    nonzeros = counts[torch.randint(len(counts), tuple(lead))]
+    rank = torch.rand(shape).argsort(dim=-1).argsort(dim=-1)  # a random permutation per row
+    signs = torch.randint(0, 2, shape) * 2 - 1
+    scale = 2.0 ** torch.randint(-3, 4, (*lead, 1))
+    return torch.where(rank < nonzeros[..., None], signs, 0).float() * scale
 
 
 # --- an independent oracle: plain Python loops over one batch row, float64 -----------------------
@@ -31,7 +52,7 @@ def oracle_groups(metric_row, r, class_token=False, distill_token=False):
             scores.append(s)
         top = max(scores)
         best.append((top, ai, scores.index(top)))
-    ranked = sorted(best, key=lambda e: -e[0])  # no ties in random data
+    ranked = sorted(best, key=lambda e: -e[0])  # stable: equal scores by index
     merged, kept = ranked[:r], ranked[r:]
     if class_token:
         kept = sorted(kept, key=lambda e: e[1])
@@ -67,6 +88,22 @@ def oracle_merge(x, metric, r, class_token=False, distill_token=False, mode="mea
         outs.append(torch.stack(rows))
         sizes.append(torch.stack(srows))
     return torch.stack(outs), torch.stack(sizes), groups
+
+
+def separated_metric(batch: int, groups: int = 12) -> torch.Tensor:
+    """A float32 ``(batch, 2 * groups, 16)`` metric whose matching is far from any tie: in a
+    random plane, B token j at angle 30°·j and A token i at 30°·σ(i) ± 1.1°·(π(i) + 1) (σ, π
+    random permutations), length 16. Each A token's best cosine beats its second best by > 0.016
+    and the best cosines differ by > 5e-4, far above fp32 rounding, so the matching is the same
+    however (and at whatever scale) it is computed."""
+    frame, _ = torch.linalg.qr(torch.randn(batch, 16, 2, dtype=torch.float64))
+    b_angle = torch.arange(groups, dtype=torch.float64) * 30
+    offset = (torch.stack([torch.randperm(groups) for _ in range(batch)]) + 1) * 1.1
+    sign = torch.randint(0, 2, (batch, groups)) * 2 - 1
+    a_angle = torch.stack([torch.randperm(groups) for _ in range(batch)]) * 30 + sign * offset
+    angles = torch.stack([a_angle, b_angle.expand(batch, groups)], dim=-1).reshape(batch, 2 * groups)
+    plane = torch.stack([angles.deg2rad().cos(), angles.deg2rad().sin()], dim=-1) * 16
+    return (plane @ frame.transpose(1, 2)).float()
 
 
 CASES = [  # (B, N, r, class_token, distill_token)
@@ -117,7 +154,7 @@ def test_hand_computed_modes_and_unmerge():
 @pytest.mark.parametrize("batch, n, r, class_token, distill_token", CASES)
 @pytest.mark.parametrize("mode", ["mean", "sum", "amax"])
 def test_merge_matches_oracle(batch, n, r, class_token, distill_token, mode):
-    metric, x = torch.randn(batch, n, 8), torch.randn(batch, n, 5)
+    metric, x = exact_metric(batch, n, 8), torch.randn(batch, n, 5)
     merge, _ = bipartite_soft_matching(metric, r, class_token, distill_token)
     expected, _, _ = oracle_merge(x, metric, r, class_token, distill_token, mode=mode)
     out = merge(x, mode=mode)
@@ -127,7 +164,7 @@ def test_merge_matches_oracle(batch, n, r, class_token, distill_token, mode):
 
 @pytest.mark.parametrize("batch, n, r, class_token, distill_token", CASES)
 def test_merge_wavg_and_source_match_oracle(batch, n, r, class_token, distill_token):
-    metric, x = torch.randn(batch, n, 8), torch.randn(batch, n, 5)
+    metric, x = exact_metric(batch, n, 8), torch.randn(batch, n, 5)
     size = torch.randint(1, 4, (batch, n, 1)).float()
     merge, _ = bipartite_soft_matching(metric, r, class_token, distill_token)
     expected, expected_size, groups = oracle_merge(x, metric, r, class_token, distill_token,
@@ -198,12 +235,12 @@ def test_protected_tokens_are_never_merged(batch, n, r, class_token, distill_tok
 
 
 def test_kept_a_order_is_descending_score_without_class_token():
-    metric, x = torch.randn(1, 30, 8), torch.arange(30.0)[None, :, None]
+    metric, x = exact_metric(1, 30, 8), torch.arange(30.0)[None, :, None]
     merge, _ = bipartite_soft_matching(metric, 5)
     m = metric[0] / metric[0].norm(dim=-1, keepdim=True)
     best = (m[::2] @ m[1::2].T).max(-1).values
     kept = (merge(x)[0, :10, 0] / 2).long()  # A positions 2i -> i
-    assert kept.tolist() == best.argsort(descending=True)[5:].tolist()
+    assert kept.tolist() == best.argsort(descending=True, stable=True)[5:].tolist()  # ties by index
     merge_cls, _ = bipartite_soft_matching(metric, 5, class_token=True)
     kept_cls = merge_cls(x)[0, :10, 0]
     assert kept_cls.tolist() == sorted(kept_cls.tolist())
@@ -211,12 +248,14 @@ def test_kept_a_order_is_descending_score_without_class_token():
 
 @pytest.mark.parametrize("batch, n, r, class_token, distill_token", CASES)
 def test_unmerge_round_trip(batch, n, r, class_token, distill_token):
-    metric, x = torch.randn(batch, n, 8), torch.randn(batch, n, 5)
+    metric, x = exact_metric(batch, n, 8), torch.randn(batch, n, 5)
     merge, unmerge = bipartite_soft_matching(metric, r, class_token, distill_token)
     y = merge(x)
     back = unmerge(y)
     assert back.shape == x.shape
-    assert torch.equal(merge(back), y)  # every member of a group holds the group's value
+    # every member of a group holds the group's value ("amax": the mean of k equal fp32 values is
+    # not always exactly that value, e.g. 7 copies, and exact ties make such groups common)
+    assert torch.equal(merge(back, mode="amax"), y)
     _, _, groups = oracle_merge(x, metric, r, class_token, distill_token)
     for b in range(batch):
         for g, members in enumerate(groups[b]):
@@ -232,10 +271,138 @@ def test_zero_metric_row_is_nan_like_reference():
     assert out.shape == (1, 7, 2)
 
 
+def test_exact_metric_scores_are_exact():
+    """The premise of the exact tests: fp32 scores (torch BLAS, numpy) equal the float64 ones."""
+    import numpy as np
+
+    metric = exact_metric(3, 40, 16)
+    unit = unit_rows(metric)
+    scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
+    exact = unit_rows(metric.double())
+    expected = exact[:, ::2] @ exact[:, 1::2].transpose(1, 2)
+    assert torch.equal(scores.double(), expected)
+    assert np.array_equal(np.matmul(unit[:, ::2].numpy(), unit[:, 1::2].transpose(1, 2).numpy()), scores.numpy())
+    assert torch.equal(scores * 16, (scores * 16).round())  # multiples of 1/16: ties are exact
+
+
+def test_equal_scores_rank_by_index():
+    """A stable ranking: equal scores keep index order (ToMe's unstable sort reorders them from
+    about 50 A tokens on)."""
+    num_a = 80
+    metric = torch.ones(1, 2 * num_a, 4)
+    positions = torch.arange(2.0 * num_a)[None, :, None]
+    merge, _ = bipartite_soft_matching(metric, 10)
+    # the first 10 A tokens merge into B0; the kept A follow in index order
+    assert merge(positions, mode="amax").flatten().tolist()[:num_a - 10] == [2.0 * i for i in range(10, num_a)]
+    source = merge_source(merge, positions)
+    assert source[0, num_a - 10].nonzero().flatten().tolist() == sorted([2 * i for i in range(10)] + [1])
+
+
+# --- scale invariance ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [2.0 ** 70, 2.0 ** -100, "per-row"])
+def test_scaled_metric_merges_like_unscaled(scale):
+    """Cosine similarity is scale-invariant: with power-of-two scales (exact in fp32) whose
+    squares overflow (2**140) or underflow (2**-200) the merge is bitwise the unscaled one."""
+    metric, x = exact_metric(2, 40, 16), torch.randn(2, 40, 5)
+    if scale == "per-row":  # rows over- and underflowing and normal rows, side by side
+        scale = 2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (2, 40, 1))]
+    for kwargs in ({}, {"class_token": True}, {"class_token": True, "distill_token": True}):
+        merge, unmerge = bipartite_soft_matching(metric, 9, **kwargs)
+        merge_s, unmerge_s = bipartite_soft_matching(metric * scale, 9, **kwargs)
+        assert torch.equal(merge_s(x), merge(x))
+        assert torch.equal(merge_source(merge_s, x), merge_source(merge, x))
+        assert torch.equal(unmerge_s(merge(x)), unmerge(merge(x)))
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-30])
+def test_metric_scaled_past_fp32_range_merges_like_unscaled(scale):
+    """The issue's scales (not powers of two): the norm overflows to inf (every cosine was 0) or
+    underflows to 0 (every cosine was NaN); on a metric far from ties the merge is unchanged."""
+    metric, x = separated_metric(2), torch.randn(2, 24, 5)
+    assert not torch.isfinite((metric * scale).norm(dim=-1)).all() or (metric * scale).norm(dim=-1).eq(0).all()
+    merge, _ = bipartite_soft_matching(metric, 7, class_token=True)
+    merge_s, _ = bipartite_soft_matching(metric * scale, 7, class_token=True)
+    assert torch.equal(merge_source(merge_s, x), merge_source(merge, x))
+    assert torch.equal(merge_s(x), merge(x))
+
+
+def test_unit_rows_is_tomes_normalization_on_normal_rows():
+    metric = torch.randn(4, 50, 64) * torch.logspace(-12, 12, 50)[:, None]
+    assert torch.equal(unit_rows(metric), metric / metric.norm(dim=-1, keepdim=True))
+    half = (torch.randn(4, 50, 64) * torch.logspace(-3, 2, 50)[:, None]).half()  # norms within fp16
+    assert torch.equal(unit_rows(half), half / half.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_unit_rows_rescues_extreme_rows(dtype):
+    """Rows whose norm over- or underflows get the unit vector; a zero row stays NaN."""
+    info = torch.finfo(dtype)
+    row = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=torch.float64)
+    rows = torch.stack([row / 12 * info.max, row / 12 * info.tiny, row, torch.zeros(4, dtype=torch.float64)])
+    unit = unit_rows(rows.to(dtype)[None])[0]
+    assert torch.isfinite(rows.to(dtype)).all()
+    assert_close(unit[:3], (row / 13).expand(3, 4), dtype=dtype, reduction=4)
+    assert unit[3].isnan().all()
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_bad_input_names_the_argument():
+    metric, x = torch.randn(2, 10, 4), torch.randn(2, 10, 6)
+    with pytest.raises(ValueError, match=r"metric must be \(B, N, C\), got shape \(10, 4\)"):
+        bipartite_soft_matching(metric[0], 2)
+    with pytest.raises(TypeError, match="metric must have dtype in .*got torch.int64"):
+        bipartite_soft_matching(metric.long(), 2)
+    with pytest.raises(TypeError, match="r must be an int .*got float"):
+        bipartite_soft_matching(metric, 2.0)
+    for r in (3, 0):  # merging and identity functions both know their metric's (B, N)
+        merge, unmerge = bipartite_soft_matching(metric, r)
+        for bad in (x[:, :9], torch.randn(2, 12, 6), torch.randn(3, 10, 6)):
+            expected = re.escape(f"x must be (B, N, C) = (2, 10, C), the batch and tokens of the metric the merge "
+                                 f"was built on, got shape {tuple(bad.shape)}")
+            with pytest.raises(ValueError, match=expected):
+                merge(bad)
+            with pytest.raises(ValueError, match=r"x must be \(B, N, C\) = \(2, 10, C\)"):
+                merge_wavg(merge, bad)
+            with pytest.raises(ValueError, match=r"x must be \(B, N, C\) = \(2, 10, C\)"):
+                merge_source(merge, bad)
+        with pytest.raises(ValueError, match=rf"y must be \(B, N - r, C\) = \(2, {10 - r}, C\).*got shape \(2, 9, 6\)"):
+            unmerge(torch.randn(2, 9, 6))
+        with pytest.raises(ValueError, match=r"x must be \(B, N, C\) = \(2, 10, C\), got shape \(10, 6\)"):
+            merge(x[0])
+        with pytest.raises(ValueError, match=r"size must be \(B, N, 1\) = \(2, 10, 1\).*got shape \(2, 9, 1\)"):
+            merge_wavg(merge, x, torch.ones(2, 9, 1))
+        with pytest.raises(ValueError, match=r"size must be \(B, N, 1\) = \(2, 10, 1\), got shape \(2, 10, 2\)"):
+            merge_wavg(merge, x, torch.ones(2, 10, 2))
+        with pytest.raises(ValueError, match=r"source must be \(B, N, N0\) = \(2, 10, N0\).*got shape \(2, 9, 10\)"):
+            merge_source(merge, x, torch.ones(2, 9, 10))
+
+
+@pytest.mark.parametrize("r, message", [
+    ("4", "r must be an int, an \\(r, inflection\\) tuple or a list of ints, got str"),
+    (4.0, "r must be an int, an .* got float"),
+    ((1, 2, 3), "r as a tuple must be \\(r: int, inflection: float\\), got \\(1, 2, 3\\)"),
+    ((1.5, 0.5), "r as a tuple must be"),
+    ([1, "2"], "r as a list must hold ints, got \\[1, '2'\\]"),
+    (True, "r must be an int, .* got bool"),
+])
+def test_parse_r_bad_input(r, message):
+    with pytest.raises(TypeError, match=message):
+        parse_r(3, r)
+
+
+def test_parse_r_bad_num_layers():
+    with pytest.raises(TypeError, match="num_layers must be an int, got str"):
+        parse_r("3", 4)
+    with pytest.raises(ValueError, match="num_layers must be >= 0, got -1"):
+        parse_r(-1, 4)
+
+
 # --- gradients ---------------------------------------------------------------------------------
 
 def test_merge_wavg_gradients():
-    metric = torch.randn(2, 15, 8, requires_grad=True)
+    metric = exact_metric(2, 15, 8).requires_grad_()
     x = torch.randn(2, 15, 4, dtype=torch.float64, requires_grad=True)
     size = torch.randint(1, 4, (2, 15, 1)).double().requires_grad_()
     merge, _ = bipartite_soft_matching(metric, 5, class_token=True)

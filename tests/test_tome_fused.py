@@ -1,12 +1,17 @@
 """``tome_merge`` (PyTorch path and Triton kernels under the interpreter) against the reference
 ToMe functions: same tokens, order, sizes, source map, unmerge and gradients; determinism; bad
-input; ahead-of-time compilation of every kernel for sm_80 / sm_90."""
+input; ahead-of-time compilation of every kernel for sm_80 / sm_90.
+
+The matching is compared on ``exact_metric`` data (cosines that every BLAS, numpy's ``tl.dot``
+in the interpreter and the kernels compute without rounding, exact ties included), so the exact
+assertions hold on any CPU; ``randn`` metrics appear where both sides run the same operations."""
 import pytest
 import torch
 
 from vtok_fast import bipartite_soft_matching, merge_source, merge_wavg, tome_merge
 from vtok_fast.tome_fused import MergeInfo, tome_unmerge
 from helpers import aot_reports, assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
+from test_tome import exact_metric, separated_metric
 
 
 def reference(x, metric, r, size=None, class_token=False, distill_token=False):
@@ -32,7 +37,7 @@ CASES = [  # (B, N, C, r, class_token, distill_token)
 @pytest.mark.parametrize("batch, n, c, r, class_token, distill_token", CASES)
 @pytest.mark.parametrize("with_size", [False, True])
 def test_matches_reference(backend, batch, n, c, r, class_token, distill_token, with_size):
-    x, metric = torch.randn(batch, n, c), torch.randn(batch, n, 16)
+    x, metric = torch.randn(batch, n, c), exact_metric(batch, n, 16)
     size = torch.randint(1, 5, (batch, n, 1)).float() if with_size else None
     y_ref, size_ref, map_ref, unmerge = reference(x, metric, r, size, class_token, distill_token)
     y, y_size, info = tome_merge(x, metric, r, size, class_token=class_token, distill_token=distill_token)
@@ -46,8 +51,19 @@ def test_matches_reference(backend, batch, n, c, r, class_token, distill_token, 
     assert torch.equal(torch.gather(info.dest, 1, info.order), torch.arange(y.shape[1]).expand(batch, -1))
 
 
+def test_torch_path_scores_like_the_reference(torch_backend):
+    """On generic (irrational) cosines the PyTorch path runs the reference's own normalization
+    and matmul, so its plan is bitwise the reference's on any BLAS."""
+    x, metric = torch.randn(3, 197, 8), torch.randn(3, 197, 64)
+    for kwargs in ({}, {"class_token": True}, {"class_token": True, "distill_token": True}):
+        y_ref, size_ref, map_ref, _ = reference(x, metric, 16, **kwargs)
+        y, y_size, info = tome_merge(x, metric, 16, **kwargs)
+        assert torch.equal(info.source_map, map_ref) and torch.equal(y_size, size_ref)
+        assert_close(y, y_ref, reduction=4)
+
+
 def test_two_layers_source_map(backend):
-    x, metric1, metric2 = torch.randn(2, 33, 8), torch.randn(2, 33, 16), torch.randn(2, 27, 16)
+    x, metric1, metric2 = torch.randn(2, 33, 8), exact_metric(2, 33, 16), exact_metric(2, 27, 16)
     merge1, _ = bipartite_soft_matching(metric1, 6, class_token=True)
     x1_ref, size1_ref = merge_wavg(merge1, x)
     merge2, _ = bipartite_soft_matching(metric2, 6, class_token=True)
@@ -65,7 +81,7 @@ def test_two_layers_source_map(backend):
 def test_protected_prefix(backend, prefix):
     """Prefix tokens stay in front unchanged; the rest is the reference's matching on tokens
     prefix.. with kept A tokens in original order."""
-    x, metric, size = torch.randn(2, 26, 8), torch.randn(2, 26, 16), torch.randint(1, 4, (2, 26, 1)).float()
+    x, metric, size = torch.randn(2, 26, 8), exact_metric(2, 26, 16), torch.randint(1, 4, (2, 26, 1)).float()
     y, y_size, info = tome_merge(x, metric, 7, size, protected_prefix=prefix)
     merge, _ = bipartite_soft_matching(metric[:, prefix:], 7)
     rest, rest_size = merge_wavg(merge, x[:, prefix:], size[:, prefix:])
@@ -91,7 +107,7 @@ def test_backends_agree_on_the_plan(monkeypatch, class_token, distill_token, pre
     in input order) are exactly the tokens that dest sends to each slot."""
     from vtok_fast.tome_fused import _plan_triton, _scores_triton
 
-    x, metric = torch.randn(3, 61, 4), torch.randn(3, 61, 16)
+    x, metric = torch.randn(3, 61, 4), exact_metric(3, 61, 16)  # exact ties: both break them by index
     outs = {}
     for name in ("torch", "triton"):
         monkeypatch.setenv("VTOK_FAST_BACKEND", name)
@@ -123,7 +139,7 @@ def test_bitwise_deterministic(backend):
 
 @pytest.mark.parametrize("class_token, distill_token", [(False, False), (True, False), (True, True)])
 def test_gradients_match_reference(backend, class_token, distill_token):
-    x, metric = torch.randn(2, 21, 6), torch.randn(2, 21, 16, requires_grad=True)
+    x, metric = torch.randn(2, 21, 6), exact_metric(2, 21, 16).requires_grad_()
     size = torch.randint(1, 4, (2, 21, 1)).float()
     x_ref, s_ref = x.clone().requires_grad_(), size.clone().requires_grad_()
     x_new, s_new = x.clone().requires_grad_(), size.clone().requires_grad_()
@@ -139,7 +155,7 @@ def test_gradients_match_reference(backend, class_token, distill_token):
 
 
 def test_gradient_without_size(backend):
-    x, metric = torch.randn(2, 21, 6, requires_grad=True), torch.randn(2, 21, 16)
+    x, metric = torch.randn(2, 21, 6, requires_grad=True), exact_metric(2, 21, 16)
     y, _, _ = tome_merge(x, metric, 6)
     y.sum().backward()
     merge, _ = bipartite_soft_matching(metric, 6)
@@ -152,7 +168,7 @@ def test_gradient_without_size(backend):
 def test_low_precision_x(backend, dtype):
     """fp16/bf16 tokens (fp32 metric, so the matching is the reference's): sums in fp32, one
     rounding on store, so the error is the dtype's resolution."""
-    x, metric = torch.randn(2, 40, 32), torch.randn(2, 40, 16)
+    x, metric = torch.randn(2, 40, 32), exact_metric(2, 40, 16)
     size = torch.randint(1, 4, (2, 40, 1)).to(dtype)
     y_ref, size_ref, _, _ = reference(x.double(), metric, 9, size.double(), True)
     y, y_size, _ = tome_merge(x.to(dtype), metric, 9, size, class_token=True)
@@ -164,7 +180,7 @@ def test_low_precision_x(backend, dtype):
 def test_fp16_metric_triton(monkeypatch):
     """fp16 metric on the scoring kernel's fp16 tl.dot path (fp32 accumulation)."""
     monkeypatch.setenv("VTOK_FAST_BACKEND", "triton")
-    x, metric = torch.randn(2, 37, 8), torch.randn(2, 37, 32).half()
+    x, metric = torch.randn(2, 37, 8), exact_metric(2, 37, 32).half()  # exact in fp16 too
     y_ref, size_ref, map_ref, _ = reference(x, metric.float(), 8, None, True)
     y, y_size, info = tome_merge(x, metric, 8, class_token=True)
     assert_close(y, y_ref, reduction=4)
@@ -184,6 +200,77 @@ def test_r_zero_and_capped_to_zero_is_identity(backend):
         assert torch.equal(info.source_map, torch.arange(xx.shape[1]).expand(2, -1))
 
 
+@pytest.mark.parametrize("with_size", [False, True])
+def test_zero_channels(backend, with_size):
+    """x with C = 0: an empty (B, N - r, 0) result and the sizes of the plan (the Triton merge
+    used to launch no program then, leaving size uninitialised)."""
+    x, metric = torch.randn(2, 30, 3), exact_metric(2, 30, 16)
+    size = torch.randint(1, 4, (2, 30, 1)).float() if with_size else None
+    y, y_size, info = tome_merge(x[..., :0], metric, 7, size, class_token=True)
+    _, size_ref, map_ref, _ = reference(x, metric, 7, size, class_token=True)
+    assert y.shape == (2, 23, 0)
+    assert torch.equal(y_size, size_ref) and torch.equal(info.source_map, map_ref)
+
+
+def test_empty_batch_and_tokens(backend):
+    for batch, n in [(0, 12), (2, 0), (2, 1)]:
+        x, metric = torch.randn(batch, n, 4), torch.randn(batch, n, 8)
+        y, size, info = tome_merge(x, metric, 3, torch.ones(batch, n, 1))
+        num_out = n - min(3, n // 2)
+        assert y.shape == (batch, num_out, 4) and size.shape == (batch, num_out, 1)
+        assert info.dest.shape == (batch, n) and info.source_map.shape == (batch, n)
+
+
+def _plan(x, metric, r, **kwargs):
+    y, size, info = tome_merge(x, metric, r, **kwargs)
+    return y, size, info.dest, info.order
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 70, 2.0 ** -100, "per-row"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy,
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # before a tile is rescaled
+def test_scaled_metric_merges_like_unscaled(backend, scale):
+    """Cosine similarity is scale-invariant: power-of-two scales (exact in fp32) whose squares
+    overflow or underflow fp32 give bitwise the unscaled merge; per-row scales mix rescaled and
+    plain rows in one kernel tile (N = 150: two A blocks and two B tiles)."""
+    x, metric = torch.randn(2, 150, 4), exact_metric(2, 150, 16)
+    if scale == "per-row":
+        scale = 2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (2, 150, 1))]
+    for kwargs in ({}, {"class_token": True, "distill_token": True}, {"protected_prefix": 3}):
+        for got, want in zip(_plan(x, metric * scale, 40, **kwargs), _plan(x, metric, 40, **kwargs)):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-30])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy,
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # before a tile is rescaled,
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # and on the zero rows
+def test_metric_scaled_past_fp32_range_merges_like_unscaled(backend, scale):
+    """The issue's scales: the norm overflows (every cosine was 0) or underflows (every cosine
+    was NaN, scoring -2). On a metric far from ties the merge is unchanged, and a zero row still
+    scores -2: its A token is kept alone, its B token receives nothing."""
+    x, metric = torch.randn(2, 26, 4), torch.cat([separated_metric(2), torch.zeros(2, 2, 16)], dim=1)
+    for got, want in zip(_plan(x, metric * scale, 9), _plan(x, metric, 9)):
+        assert torch.equal(got, want)
+    _, size, dest, _ = _plan(x, metric * scale, 9)
+    assert (size.gather(1, dest[:, 24:, None]) == 1).all()  # A token 24 and B token 25 (zero rows)
+    assert size.sum().item() == 2 * 26
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy,
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # before a tile is rescaled
+def test_scores_kernel_is_scale_invariant(triton_backend):
+    """The kernel's best scores and partners of rescaled rows are bitwise the unscaled ones."""
+    from vtok_fast.tome_fused import _scores_triton
+
+    metric = exact_metric(2, 150, 40)  # C = 40 > BLOCK_K: the rescaled K loop too
+    scale = 2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (2, 150, 1))]
+    for protect in (False, True):
+        for got, want in zip(_scores_triton(metric * scale, protect, protect, 0),
+                             _scores_triton(metric, protect, protect, 0)):
+            assert torch.equal(got, want)
+
+
 def test_r_capped(backend):
     x, metric = torch.randn(1, 11, 4), torch.randn(1, 11, 4)
     assert tome_merge(x, metric, 50, class_token=True)[0].shape == (1, 6, 4)
@@ -191,6 +278,7 @@ def test_r_capped(backend):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy 0/0
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # and 1 / 0
 def test_nan_metric_rows(backend):
     """NaN scores count as -2: a NaN A token merges last, a NaN B token receives nothing while
     finite scores remain; every index stays in range; both backends agree."""
@@ -232,6 +320,20 @@ def test_bad_input():
         tome_merge(x, metric, 2, torch.ones(2, 10))
     with pytest.raises(ValueError, match=r"size must be \(B, N, 1\) = \(2, 10, 1\), got shape \(2, 10, 2\)"):
         tome_merge(x, metric, 2, torch.ones(2, 10, 2))
+    with pytest.raises(TypeError, match="class_token must be a bool, got 'yes'"):
+        tome_merge(x, metric, 2, class_token="yes")
+    with pytest.raises(TypeError, match="distill_token must be a bool, got None"):
+        tome_merge(x, metric, 2, distill_token=None)
+    with pytest.raises(TypeError, match=r"r must be an int, got Tensor"):
+        tome_merge(x, metric, torch.tensor(2))
+    with pytest.raises(TypeError, match="metric must be a torch.Tensor, got NoneType"):
+        tome_merge(x, None, 2)
+    with pytest.raises(TypeError, match="metric must have dtype .*got torch.float64"):
+        tome_merge(x, metric.double(), 2)
+    with pytest.raises(TypeError, match="size must have dtype .*got torch.int64"):
+        tome_merge(x, metric, 2, torch.ones(2, 10, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"source_map must be \(B, N0\), got shape \(30,\)"):
+        tome_merge(x, metric, 2, source_map=torch.zeros(30, dtype=torch.long))
     with pytest.raises(ValueError, match="protected_prefix already protects"):
         tome_merge(x, metric, 2, class_token=True, protected_prefix=1)
     with pytest.raises(ValueError, match=r"protected_prefix must be an int in \[0, N = 10\], got 11"):
@@ -287,7 +389,8 @@ def aot_report(arch: int) -> list[dict]:
             consts, warps, stages = config_constexprs(config)
             for protect_a0, protect_b0 in [(False, False), (True, True)]:
                 kernel = compile_for_gpu(_tome_scores_fwd.fn, sig, dict(
-                    consts, NAN_SCORE=-2.0, PROTECT_A0=protect_a0, PROTECT_B0=protect_b0, PRECISION=precision),
+                    consts, NAN_SCORE=-2.0, MIN_SQ=2.0 ** -100, PROTECT_A0=protect_a0, PROTECT_B0=protect_b0,
+                    PRECISION=precision),
                     arch=arch, num_warps=warps, num_stages=stages)
                 report.append({"kernel": "scores", "dtype": dtype, "config": str(consts),
                                "tensor_cores": tensor_core_instructions(kernel, arch),
@@ -348,7 +451,7 @@ def test_aot_scores_kernel_uses_tensor_cores(reports, arch):
 def test_gpu_matches_reference(device, dtype, shape):
     batch, n, c = shape
     x = torch.randn(batch, n, c, device=device).to(dtype)
-    metric = torch.randn(batch, n, 64, device=device)  # fp32 metric: exact matching
+    metric = exact_metric(batch, n, 64).to(device)  # exact cosines: cuBLAS and tf32x3 agree bitwise
     size = torch.randint(1, 4, (batch, n, 1), device=device).to(dtype)
     y_ref, size_ref, map_ref, _ = reference(x.double(), metric.double(), 16, size.double(), True)
     y, y_size, info = tome_merge(x, metric, 16, size, class_token=True)
@@ -364,9 +467,18 @@ def test_gpu_matches_reference(device, dtype, shape):
 
 
 @pytest.mark.gpu
+def test_gpu_scaled_metric_merges_like_unscaled(device):
+    """Rows rescaled on the GPU (correctly rounded division) score bitwise like unscaled ones."""
+    x, metric = torch.randn(4, 197, 64, device=device), exact_metric(4, 197, 64).to(device)
+    scale = (2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (4, 197, 1))]).to(device)
+    for got, want in zip(_plan(x, metric * scale, 16, class_token=True), _plan(x, metric, 16, class_token=True)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
 def test_gpu_gradients(device):
     x = torch.randn(4, 197, 64, device=device)
-    metric, size = torch.randn(4, 197, 64, device=device), torch.randint(1, 4, (4, 197, 1), device=device).float()
+    metric, size = exact_metric(4, 197, 64).to(device), torch.randint(1, 4, (4, 197, 1), device=device).float()
     x_ref, s_ref = x.clone().requires_grad_(), size.clone().requires_grad_()
     x_new, s_new = x.clone().requires_grad_(), size.clone().requires_grad_()
     y_ref, size_out_ref, _, _ = reference(x_ref, metric, 16, s_ref, True)

@@ -83,3 +83,28 @@ def test_bad_input(image):
         merge_map(image, torch.arange(48), 0)
     with pytest.raises(ValueError, match="source_map must be integer"):
         merge_map(image, torch.zeros(48), PATCH)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"border_color": (300, 0, 0)}, ValueError,
+     r"border_color must be 3 ints \(R, G, B\) in \[0, 255\], got \(300, 0, 0\)"),
+    ({"border_color": (-1, 0, 0)}, ValueError, "border_color must be 3 ints"),
+    ({"border_color": (255, 0)}, ValueError, r"border_color must be 3 ints .*got \(255, 0\)"),
+    ({"border_color": (0.5, 0, 0)}, ValueError, "border_color must be 3 ints"),
+    ({"border_color": "red"}, ValueError, "border_color must be 3 ints .*got 'red'"),
+    ({"border_width": -1}, ValueError, r"border_width must be an int >= 0 \(pixels\), got -1"),
+    ({"border_width": 1.5}, ValueError, "border_width must be an int >= 0"),
+    ({"num_prefix_tokens": -2}, ValueError, "num_prefix_tokens must be None or an int >= 0, got -2"),
+    ({"num_prefix_tokens": 1.0}, ValueError, "num_prefix_tokens must be None or an int >= 0, got 1.0"),
+    ({"path": 3}, TypeError, "path must be None, a str or an os.PathLike, got int"),
+])
+def test_bad_arguments_name_themselves(image, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        merge_map(image, torch.arange(48), PATCH, **kwargs)
+
+
+def test_numpy_ints_and_list_colors_are_accepted(image):
+    plain = merge_map(np.asarray(image), torch.arange(48), PATCH, border_color=(255, 0, 255))
+    same = merge_map(np.asarray(image), torch.arange(48), np.int64(PATCH), border_color=[np.uint8(255), 0, 255],
+                     border_width=np.int32(1), num_prefix_tokens=np.int64(0))
+    assert np.array_equal(plain, same)

@@ -10,19 +10,77 @@ Same signatures, outputs, token order and edge cases as the public ToMe implemen
 
 The fused, faster path is ``vtok_fast.tome_merge`` (``vtok_fast/tome_fused.py``); this module
 is the reference that it and the benchmark are checked against.
+
+Beyond the reference (documented choices): equal scores rank by index (a stable sort; ToMe's
+sort is unstable, so its order of ties is unspecified: on data without ties the two agree); the
+cosine is scale-invariant even where ``metric / metric.norm()`` over- or underflows (see
+:func:`unit_rows`); and bad arguments raise a ``ValueError`` / ``TypeError`` naming them (a
+``merge`` / ``unmerge`` knows the batch and token count of its metric and checks what it gets).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
 
+from vtok_fast._checks import check_tensor
+
 MergeFn = Callable[..., torch.Tensor]
 
+_METRIC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-def _identity(x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
-    return x
+
+def _min_norm(dtype: torch.dtype) -> float:
+    """Smallest row norm that ``metric / metric.norm()`` handles as well as a unit-scale row:
+    ``2**-50`` for fp32 / bf16 (the squares that matter stay clear of float32 underflow), the
+    smallest normal number for fp16 (its squares are summed in float32; only the norm is fp16)."""
+    acc = torch.promote_types(dtype, torch.float32)
+    return max(torch.finfo(dtype).tiny, torch.finfo(acc).tiny ** 0.5 * 2.0 ** 13)
+
+
+def unit_rows(metric: torch.Tensor) -> torch.Tensor:
+    """``metric / metric.norm(dim=-1, keepdim=True)``, scale-invariant.
+
+    A row whose norm is finite and at least ``2**-50`` (fp32/bf16; the smallest normal number
+    for fp16) is divided by its norm exactly as in ToMe (bitwise the same). Any other row, whose
+    squares overflowed to inf or underflowed to zero (e.g. a metric scaled by ``1e19`` or
+    ``1e-30``), is first divided by its largest ``|value|`` and then normalized, so it gets the
+    cosines of the unscaled row. An all-zero row (and one holding inf or NaN) stays NaN.
+    """
+    norm = metric.norm(dim=-1, keepdim=True)
+    if metric.shape[-1] == 0:  # nothing to rescale (and no max |.| to take)
+        return metric / norm
+    ok = (norm >= _min_norm(metric.dtype)) & (norm < math.inf)  # False for NaN
+    # the check costs a device sync on CUDA, so there both branches are computed instead
+    if metric.device.type == "cpu" and not torch.compiler.is_compiling() and bool(ok.all()):
+        return metric / norm
+    scaled = metric / torch.where(ok, 1.0, metric.abs().amax(dim=-1, keepdim=True))  # x / 1 is x
+    return scaled / torch.where(ok, norm, scaled.norm(dim=-1, keepdim=True))
+
+
+def _check_tokens(name: str, value, batch: int, num_tokens: int, dims: tuple[str, str] = ("N", "C")) -> None:
+    """``value`` is a ``(B, dims[0], dims[1])`` tensor with the metric's batch and ``num_tokens``."""
+    want = f"(B, {dims[0]}, {dims[1]}) = ({batch}, {num_tokens}, {dims[1]})"
+    check_tensor(name, value, ndim=3, shape_doc=want)
+    if value.shape[0] != batch or value.shape[1] != num_tokens:
+        raise ValueError(f"{name} must be {want}, the batch and tokens of the metric the merge was built "
+                         f"on, got shape {tuple(value.shape)}")
+
+
+def _checked_identity(batch: int, num_tokens: int) -> tuple[MergeFn, MergeFn]:
+    """merge / unmerge for r = 0: return their input (after the shape check)."""
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        _check_tokens("x", x, batch, num_tokens)
+        return x
+
+    def unmerge(y: torch.Tensor) -> torch.Tensor:
+        _check_tokens("y", y, batch, num_tokens, ("N - r", "C"))
+        return y
+
+    merge.tome_tokens = (batch, num_tokens)  # read by merge_wavg / merge_source
+    return merge, unmerge
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = False,
@@ -38,18 +96,25 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
     ``torch.scatter_reduce`` reductions: "mean", "sum", "amax", ...) and ``unmerge(y)``
     (``[B, N - r, C'] -> [B, N, C']``). ``r`` is capped at ``(N - protected) // 2``;
     ``r <= 0`` returns two identity functions. No gradient flows through the matching.
-    Output order: ``[kept A, B]``, kept A in descending-score order, or in original order when
-    ``class_token`` is set; with ``distill_token``: ``[A0, B0, rest of kept A, rest of B]``.
+    Output order: ``[kept A, B]``, kept A in descending-score order (equal scores by index), or
+    in original order when ``class_token`` is set; with ``distill_token``:
+    ``[A0, B0, rest of kept A, rest of B]``.
+
+    ``merge`` and ``unmerge`` take ``(B, N, C')`` / ``(B, N - r, C')`` tensors with the metric's
+    batch ``B`` and token count ``N`` (anything else raises ``ValueError``).
     """
+    check_tensor("metric", metric, ndim=3, dtypes=_METRIC_DTYPES, shape_doc="(B, N, C)")
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be an int (tokens to merge), got {type(r).__name__}")
     protected = int(class_token) + int(distill_token)
-    num_tokens = metric.shape[1]
-    r = min(r, (num_tokens - protected) // 2)
+    batch, num_tokens, _ = metric.shape
+    r = min(int(r), (num_tokens - protected) // 2)
     if r <= 0:
-        return _identity, _identity
+        return _checked_identity(batch, num_tokens)
 
     with torch.no_grad():
         # 1. cosine similarity between the A (even) and B (odd) tokens
-        metric = metric / metric.norm(dim=-1, keepdim=True)
+        metric = unit_rows(metric)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)
         if class_token:
@@ -59,7 +124,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
 
         # 2. every A token's best B partner; the r best-scoring A tokens merge
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
         kept_idx = edge_idx[..., r:, :]  # A tokens that stay
         src_idx = edge_idx[..., :r, :]  # A tokens merged away
         dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)  # their B partners
@@ -69,8 +134,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
     num_kept = kept_idx.shape[1]
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        _check_tokens("x", x, batch, num_tokens)
         a_x, b_x = x[..., ::2, :], x[..., 1::2, :]
-        batch, _, channels = a_x.shape
+        channels = x.shape[-1]
         kept = a_x.gather(dim=-2, index=kept_idx.expand(batch, num_kept, channels))
         sources = a_x.gather(dim=-2, index=src_idx.expand(batch, r, channels))
         b_x = b_x.scatter_reduce(-2, dst_idx.expand(batch, r, channels), sources, reduce=mode)
@@ -79,12 +145,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
         return torch.cat([kept, b_x], dim=1)
 
     def unmerge(y: torch.Tensor) -> torch.Tensor:
+        _check_tokens("y", y, batch, num_tokens - r, ("N - r", "C"))
         if distill_token:  # undo the [A0, B0, kept A[1:], B[1:]] layout of merge
             kept = torch.cat([y[:, :1], y[:, 2:num_kept + 1]], dim=1)
             b_y = torch.cat([y[:, 1:2], y[:, num_kept + 1:]], dim=1)
         else:
             kept, b_y = y[..., :num_kept, :], y[..., num_kept:, :]
-        batch, _, channels = kept.shape
+        channels = y.shape[-1]
         sources = b_y.gather(dim=-2, index=dst_idx.expand(batch, r, channels))
         out = torch.zeros(batch, num_tokens, channels, device=y.device, dtype=y.dtype)
         out[..., 1::2, :] = b_y
@@ -92,6 +159,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
         out.scatter_(dim=-2, index=(2 * src_idx).expand(batch, r, channels), src=sources)
         return out
 
+    merge.tome_tokens = (batch, num_tokens)  # read by merge_wavg / merge_source
     return merge, unmerge
 
 
@@ -99,6 +167,14 @@ def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``x`` ``[B, N, C]`` as a size-weighted average; ``size`` ``[B, N, 1]`` (default
     ones in x's dtype) counts the original tokens inside each token. Returns ``(x, size)``."""
+    tokens = getattr(merge, "tome_tokens", None)  # (B, N) of a merge from bipartite_soft_matching
+    if tokens is not None:
+        _check_tokens("x", x, *tokens)
+        if size is not None:
+            _check_tokens("size", size, *tokens, ("N", "1"))
+            if size.shape[2] != 1:
+                raise ValueError(f"size must be (B, N, 1) = ({tokens[0]}, {tokens[1]}, 1), got shape "
+                                 f"{tuple(size.shape)}")
     if size is None:
         size = torch.ones_like(x[..., 0, None])
     x = merge(x * size, mode="sum")
@@ -110,10 +186,36 @@ def merge_source(merge: MergeFn, x: torch.Tensor, source: torch.Tensor | None = 
                  ) -> torch.Tensor:
     """Track which original tokens each token holds: ``source`` ``[B, N, N0]`` (default
     ``eye(N)``, float32) merged with "amax". Row i of the result marks token i's patches."""
+    tokens = getattr(merge, "tome_tokens", None)
+    if tokens is not None:
+        _check_tokens("x", x, *tokens)
+        if source is not None:
+            _check_tokens("source", source, *tokens, ("N", "N0"))
+    elif source is None:
+        check_tensor("x", x, ndim=3, shape_doc="(B, N, C)")
     if source is None:
         batch, num_tokens, _ = x.shape
         source = torch.eye(num_tokens, device=x.device)[None, ...].expand(batch, num_tokens, num_tokens)
     return merge(source, mode="amax")
+
+
+def check_r(r, name: str = "r") -> None:
+    """``r`` must be an int, an ``(r: int, inflection: float)`` tuple or a list of ints (ToMe's
+    forms); raises ``TypeError`` naming ``name`` otherwise."""
+    def is_int(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if is_int(r):
+        return
+    if isinstance(r, tuple):
+        if len(r) == 2 and is_int(r[0]) and isinstance(r[1], numbers.Real) and not isinstance(r[1], bool):
+            return
+        raise TypeError(f"{name} as a tuple must be (r: int, inflection: float), got {r!r}")
+    if isinstance(r, list):
+        if all(is_int(v) for v in r):
+            return
+        raise TypeError(f"{name} as a list must hold ints, got {r!r}")
+    raise TypeError(f"{name} must be an int, an (r, inflection) tuple or a list of ints, got {type(r).__name__}")
 
 
 def parse_r(num_layers: int, r) -> list[int]:
@@ -125,6 +227,11 @@ def parse_r(num_layers: int, r) -> list[int]:
     ``parse_r(12, (16, -1)) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]``.
     A single layer gets the start value (the reference divides by zero there).
     """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
+        raise TypeError(f"num_layers must be an int, got {type(num_layers).__name__}")
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+    check_r(r)
     if isinstance(r, list):
         return r + [0] * (num_layers - len(r)) if len(r) < num_layers else list(r)
     inflection = 0.0
@@ -136,3 +243,4 @@ def parse_r(num_layers: int, r) -> list[int]:
         return [low] * num_layers
     step = (high - low) / (num_layers - 1)
     return [int(low + step * i) for i in range(num_layers)]
+

@@ -37,12 +37,16 @@ Semantics beyond the reference (documented choices):
   kept in front unchanged; the bipartite split runs on tokens ``P..N-1`` (A = ``P, P+2, ...``) and
   the output is ``[prefix, kept A in original order, B]``. It replaces ``class_token`` /
   ``distill_token`` (combining them raises).
+- Cosines are scale-invariant: a metric row whose squares overflow or underflow (values near
+  ``1e19`` or ``1e-30`` in fp32) is divided by its largest ``|value|`` before it is normalized,
+  so it scores like the unscaled row (``vtok_fast.tome.unit_rows``; in the kernel: rows whose
+  float32 sum of squares is inf or below ``2**-100``). Other rows are normalized as in ToMe.
 - NaN scores (a metric row that is all zero, or holds inf/NaN) count as ``-2``, below every
   cosine: such an A token merges only after every finite one, and such a B token receives merges
   only from A tokens with no finite score. Ties (equal scores) go to the lower index, so every
   index stays in range and the result is deterministic. (The reference propagates NaN.)
-- Sorting is stable: equal scores keep index order (the reference's sort is not stable; on data
-  without ties the two agree).
+- Sorting is stable: equal scores keep index order, as in ``bipartite_soft_matching`` (ToMe's
+  own sort is not stable; on data without ties all of them agree).
 - Gradients: ``x`` gets exactly ``merge_wavg``'s gradient ``s_i / S_g * dL/dy_g``; ``size`` gets
   ``merge_wavg``'s gradient too (``<dL/dy_g, x_i - y_g> / S_g + dL/dS_g``). No gradient flows into
   ``metric``.
@@ -59,9 +63,13 @@ import torch
 
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from vtok_fast.tome import unit_rows
 
 # a NaN cosine score counts as this: below every real cosine, above the protected -inf
 NAN_SCORE = -2.0
+# the scoring kernel divides a row by its max |.| first when its float32 sum of squares is below
+# this (or inf): like ``unit_rows``'s 2**-50 norm limit
+MIN_SQ = 2.0 ** -100
 
 
 class MergeInfo(NamedTuple):
@@ -132,15 +140,20 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor
     if r < 0:
         raise ValueError(f"r must be >= 0 (tokens to remove), got {r}")
 
+    for name, flag in (("class_token", class_token), ("distill_token", distill_token)):
+        if not isinstance(flag, numbers.Integral) or flag not in (0, 1):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    class_token, distill_token = bool(class_token), bool(distill_token)
+
     prefix = 0
     if protected_prefix is not None:
         if class_token or distill_token:
             raise ValueError("protected_prefix already protects the leading tokens; "
                              "pass class_token=False and distill_token=False with it")
-        if isinstance(protected_prefix, bool) or not isinstance(protected_prefix, int) or not (
+        if isinstance(protected_prefix, bool) or not isinstance(protected_prefix, numbers.Integral) or not (
                 0 <= protected_prefix <= num_tokens):
             raise ValueError(f"protected_prefix must be an int in [0, N = {num_tokens}], got {protected_prefix!r}")
-        prefix = protected_prefix
+        prefix = int(protected_prefix)
     protected = prefix + int(class_token) + int(distill_token)
     r = min(r, (num_tokens - protected) // 2)
 
@@ -177,7 +190,8 @@ def _scores_triton(metric: torch.Tensor, class_token: bool, distill_token: bool,
     _tome_scores_fwd[grid](
         node_max, node_idx, metric, *metric.stride(),
         num_a, num_b, channels, prefix,
-        NAN_SCORE=NAN_SCORE, PROTECT_A0=class_token, PROTECT_B0=distill_token, PRECISION=precision)
+        NAN_SCORE=NAN_SCORE, MIN_SQ=MIN_SQ, PROTECT_A0=class_token, PROTECT_B0=distill_token,
+        PRECISION=precision)
     return node_max, node_idx
 
 
@@ -213,7 +227,8 @@ def _merge_triton(x, size, order, merged_src, src_start, src_count):
     size_out = torch.empty(batch, num_out, 1, dtype=x.dtype if size is None else size.dtype,
                            device=x.device)
     size_arg = size_out if size is None else size  # never read without HAS_SIZE
-    grid = lambda meta: (batch * num_out, _cdiv(channels, meta["BLOCK_C"]))  # noqa: E731
+    # at least one channel block: its programs also write size_out (C = 0 included)
+    grid = lambda meta: (batch * num_out, max(1, _cdiv(channels, meta["BLOCK_C"])))  # noqa: E731
     _tome_merge_fwd[grid](
         y, size_out, x, *x.stride(), size_arg, size_arg.stride(0), size_arg.stride(1),
         order, merged_src, src_start, src_count, num_out, channels, merged_src.shape[1],
@@ -265,7 +280,7 @@ def _best_edges_torch(metric: torch.Tensor, class_token: bool, distill_token: bo
     """(node_max, node_idx) ``(B, num_a)``: best cosine score and B partner of every A token."""
     if prefix:
         metric = metric[:, prefix:]
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = unit_rows(metric)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
     if class_token:
         scores[:, 0, :] = -torch.inf

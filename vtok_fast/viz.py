@@ -37,6 +37,11 @@ def _to_uint8_hwc(image) -> tuple[np.ndarray, bool]:
     return array, False
 
 
+def _is_int(value) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def _shift(mask: np.ndarray, offset: int, axis: int) -> np.ndarray:
     """``mask`` moved by ``offset`` pixels along ``axis``, filling with False."""
     out = np.zeros_like(mask)
@@ -67,8 +72,17 @@ def merge_map(image, source_map, patch_size: int, *, num_prefix_tokens: int | No
     also saves it (PNG by extension; needs Pillow).
     """
     pixels, was_pil = _to_uint8_hwc(image)
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+    if not _is_int(patch_size) or patch_size < 1:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if num_prefix_tokens is not None and (not _is_int(num_prefix_tokens) or num_prefix_tokens < 0):
+        raise ValueError(f"num_prefix_tokens must be None or an int >= 0, got {num_prefix_tokens!r}")
+    if not _is_int(border_width) or border_width < 0:
+        raise ValueError(f"border_width must be an int >= 0 (pixels), got {border_width!r}")
+    color = tuple(border_color) if isinstance(border_color, (tuple, list, np.ndarray)) else None
+    if color is None or len(color) != 3 or not all(_is_int(c) and 0 <= c <= 255 for c in color):
+        raise ValueError(f"border_color must be 3 ints (R, G, B) in [0, 255], got {border_color!r}")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be None, a str or an os.PathLike, got {type(path).__name__}")
     grid_h, grid_w = pixels.shape[0] // patch_size, pixels.shape[1] // patch_size
     if grid_h == 0 or grid_w == 0:
         raise ValueError(f"image of {pixels.shape[0]}x{pixels.shape[1]} pixels holds no {patch_size}px patch")
@@ -105,7 +119,7 @@ def merge_map(image, source_map, patch_size: int, *, num_prefix_tokens: int | No
         for k in range(border_width):  # widen across the seam: 0, +1, -1, +2, ...
             offset = (k + 1) // 2 if k % 2 else -(k // 2)
             edge |= _shift(before_v, offset, axis=1) | _shift(before_h, offset, axis=0)
-        out[edge] = np.asarray(border_color, dtype=np.uint8)
+        out[edge] = np.asarray(color, dtype=np.uint8)
 
     result = out
     if was_pil or path is not None:

@@ -23,6 +23,9 @@ def _module(name: str):
 
 def _apply(library: int, model, fuse_embed, tome_r, trace_source, prop_attn) -> nn.Module:
     """Apply the chosen features with the patchers of ``library`` (0: timm, 1: HF)."""
+    if not isinstance(model, nn.Module):
+        kind = ("a timm VisionTransformer", "a Hugging Face vision model")[library]
+        raise TypeError(f"model must be an nn.Module ({kind}), got {type(model).__name__}")
     if fuse_embed:
         _module(_FEATURES["embed"][library]).apply(model)
     if tome_r is not None:

@@ -30,7 +30,9 @@ image) and build the prompt with that many image tokens, e.g. with a ``LlavaProc
 A ``vision_feature_layer`` list (several layers concatenated) only works when the selected
 layers have the same length. Patched layers do not use gradient checkpointing, and an
 ``attention_mask`` passed to the encoder is refused while merging (it is for the unmerged
-tokens).
+tokens). An empty batch returns empty outputs with the merged lengths (the patched attention
+runs the eager function for it: transformers' sdpa and flash wrappers fail on 0 elements, and
+so does the unpatched tower).
 """
 from __future__ import annotations
 
@@ -218,29 +220,30 @@ def _attention_forward(attn: nn.Module, run: dict, hidden_states: torch.Tensor,
     """Patched CLIP/SigLIP attention ``forward``: the original computation, and inside the
     patched encoder it leaves the ToMe metric (keys averaged over heads) in ``run``."""
     input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, attn.head_dim)
+    hidden_shape = (*input_shape, attn.num_heads, attn.head_dim)  # no -1: the batch may be empty
     queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     if run["state"] is not None:
         run["metric"] = keys.mean(dim=1)
     kwargs.setdefault("is_causal", getattr(attn, "is_causal", False))
-    attn_output, attn_weights = _attention_interface(attn, attention_mask)(
+    attn_output, attn_weights = _attention_interface(attn, attention_mask, hidden_states.numel() == 0)(
         attn, queries, keys, values, attention_mask, scaling=attn.scale,
         dropout=0.0 if not attn.training else attn.dropout, **kwargs)
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    attn_output = attn_output.reshape(*input_shape, attn.num_heads * attn.head_dim).contiguous()
     return attn.out_proj(attn_output), attn_weights
 
 
-def _attention_interface(attn: nn.Module, attention_mask: torch.Tensor | None):
-    """The attention function the model's config selects; flash (no additive mask) → sdpa."""
+def _attention_interface(attn: nn.Module, attention_mask: torch.Tensor | None, empty: bool):
+    """The attention function the model's config selects; flash (no additive mask) → sdpa; an
+    empty batch → eager (transformers' sdpa and flash wrappers reshape with -1 and fail on it)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     impl = attn.config._attn_implementation or "eager"
     if attention_mask is not None and impl.startswith("flash"):
         impl = "sdpa"
-    if impl == "eager":
+    if impl == "eager" or empty:
         return eager
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)

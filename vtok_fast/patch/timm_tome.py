@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vtok_fast.patch._common import bind, is_patched, patch, restore, warn_not_applied
+from vtok_fast.tome import check_r, parse_r
 
 FEATURE = "timm_tome"
 _PATCHER = "vtok_fast.patch.timm ToMe merging"
@@ -52,27 +52,8 @@ _PATCHER = "vtok_fast.patch.timm ToMe merging"
 # Shared with hf_tome: schedule, per-forward state, the size bias and the merge step
 # ---------------------------------------------------------------------------------------------
 
-def check_r(r, name: str = "r") -> None:
-    """``r`` must be an int, an ``(r, inflection)`` tuple or a list of ints."""
-    if isinstance(r, bool):
-        raise TypeError(f"{name} must be an int, an (r, inflection) tuple or a list of ints, got bool")
-    if isinstance(r, numbers.Integral):
-        return
-    if isinstance(r, tuple):
-        if len(r) == 2 and isinstance(r[0], numbers.Integral) and isinstance(r[1], numbers.Real):
-            return
-        raise TypeError(f"{name} as a tuple must be (r: int, inflection: float), got {r!r}")
-    if isinstance(r, list):
-        if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in r):
-            return
-        raise TypeError(f"{name} as a list must hold ints, got {r!r}")
-    raise TypeError(f"{name} must be an int, an (r, inflection) tuple or a list of ints, got {type(r).__name__}")
-
-
 def schedule(r, num_layers: int, name: str = "model.r") -> tuple[int, ...]:
     """The per-layer merge counts for ``num_layers`` layers as a tuple (ToMe's ``parse_r``)."""
-    from vtok_fast.tome import parse_r
-
     check_r(r, name)
     counts = parse_r(num_layers, r)  # parse_r returns a new list and never changes r
     return tuple(max(int(v), 0) for v in counts[:num_layers])
@@ -245,7 +226,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, need
         if bias is not None:
             scores = scores + bias
         out = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    out = out.transpose(1, 2).reshape(B, N, -1)
+    out = out.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)  # no -1: B may be 0
     norm = getattr(attn, "norm", None)
     if norm is not None:
         out = norm(out)

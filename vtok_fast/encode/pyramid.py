@@ -1,0 +1,176 @@
+"""Hierarchical tokens: a pyramid of token grids of one image, every level through the fused
+patch embedding.
+
+``pyramid_tokenize(images, weights, biases=None, pos_embeds=None, *, levels=(8, 16, 32), ...)``
+
+- **Levels** are grid sizes: ``g`` is a ``g x g`` grid, ``(gh, gw)`` a rectangular one. Level
+  ``l`` embeds the image resized to ``(gh * p_l, gw * p_l)`` pixels, ``p_l`` the patch side of
+  its weight: one weight shared by every level (a ViT's patch embedding, the image resized per
+  level) or one weight per level (e.g. patch sizes 32, 16, 8 of a 256-px image: grids 8, 16, 32,
+  no resizing at all).
+- **One pass over the pixels**: the levels are resized finest first; a level whose size divides
+  an already resized (finer) level's by an integer factor is average-pooled from it (box filter =
+  ``area`` resampling, exact for nested grids), so the original pixels are read once. Other
+  sizes are resampled from the input (bilinear with antialiasing when shrinking). A level whose
+  size is the input's embeds the input itself (uint8 included).
+- **Position tables**: ``pos_embeds`` is one table per level (``(N_l, D)`` or ``(1, N_l, D)``),
+  or a single table of a square grid, resampled to every level's grid (bicubic with
+  antialiasing, as timm's ``resample_abs_pos_embed``). ``level_embed`` ``(L, D)`` adds row ``l``
+  to every token of level ``l``. Both are added inside the fused op.
+- **Output**: ``concat=False``: a list of ``(B, P + N_l, D)``, each level led by the prefix
+  tokens (each a complete ViT input); ``concat=True``: one ``(B, P + sum N_l, D)`` sequence, the
+  prefix once, then the levels in the order given. The seed's example, grids 8, 16 and 32, is
+  ``64 + 256 + 1024 = 1344`` tokens.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+
+Tensors = Union[torch.Tensor, Sequence[torch.Tensor], None]
+
+
+def _grid(level, index: int) -> tuple[int, int]:
+    if isinstance(level, numbers.Integral) and not isinstance(level, bool):
+        level = (level, level)
+    if (not isinstance(level, (tuple, list)) or len(level) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in level)):
+        raise ValueError(f"levels[{index}] must be a grid side g >= 1 or a pair (gh, gw), got {level!r}")
+    return int(level[0]), int(level[1])
+
+
+def _per_level(name: str, value: Tensors, count: int, allow_none: bool = True) -> list:
+    """``value`` as a list of ``count`` entries: one tensor shared, or one per level."""
+    if value is None:
+        if not allow_none:
+            raise TypeError(f"{name} must be a tensor or a sequence of {count} tensors, got None")
+        return [None] * count
+    if isinstance(value, torch.Tensor):
+        return [value] * count
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a tensor or a sequence of {count} tensors (one per level), "
+                        f"got {type(value).__name__}")
+    if len(value) != count:
+        raise ValueError(f"{name} must have one entry per level ({count}), got {len(value)}")
+    return list(value)
+
+
+def _resample_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A square-grid ``(n, D)`` table resampled to ``grid`` (bicubic, antialiased), ``(gh*gw, D)``."""
+    side = math.isqrt(table.shape[0])
+    if side * side != table.shape[0]:
+        raise ValueError(f"a single pos_embeds table is resampled from a square grid: its rows must be "
+                         f"a square number, got {table.shape[0]} (pass one table per level instead)")
+    if (side, side) == grid:
+        return table
+    t = table.reshape(side, side, -1).permute(2, 0, 1)[None].to(torch.float32)
+    t = F.interpolate(t, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    return t[0].permute(1, 2, 0).reshape(grid[0] * grid[1], -1).to(table.dtype)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area (integer shrink) or bilinear resampling of float pixels."""
+    H, W = x.shape[-2:]
+    if (H, W) == size:
+        return x
+    fh, fw = H // size[0], W // size[1]
+    if fh >= 1 and fw >= 1 and (fh * size[0], fw * size[1]) == (H, W):
+        return F.avg_pool2d(x, (fh, fw))
+    shrink = size[0] < H or size[1] < W
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def _table(name: str, value, rows: Optional[int], D: int, weight: torch.Tensor) -> torch.Tensor:
+    t = check_tensor(name, value, ndim=(2, 3), shape_doc="(N, D) or (1, N, D)")
+    if t.dim() == 3:
+        if t.shape[0] != 1:
+            raise ValueError(f"{name} must be (N, D) or (1, N, D), got shape {tuple(value.shape)}")
+        t = t[0]
+    if t.shape[1] != D:
+        raise ValueError(f"{name} must have width D={D}, got shape {tuple(value.shape)}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (the level's grid), got shape {tuple(value.shape)}")
+    if t.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype}")
+    return t
+
+
+def pyramid_tokenize(images: torch.Tensor, weights: Tensors, biases: Tensors = None,
+                     pos_embeds: Tensors = None, *, levels: Sequence = (8, 16, 32), mean=None, std=None,
+                     prefix: Optional[torch.Tensor] = None, level_embed: Optional[torch.Tensor] = None,
+                     concat: bool = False) -> Union[list[torch.Tensor], torch.Tensor]:
+    """Token grids of ``images`` at every level (rules in the module docstring).
+
+    Args:
+        images: ``(B, C, H, W)`` float (any range the weights expect, typically [0, 1]) or uint8.
+        weights: a ``(D, C, p, p)`` Conv2d weight shared by the levels, or one per level (each its
+            own ``p``, one ``D``); ``biases``: None, a ``(D,)`` tensor or one per level.
+        pos_embeds: None, one table per level, or one square-grid table resampled per level.
+        levels: grid sizes, ``g`` or ``(gh, gw)`` each.
+        mean, std: per-channel normalization fused into the embedding (as in ``patch_embed``).
+        prefix: ``(P, D)`` (or ``(1, P, D)``, ``(D,)``) tokens leading each level / the sequence.
+        level_embed: ``(L, D)``, row ``l`` added to level ``l``'s tokens.
+        concat: one sequence (True) or a list of levels (False).
+    """
+    from vtok_fast.encode.patch_embed import patch_embed
+
+    check_tensor("images", images, ndim=4, dtypes=(*FLOAT_DTYPES, torch.uint8), shape_doc="(B, C, H, W)")
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
+        raise ValueError(f"levels must be a non-empty sequence of grid sizes, got {levels!r}")
+    grids = [_grid(level, i) for i, level in enumerate(levels)]
+    L = len(grids)
+    weights = _per_level("weights", weights, L, allow_none=False)
+    biases = _per_level("biases", biases, L)
+    for i, w in enumerate(weights):
+        check_tensor(f"weights[{i}]", w, ndim=4, dtypes=FLOAT_DTYPES, shape_doc="(D, C, p, p)")
+    D, C = weights[0].shape[:2]
+    for i, w in enumerate(weights):
+        if tuple(w.shape[:2]) != (D, C) or w.shape[2] != w.shape[3] or w.dtype != weights[0].dtype:
+            raise ValueError(f"weights[{i}] must be (D, C, p, p) = ({D}, {C}, p, p) with square patches "
+                             f"and the dtype of weights[0], got shape {tuple(w.shape)} {w.dtype}")
+    if images.shape[1] != C:
+        raise ValueError(f"images must have C={C} channels (weights' shape[1]), got shape {tuple(images.shape)}")
+    if not isinstance(concat, bool):
+        raise TypeError(f"concat must be a bool, got {type(concat).__name__}")
+    single_table = isinstance(pos_embeds, torch.Tensor)
+    tables = _per_level("pos_embeds", pos_embeds, L)
+    if level_embed is not None:
+        level_embed = _table("level_embed", level_embed, L, D, weights[0])
+    check_same_device(images=images, weight=weights[0], prefix=prefix, level_embed=level_embed,
+                      pos_embed=tables[0], bias=biases[0])
+
+    # pixels: finest level first, each coarser one pooled from a finer one when the sizes nest
+    sizes = [(gh * w.shape[2], gw * w.shape[3]) for (gh, gw), w in zip(grids, weights)]
+    source = images if images.dtype != torch.uint8 else None
+    resized: dict[tuple[int, int], torch.Tensor] = {}
+    for size in sorted(set(sizes), key=lambda s: -s[0] * s[1]):
+        if size == tuple(images.shape[2:]):
+            resized[size] = images
+            continue
+        if source is None:  # uint8 pixels are resampled as floats in [0, 1]
+            source = images.to(torch.float32) / 255
+        nested = [x for s, x in resized.items() if s[0] % size[0] == 0 and s[1] % size[1] == 0]
+        start = nested[-1] if nested else source
+        if start.dtype == torch.uint8:
+            start = source
+        resized[size] = _resize(start, size)
+
+    out = []
+    for i, (grid, size, w, b, table) in enumerate(zip(grids, sizes, weights, biases, tables)):
+        n = grid[0] * grid[1]
+        pos = None
+        if table is not None:
+            pos = _resample_table(_table("pos_embeds", table, None, D, w), grid) if single_table \
+                else _table(f"pos_embeds[{i}]", table, n, D, w)
+        if level_embed is not None:
+            row = level_embed[i].expand(n, D)
+            pos = row if pos is None else pos + row
+        pre = prefix if (i == 0 or not concat) else None
+        out.append(patch_embed(resized[size], w, b, pos, pre, pos_covers_prefix=False, mean=mean, std=std))
+    return torch.cat(out, dim=1) if concat else out

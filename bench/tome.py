@@ -1,7 +1,7 @@
 """ToMe benchmark: op level and model level in one run.
 
 Op level: ``vtok_fast.tome_merge`` against the reference PyTorch ToMe
-(``bipartite_soft_matching`` + ``merge_wavg`` from ``vtok_fast/tome.py``), r = 16, metric
+(``bipartite_soft_matching`` + ``merge_wavg`` from ``vtok_fast/reduce/tome_reference.py``), r = 16, metric
 ``(B, N, 64)`` (ViT keys averaged over heads): ViT-B/16 (B=256, N=197, C=768) and
 ViT-L/14@336 (B=64, N=577, C=1024).
 
@@ -64,7 +64,7 @@ def cases(quick: bool, device) -> list[Case]:
 def _vtok_op(inputs):
     if inputs["kind"] != "op":
         return None
-    from vtok_fast.tome_fused import tome_merge
+    from vtok_fast.reduce.tome import tome_merge
 
     x, metric = inputs["x"], inputs["metric"]
     return lambda: tome_merge(x, metric, R, class_token=True)[0]
@@ -73,7 +73,7 @@ def _vtok_op(inputs):
 def _reference_op(inputs):
     if inputs["kind"] != "op":
         return None
-    from vtok_fast.tome import bipartite_soft_matching, merge_wavg
+    from vtok_fast.reduce.tome_reference import bipartite_soft_matching, merge_wavg
 
     x, metric = inputs["x"], inputs["metric"]
 

@@ -5,12 +5,12 @@ Token layout (per batch row): ``prefix`` protected tokens, then A tokens at ``pr
 (``num_out = N - r``): ``[prefix, kept A, B]``; with a distillation token
 ``[A0, B0, kept A[1:], B[1:]]`` (``prefix`` is 0 then).
 
-1. ``_tome_scores_fwd``: cosine score of every A token with every B token by ``tl.dot`` tiles,
+1. ``tome_scores_fwd``: cosine score of every A token with every B token by ``tl.dot`` tiles,
    keeping only the running row max / argmax (the A×B matrix is never stored). A tile holding
    a row whose squares over- or underflow is recomputed with that row divided by its max |.|.
-2. ``_tome_plan_fwd``: programs per (batch row, chunk of tokens) turn the best edges into the
+2. ``tome_plan_fwd``: programs per (batch row, chunk of tokens) turn the best edges into the
    merge plan by pairwise counting (a stable descending ranking without a sort).
-3. ``_tome_merge_fwd``: every output token = size-weighted mean of its representative and its
+3. ``tome_merge_fwd``: every output token = size-weighted mean of its representative and its
    sources in a fixed order; deterministic, no atomics.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _needs_rescale(sq, vmax, ok, MIN_SQ: tl.constexpr):
 # keyed on the metric width only: N shrinks every layer, and one tuning per model is enough
 @autotune(configs=SCORE_CONFIGS, key=["channels"])
 @triton.jit
-def _tome_scores_fwd(
+def tome_scores_fwd(
     node_max_ptr,  # (B, num_a) fp32, contiguous: best score of each A token
     node_idx_ptr,  # (B, num_a) int32, contiguous: its best B token (0..num_b-1)
     metric_ptr, stride_mb, stride_mn, stride_mc,  # (B, N, C) fp32/fp16/bf16
@@ -151,7 +151,7 @@ def _b_slot(j, num_kept, prefix, DISTILL: tl.constexpr):
 
 
 @triton.jit
-def _tome_plan_fwd(
+def tome_plan_fwd(
     order_ptr,  # (B, num_out) int64: input token of each output slot
     dest_ptr,  # (B, N) int64: output slot of each input token
     merged_ptr,  # (B, r) int64: merged A tokens, grouped by destination slot
@@ -278,7 +278,7 @@ MERGE_CONFIGS = [
 
 @autotune(configs=MERGE_CONFIGS, key=["channels"])
 @triton.jit
-def _tome_merge_fwd(
+def tome_merge_fwd(
     y_ptr,  # (B, num_out, C), contiguous: merged tokens
     size_out_ptr,  # (B, num_out, 1), contiguous: tokens per merged token
     x_ptr, stride_xb, stride_xn, stride_xc,  # (B, N, C)

@@ -168,7 +168,7 @@ def test_bf16_codebook_search_with_forced_triton_equals_reference(k, monkeypatch
 
 
 def test_bf16_tome_merge_with_forced_triton_equals_torch_path(monkeypatch):
-    from vtok_fast.tome_fused import tome_merge
+    from vtok_fast.reduce.tome import tome_merge
 
     x = _small_ints(2, 17, 8, dtype=torch.bfloat16)
     metric = _small_ints(2, 17, 4, dtype=torch.bfloat16)

@@ -1,444 +1,490 @@
-"""The ToMe reference contract (vtok_fast/tome.py) against hand-computed cases, a loop-by-loop
-float64 oracle written from the reference page, and the page's properties.
+"""``tome_merge`` (PyTorch path and Triton kernels under the interpreter) against the reference
+ToMe functions: same tokens, order, sizes, source map, unmerge and gradients; determinism; bad
+input; ahead-of-time compilation of every kernel for sm_80 / sm_90.
 
-Tests that compare matchings computed in different ways (fp32 BLAS vs the float64 oracle, the
-interpreter's numpy ``tl.dot`` vs torch) use :func:`exact_metric`, whose cosines every
-implementation computes without rounding, so their exact assertions hold on any CPU and BLAS."""
-import math
-import re
-
+The matching is compared on ``exact_metric`` data (cosines that every BLAS, numpy's ``tl.dot``
+in the interpreter and the kernels compute without rounding, exact ties included), so the exact
+assertions hold on any CPU; ``randn`` metrics appear where both sides run the same operations."""
 import pytest
 import torch
 
-from vtok_fast import bipartite_soft_matching, merge_source, merge_wavg, parse_r
-from vtok_fast.tome import unit_rows
-from helpers import assert_close
+from vtok_fast import bipartite_soft_matching, merge_source, merge_wavg, tome_merge
+from vtok_fast.reduce.tome import MergeInfo, tome_unmerge
+from helpers import aot_reports, assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
+from test_tome_reference import exact_metric, separated_metric
 
 
-def exact_metric(*shape: int) -> torch.Tensor:
-    """A float32 ``(..., C)`` metric whose cosines are computed exactly by any BLAS, summation
-    order or kernel: every row holds 1, 4 or 16 entries ±1 (norm 1, 2 or 4) times a power of two
-    (the rest 0), so normalizing divides by a power of two and each cosine is a multiple of 1/16,
-    a short sum of exact products. Equal scores are therefore exact ties (they are frequent),
-    which every implementation breaks by index."""
-    *lead, channels = shape
-    counts = torch.tensor([k for k in (1, 4, 16) if k <= channels])
-    nonzeros = counts[torch.randint(len(counts), tuple(lead))]
-    rank = torch.rand(shape).argsort(dim=-1).argsort(dim=-1)  # a random permutation per row
-    signs = torch.randint(0, 2, shape) * 2 - 1
-    scale = 2.0 ** torch.randint(-3, 4, (*lead, 1))
-    return torch.where(rank < nonzeros[..., None], signs, 0).float() * scale
+def reference(x, metric, r, size=None, class_token=False, distill_token=False):
+    """(x, size, source map (B, N), unmerge) from the reference functions."""
+    merge, unmerge = bipartite_soft_matching(metric, r, class_token, distill_token)
+    y, y_size = merge_wavg(merge, x, size)
+    source_map = merge_source(merge, x).argmax(dim=1)
+    return y, y_size, source_map, unmerge
 
 
-# --- an independent oracle: plain Python loops over one batch row, float64 -----------------------
-
-def oracle_groups(metric_row, r, class_token=False, distill_token=False):
-    """Output tokens of one row as lists of input positions, representative first, in the
-    reference output order. Written from the reference page, points 2-9."""
-    n = metric_row.shape[0]
-    r = min(r, (n - class_token - distill_token) // 2)
-    if r <= 0:
-        return [[i] for i in range(n)]
-    m = metric_row.double()
-    m = m / m.norm(dim=-1, keepdim=True)
-    a_pos, b_pos = list(range(0, n, 2)), list(range(1, n, 2))
-    best = []  # (score, A index, B index)
-    for ai, ap in enumerate(a_pos):
-        scores = []
-        for bj, bp in enumerate(b_pos):
-            s = float(m[ap] @ m[bp])
-            if (class_token and ai == 0) or (distill_token and bj == 0):
-                s = -math.inf
-            scores.append(s)
-        top = max(scores)
-        best.append((top, ai, scores.index(top)))
-    ranked = sorted(best, key=lambda e: -e[0])  # stable: equal scores by index
-    merged, kept = ranked[:r], ranked[r:]
-    if class_token:
-        kept = sorted(kept, key=lambda e: e[1])
-    b_groups = [[bp] for bp in b_pos]
-    for _, ai, bj in sorted(merged, key=lambda e: e[1]):
-        b_groups[bj].append(a_pos[ai])
-    a_groups = [[a_pos[ai]] for _, ai, _ in kept]
-    if distill_token:
-        return a_groups[:1] + b_groups[:1] + a_groups[1:] + b_groups[1:]
-    return a_groups + b_groups
-
-
-def oracle_merge(x, metric, r, class_token=False, distill_token=False, mode="mean", size=None):
-    """(merged x, merged size, groups per row) in float64."""
-    outs, sizes, groups = [], [], []
-    for b in range(x.shape[0]):
-        g = oracle_groups(metric[b], r, class_token, distill_token)
-        groups.append(g)
-        xb = x[b].double()
-        sb = torch.ones(x.shape[1], 1, dtype=torch.float64) if size is None else size[b].double()
-        rows, srows = [], []
-        for members in g:
-            vals, w = xb[members], sb[members]
-            if mode == "mean":
-                rows.append(vals.mean(0))
-            elif mode == "sum":
-                rows.append(vals.sum(0))
-            elif mode == "amax":
-                rows.append(vals.max(0).values)
-            elif mode == "wavg":
-                rows.append((vals * w).sum(0) / w.sum())
-            srows.append(w.sum(0))
-        outs.append(torch.stack(rows))
-        sizes.append(torch.stack(srows))
-    return torch.stack(outs), torch.stack(sizes), groups
-
-
-def separated_metric(batch: int, groups: int = 12) -> torch.Tensor:
-    """A float32 ``(batch, 2 * groups, 16)`` metric whose matching is far from any tie: in a
-    random plane, B token j at angle 30°·j and A token i at 30°·σ(i) ± 1.1°·(π(i) + 1) (σ, π
-    random permutations), length 16. Each A token's best cosine beats its second best by > 0.016
-    and the best cosines differ by > 5e-4, far above fp32 rounding, so the matching is the same
-    however (and at whatever scale) it is computed."""
-    frame, _ = torch.linalg.qr(torch.randn(batch, 16, 2, dtype=torch.float64))
-    b_angle = torch.arange(groups, dtype=torch.float64) * 30
-    offset = (torch.stack([torch.randperm(groups) for _ in range(batch)]) + 1) * 1.1
-    sign = torch.randint(0, 2, (batch, groups)) * 2 - 1
-    a_angle = torch.stack([torch.randperm(groups) for _ in range(batch)]) * 30 + sign * offset
-    angles = torch.stack([a_angle, b_angle.expand(batch, groups)], dim=-1).reshape(batch, 2 * groups)
-    plane = torch.stack([angles.deg2rad().cos(), angles.deg2rad().sin()], dim=-1) * 16
-    return (plane @ frame.transpose(1, 2)).float()
-
-
-CASES = [  # (B, N, r, class_token, distill_token)
-    (2, 16, 3, False, False),
-    (2, 17, 5, True, False),
-    (1, 16, 4, True, True),
-    (3, 15, 1, False, True),
-    (2, 13, 100, True, False),  # capped at (13 - 1) // 2 = 6
-    (2, 12, 100, False, False),  # capped at 6: every A token merges
-    (1, 197, 16, True, False),
+CASES = [  # (B, N, C, r, class_token, distill_token)
+    (2, 16, 8, 3, False, False),
+    (2, 17, 8, 5, True, False),
+    (1, 16, 8, 4, True, True),
+    (3, 15, 8, 1, False, True),
+    (2, 13, 8, 100, True, False),  # r capped at 6
+    (2, 12, 8, 100, False, False),  # r capped at 6: every A token merges
+    (1, 197, 24, 16, True, False),
+    (2, 50, 40, 20, False, False),  # C > BLOCK_K: the K loop of the scoring kernel
 ]
 
 
-# --- hand-computed cases -------------------------------------------------------------------------
-
-def _angles_metric(degrees):
-    t = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
-    return torch.stack([t.cos(), t.sin()], dim=-1)[None].float()
-
-
-# A = positions 0, 2, 4 at 0°, 80°, 200°; B = positions 1, 3, 5 at 90°, 5°, 180°.
-# Best partners: A0→pos3 (cos 5° = .996), A1→pos1 (cos 10° = .985), A2→pos5 (cos 20° = .940).
-HAND_METRIC = _angles_metric([0, 90, 80, 5, 200, 180])
-HAND_X = torch.arange(6, dtype=torch.float32)[None, :, None]
-
-
-@pytest.mark.parametrize("r, class_token, distill_token, expected", [
-    (1, False, False, [2, 4, 1, 1.5, 5]),  # A0 into pos3; kept A in score order: pos2, pos4
-    (2, False, False, [4, 1.5, 1.5, 5]),  # A0 into pos3 and A1 (pos2) into pos1
-    (1, True, False, [0, 4, 1.5, 3, 5]),  # CLS protected: A1 into pos1; kept A sorted
-    (1, True, True, [0, 1, 2, 3, 4.5]),  # B0 protected too: A1 prefers pos3 (.259) < A2's .940
-])
-def test_hand_computed(r, class_token, distill_token, expected):
-    merge, _ = bipartite_soft_matching(HAND_METRIC, r, class_token, distill_token)
-    assert merge(HAND_X).flatten().tolist() == expected
+@pytest.mark.parametrize("batch, n, c, r, class_token, distill_token", CASES)
+@pytest.mark.parametrize("with_size", [False, True])
+def test_matches_reference(backend, batch, n, c, r, class_token, distill_token, with_size):
+    x, metric = torch.randn(batch, n, c), exact_metric(batch, n, 16)
+    size = torch.randint(1, 5, (batch, n, 1)).float() if with_size else None
+    y_ref, size_ref, map_ref, unmerge = reference(x, metric, r, size, class_token, distill_token)
+    y, y_size, info = tome_merge(x, metric, r, size, class_token=class_token, distill_token=distill_token)
+    assert y.shape == y_ref.shape and y.dtype == x.dtype
+    assert_close(y, y_ref, reduction=n)
+    assert torch.equal(y_size, size_ref)
+    assert torch.equal(info.source_map, map_ref) and torch.equal(info.dest, map_ref)
+    assert info.r == n - y.shape[1]
+    assert torch.equal(info.unmerge(y_ref), unmerge(y_ref))
+    assert torch.equal(tome_unmerge(y_ref, info), unmerge(y_ref))
+    assert torch.equal(torch.gather(info.dest, 1, info.order), torch.arange(y.shape[1]).expand(batch, -1))
 
 
-def test_hand_computed_modes_and_unmerge():
-    merge, unmerge = bipartite_soft_matching(HAND_METRIC, 1)
-    assert merge(HAND_X, mode="sum").flatten().tolist() == [2, 4, 1, 3, 5]
-    assert merge(HAND_X, mode="amax").flatten().tolist() == [2, 4, 1, 3, 5]
-    # merged A0 gets a copy of its destination (pos3); all other tokens return to their slots
-    assert unmerge(merge(HAND_X)).flatten().tolist() == [1.5, 1, 2, 1.5, 4, 5]
+def test_torch_path_scores_like_the_reference(torch_backend):
+    """On generic (irrational) cosines the PyTorch path runs the reference's own normalization
+    and matmul, so its plan is bitwise the reference's on any BLAS."""
+    x, metric = torch.randn(3, 197, 8), torch.randn(3, 197, 64)
+    for kwargs in ({}, {"class_token": True}, {"class_token": True, "distill_token": True}):
+        y_ref, size_ref, map_ref, _ = reference(x, metric, 16, **kwargs)
+        y, y_size, info = tome_merge(x, metric, 16, **kwargs)
+        assert torch.equal(info.source_map, map_ref) and torch.equal(y_size, size_ref)
+        assert_close(y, y_ref, reduction=4)
 
 
-# --- parity with the oracle on random fp32 metrics -----------------------------------------------
+def test_two_layers_source_map(backend):
+    x, metric1, metric2 = torch.randn(2, 33, 8), exact_metric(2, 33, 16), exact_metric(2, 27, 16)
+    merge1, _ = bipartite_soft_matching(metric1, 6, class_token=True)
+    x1_ref, size1_ref = merge_wavg(merge1, x)
+    merge2, _ = bipartite_soft_matching(metric2, 6, class_token=True)
+    x2_ref, size2_ref = merge_wavg(merge2, x1_ref, size1_ref)
+    source_ref = merge_source(merge2, x1_ref, merge_source(merge1, x))
 
-@pytest.mark.parametrize("batch, n, r, class_token, distill_token", CASES)
-@pytest.mark.parametrize("mode", ["mean", "sum", "amax"])
-def test_merge_matches_oracle(batch, n, r, class_token, distill_token, mode):
-    metric, x = exact_metric(batch, n, 8), torch.randn(batch, n, 5)
-    merge, _ = bipartite_soft_matching(metric, r, class_token, distill_token)
-    expected, _, _ = oracle_merge(x, metric, r, class_token, distill_token, mode=mode)
-    out = merge(x, mode=mode)
-    assert out.shape == expected.shape
-    assert_close(out, expected, reduction=n)
-
-
-@pytest.mark.parametrize("batch, n, r, class_token, distill_token", CASES)
-def test_merge_wavg_and_source_match_oracle(batch, n, r, class_token, distill_token):
-    metric, x = exact_metric(batch, n, 8), torch.randn(batch, n, 5)
-    size = torch.randint(1, 4, (batch, n, 1)).float()
-    merge, _ = bipartite_soft_matching(metric, r, class_token, distill_token)
-    expected, expected_size, groups = oracle_merge(x, metric, r, class_token, distill_token,
-                                                   mode="wavg", size=size)
-    out, out_size = merge_wavg(merge, x, size)
-    assert_close(out, expected, reduction=n)
-    assert torch.equal(out_size, expected_size.float())
-
-    source = merge_source(merge, x)
-    assert source.dtype == torch.float32 and source.shape == (batch, len(groups[0]), n)
-    for b, row_groups in enumerate(groups):
-        for g, members in enumerate(row_groups):
-            assert source[b, g].nonzero().flatten().tolist() == sorted(members)
+    x1, size1, info1 = tome_merge(x, metric1, 6, class_token=True)
+    x2, size2, info2 = tome_merge(x1, metric2, 6, size1, class_token=True, source_map=info1.source_map)
+    assert_close(x2, x2_ref, reduction=33)
+    assert torch.equal(size2, size2_ref)
+    assert torch.equal(info2.source_map, source_ref.argmax(dim=1))
 
 
-def test_default_size_is_ones_in_x_dtype():
-    metric, x = torch.randn(2, 10, 4), torch.randn(2, 10, 3, dtype=torch.float64)
-    merge, _ = bipartite_soft_matching(metric, 2)
-    out, size = merge_wavg(merge, x)
-    assert size.dtype == torch.float64 and size.shape == (2, 8, 1)
-    assert size.sum().item() == 2 * 10  # every original token is counted once
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+def test_protected_prefix(backend, prefix):
+    """Prefix tokens stay in front unchanged; the rest is the reference's matching on tokens
+    prefix.. with kept A tokens in original order."""
+    x, metric, size = torch.randn(2, 26, 8), exact_metric(2, 26, 16), torch.randint(1, 4, (2, 26, 1)).float()
+    y, y_size, info = tome_merge(x, metric, 7, size, protected_prefix=prefix)
+    merge, _ = bipartite_soft_matching(metric[:, prefix:], 7)
+    rest, rest_size = merge_wavg(merge, x[:, prefix:], size[:, prefix:])
+    num_kept = (26 - prefix + 1) // 2 - 7
+    # the reference keeps A in score order, the prefix mode in original order
+    kept_pos = merge_source(merge, x[:, prefix:])[:, :num_kept].argmax(-1)
+    reorder = torch.cat([kept_pos.argsort(dim=1), torch.arange(num_kept, rest.shape[1]).expand(2, -1)], dim=1)
+    rest = rest.gather(1, reorder[..., None].expand_as(rest))
+    rest_size = rest_size.gather(1, reorder[..., None])
+    assert torch.equal(y[:, :prefix], x[:, :prefix]) and torch.equal(y_size[:, :prefix], size[:, :prefix])
+    assert_close(y[:, prefix:], rest, reduction=26)
+    assert torch.equal(y_size[:, prefix:], rest_size)
+    assert torch.equal(info.dest[:, :prefix], torch.arange(prefix).expand(2, -1))
+    kept_tokens = info.order[:, prefix:prefix + num_kept]
+    assert torch.equal(kept_tokens, kept_tokens.sort(dim=1).values)
 
 
-def test_two_layers_compose_sizes_and_sources():
-    metric1, x = torch.randn(2, 21, 8), torch.randn(2, 21, 4)
-    merge1, _ = bipartite_soft_matching(metric1, 4, class_token=True)
-    x1, size1 = merge_wavg(merge1, x)
-    source1 = merge_source(merge1, x)
-    metric2 = torch.randn(2, 17, 8)
-    merge2, _ = bipartite_soft_matching(metric2, 4, class_token=True)
-    x2, size2 = merge_wavg(merge2, x1, size1)
-    source2 = merge_source(merge2, x1, source1)
-    assert torch.equal(source2.sum(-1, keepdim=True), size2)  # size = patches in the token
-    assert torch.equal(source2.sum(1), torch.ones(2, 21))  # each patch in exactly one token
-    # the size-weighted average over two layers is the plain mean of the original patches
-    assert_close(x2, (source2.double() @ x.double()) / size2.double(), reduction=21)
+@pytest.mark.parametrize("class_token, distill_token, prefix, sort_kept", [
+    (False, False, 0, False), (True, False, 0, True), (True, True, 0, True), (False, True, 0, False),
+    (False, False, 3, True), (False, False, 0, True)])
+def test_backends_agree_on_the_plan(monkeypatch, class_token, distill_token, prefix, sort_kept):
+    """Same order/dest from both backends, and the Triton plan's grouped sources (slot by slot,
+    in input order) are exactly the tokens that dest sends to each slot."""
+    from vtok_fast.reduce.tome import _plan_triton, _scores_triton
+
+    x, metric = torch.randn(3, 61, 4), exact_metric(3, 61, 16)  # exact ties: both break them by index
+    outs = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("VTOK_FAST_BACKEND", name)
+        outs[name] = torch.ops.vtok_fast.tome_merge(x, metric, None, 13, class_token, distill_token, prefix, sort_kept)
+    for a, b in zip(outs["torch"][2:], outs["triton"][2:]):
+        assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+    order, dest = outs["torch"][2:]
+
+    node_max, node_idx = _scores_triton(metric, class_token, distill_token, prefix)
+    plan = _plan_triton(node_max, node_idx, 13, 61, prefix, sort_kept, distill_token)
+    _, _, merged_src, src_start, src_count = plan
+    for b in range(3):
+        for slot in range(61 - 13):
+            members = (dest[b] == slot).nonzero().flatten()
+            sources = members[members != order[b, slot]]
+            start, count = int(src_start[b, slot]), int(src_count[b, slot])
+            assert merged_src[b, start:start + count].tolist() == sources.tolist()
 
 
-# --- edge cases --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("r", [0, -3])
-def test_r_not_positive_is_identity(r):
-    metric, x = torch.randn(2, 9, 4), torch.randn(2, 9, 3)
-    merge, unmerge = bipartite_soft_matching(metric, r)
-    assert merge(x) is x and merge(x, mode="sum") is x and unmerge(x) is x
-    out, size = merge_wavg(merge, x)
-    assert torch.equal(out, x) and torch.equal(size, torch.ones(2, 9, 1))
-
-
-@pytest.mark.parametrize("n, class_token, distill_token, cap", [
-    (2, True, False, 0), (3, True, True, 0), (4, True, True, 1), (9, False, False, 4), (9, True, False, 4),
-])
-def test_r_is_capped(n, class_token, distill_token, cap):
-    metric, x = torch.randn(1, n, 4), torch.randn(1, n, 3)
-    merge, _ = bipartite_soft_matching(metric, 50, class_token, distill_token)
-    assert merge(x).shape[1] == n - cap
+def test_bitwise_deterministic(backend):
+    x, metric = torch.randn(2, 197, 32), torch.randn(2, 197, 16)
+    size = torch.rand(2, 197, 1) * 3 + 1
+    first = tome_merge(x, metric, 40, size, class_token=True)
+    for _ in range(2):
+        again = tome_merge(x, metric, 40, size, class_token=True)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+        assert torch.equal(again[2].dest, first[2].dest)
 
 
-@pytest.mark.parametrize("batch, n, r, class_token, distill_token", CASES)
-def test_protected_tokens_are_never_merged(batch, n, r, class_token, distill_token):
-    metric, x = torch.randn(batch, n, 8), torch.randn(batch, n, 5)
-    merge, _ = bipartite_soft_matching(metric, r, class_token, distill_token)
-    out = merge(x)
-    if class_token:
-        assert torch.equal(out[:, 0], x[:, 0])
-    if distill_token:
-        assert torch.equal(out[:, 1], x[:, 1])
+@pytest.mark.parametrize("class_token, distill_token", [(False, False), (True, False), (True, True)])
+def test_gradients_match_reference(backend, class_token, distill_token):
+    x, metric = torch.randn(2, 21, 6), exact_metric(2, 21, 16).requires_grad_()
+    size = torch.randint(1, 4, (2, 21, 1)).float()
+    x_ref, s_ref = x.clone().requires_grad_(), size.clone().requires_grad_()
+    x_new, s_new = x.clone().requires_grad_(), size.clone().requires_grad_()
+    y_ref, size_out_ref, _, _ = reference(x_ref, metric, 6, s_ref, class_token, distill_token)
+    y, size_out, _ = tome_merge(x_new, metric, 6, s_new, class_token=class_token, distill_token=distill_token)
+    grad_y, grad_size = torch.randn_like(y), torch.randn_like(size_out)
+    ((y_ref * grad_y).sum() + (size_out_ref * grad_size).sum()).backward()
+    ((y * grad_y).sum() + (size_out * grad_size).sum()).backward()
+    assert_close(x_new.grad, x_ref.grad, reduction=4)
+    assert_close(s_new.grad, s_ref.grad, reduction=6 * 4)
+    assert metric.grad is None  # no gradient through the matching
+    assert torch.equal(x_new.detach(), x) and torch.equal(s_new.detach(), size)  # inputs untouched
 
 
-def test_kept_a_order_is_descending_score_without_class_token():
-    metric, x = exact_metric(1, 30, 8), torch.arange(30.0)[None, :, None]
-    merge, _ = bipartite_soft_matching(metric, 5)
-    m = metric[0] / metric[0].norm(dim=-1, keepdim=True)
-    best = (m[::2] @ m[1::2].T).max(-1).values
-    kept = (merge(x)[0, :10, 0] / 2).long()  # A positions 2i -> i
-    assert kept.tolist() == best.argsort(descending=True, stable=True)[5:].tolist()  # ties by index
-    merge_cls, _ = bipartite_soft_matching(metric, 5, class_token=True)
-    kept_cls = merge_cls(x)[0, :10, 0]
-    assert kept_cls.tolist() == sorted(kept_cls.tolist())
+def test_gradient_without_size(backend):
+    x, metric = torch.randn(2, 21, 6, requires_grad=True), exact_metric(2, 21, 16)
+    y, _, _ = tome_merge(x, metric, 6)
+    y.sum().backward()
+    merge, _ = bipartite_soft_matching(metric, 6)
+    x_ref = x.detach().clone().requires_grad_()
+    merge_wavg(merge, x_ref)[0].sum().backward()
+    assert_close(x.grad, x_ref.grad)
 
 
-@pytest.mark.parametrize("batch, n, r, class_token, distill_token", CASES)
-def test_unmerge_round_trip(batch, n, r, class_token, distill_token):
-    metric, x = exact_metric(batch, n, 8), torch.randn(batch, n, 5)
-    merge, unmerge = bipartite_soft_matching(metric, r, class_token, distill_token)
-    y = merge(x)
-    back = unmerge(y)
-    assert back.shape == x.shape
-    # every member of a group holds the group's value ("amax": the mean of k equal fp32 values is
-    # not always exactly that value, e.g. 7 copies, and exact ties make such groups common)
-    assert torch.equal(merge(back, mode="amax"), y)
-    _, _, groups = oracle_merge(x, metric, r, class_token, distill_token)
-    for b in range(batch):
-        for g, members in enumerate(groups[b]):
-            for p in members:
-                assert torch.equal(back[b, p], y[b, g])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_x(backend, dtype):
+    """fp16/bf16 tokens (fp32 metric, so the matching is the reference's): sums in fp32, one
+    rounding on store, so the error is the dtype's resolution."""
+    x, metric = torch.randn(2, 40, 32), exact_metric(2, 40, 16)
+    size = torch.randint(1, 4, (2, 40, 1)).to(dtype)
+    y_ref, size_ref, _, _ = reference(x.double(), metric, 9, size.double(), True)
+    y, y_size, _ = tome_merge(x.to(dtype), metric, 9, size, class_token=True)
+    assert y.dtype == dtype and y_size.dtype == dtype
+    assert_close(y, y_ref, dtype=dtype, reduction=4)
+    assert torch.equal(y_size.double(), size_ref)
 
 
-def test_zero_metric_row_is_nan_like_reference():
-    metric = torch.randn(1, 8, 4)
-    metric[0, 3] = 0  # no eps in the normalization: this B token's scores are NaN
-    merge, _ = bipartite_soft_matching(metric, 1)
-    out = merge(torch.randn(1, 8, 2))
-    assert out.shape == (1, 7, 2)
+def test_fp16_metric_triton(monkeypatch):
+    """fp16 metric on the scoring kernel's fp16 tl.dot path (fp32 accumulation)."""
+    monkeypatch.setenv("VTOK_FAST_BACKEND", "triton")
+    x, metric = torch.randn(2, 37, 8), exact_metric(2, 37, 32).half()  # exact in fp16 too
+    y_ref, size_ref, map_ref, _ = reference(x, metric.float(), 8, None, True)
+    y, y_size, info = tome_merge(x, metric, 8, class_token=True)
+    assert_close(y, y_ref, reduction=4)
+    assert torch.equal(y_size, size_ref) and torch.equal(info.source_map, map_ref)
 
 
-def test_exact_metric_scores_are_exact():
-    """The premise of the exact tests: fp32 scores (torch BLAS, numpy) equal the float64 ones."""
-    import numpy as np
+# --- edge cases and defined behaviour ----------------------------------------------------------
 
-    metric = exact_metric(3, 40, 16)
-    unit = unit_rows(metric)
-    scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
-    exact = unit_rows(metric.double())
-    expected = exact[:, ::2] @ exact[:, 1::2].transpose(1, 2)
-    assert torch.equal(scores.double(), expected)
-    assert np.array_equal(np.matmul(unit[:, ::2].numpy(), unit[:, 1::2].transpose(1, 2).numpy()), scores.numpy())
-    assert torch.equal(scores * 16, (scores * 16).round())  # multiples of 1/16: ties are exact
-
-
-def test_equal_scores_rank_by_index():
-    """A stable ranking: equal scores keep index order (ToMe's unstable sort reorders them from
-    about 50 A tokens on)."""
-    num_a = 80
-    metric = torch.ones(1, 2 * num_a, 4)
-    positions = torch.arange(2.0 * num_a)[None, :, None]
-    merge, _ = bipartite_soft_matching(metric, 10)
-    # the first 10 A tokens merge into B0; the kept A follow in index order
-    assert merge(positions, mode="amax").flatten().tolist()[:num_a - 10] == [2.0 * i for i in range(10, num_a)]
-    source = merge_source(merge, positions)
-    assert source[0, num_a - 10].nonzero().flatten().tolist() == sorted([2 * i for i in range(10)] + [1])
+def test_r_zero_and_capped_to_zero_is_identity(backend):
+    x, metric = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+    for r, kwargs in [(0, {}), (5, {"protected_prefix": 8}), (3, {"class_token": True, "distill_token": True})]:
+        xx = x[:, :3] if kwargs.get("distill_token") else x
+        mm = metric[:, :3] if kwargs.get("distill_token") else metric
+        y, size, info = tome_merge(xx, mm, r, **kwargs)
+        assert y is xx and torch.equal(size, torch.ones(2, xx.shape[1], 1)) and info.r == 0
+        assert torch.equal(info.unmerge(y), xx)
+        assert torch.equal(info.source_map, torch.arange(xx.shape[1]).expand(2, -1))
 
 
-# --- scale invariance ---------------------------------------------------------------------------
+@pytest.mark.parametrize("with_size", [False, True])
+def test_zero_channels(backend, with_size):
+    """x with C = 0: an empty (B, N - r, 0) result and the sizes of the plan (the Triton merge
+    used to launch no program then, leaving size uninitialised)."""
+    x, metric = torch.randn(2, 30, 3), exact_metric(2, 30, 16)
+    size = torch.randint(1, 4, (2, 30, 1)).float() if with_size else None
+    y, y_size, info = tome_merge(x[..., :0], metric, 7, size, class_token=True)
+    _, size_ref, map_ref, _ = reference(x, metric, 7, size, class_token=True)
+    assert y.shape == (2, 23, 0)
+    assert torch.equal(y_size, size_ref) and torch.equal(info.source_map, map_ref)
+
+
+def test_empty_batch_and_tokens(backend):
+    for batch, n in [(0, 12), (2, 0), (2, 1)]:
+        x, metric = torch.randn(batch, n, 4), torch.randn(batch, n, 8)
+        y, size, info = tome_merge(x, metric, 3, torch.ones(batch, n, 1))
+        num_out = n - min(3, n // 2)
+        assert y.shape == (batch, num_out, 4) and size.shape == (batch, num_out, 1)
+        assert info.dest.shape == (batch, n) and info.source_map.shape == (batch, n)
+
+
+def _plan(x, metric, r, **kwargs):
+    y, size, info = tome_merge(x, metric, r, **kwargs)
+    return y, size, info.dest, info.order
+
 
 @pytest.mark.parametrize("scale", [2.0 ** 70, 2.0 ** -100, "per-row"])
-def test_scaled_metric_merges_like_unscaled(scale):
-    """Cosine similarity is scale-invariant: with power-of-two scales (exact in fp32) whose
-    squares overflow (2**140) or underflow (2**-200) the merge is bitwise the unscaled one."""
-    metric, x = exact_metric(2, 40, 16), torch.randn(2, 40, 5)
-    if scale == "per-row":  # rows over- and underflowing and normal rows, side by side
-        scale = 2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (2, 40, 1))]
-    for kwargs in ({}, {"class_token": True}, {"class_token": True, "distill_token": True}):
-        merge, unmerge = bipartite_soft_matching(metric, 9, **kwargs)
-        merge_s, unmerge_s = bipartite_soft_matching(metric * scale, 9, **kwargs)
-        assert torch.equal(merge_s(x), merge(x))
-        assert torch.equal(merge_source(merge_s, x), merge_source(merge, x))
-        assert torch.equal(unmerge_s(merge(x)), unmerge(merge(x)))
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy,
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # before a tile is rescaled
+def test_scaled_metric_merges_like_unscaled(backend, scale):
+    """Cosine similarity is scale-invariant: power-of-two scales (exact in fp32) whose squares
+    overflow or underflow fp32 give bitwise the unscaled merge; per-row scales mix rescaled and
+    plain rows in one kernel tile (N = 150: two A blocks and two B tiles)."""
+    x, metric = torch.randn(2, 150, 4), exact_metric(2, 150, 16)
+    if scale == "per-row":
+        scale = 2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (2, 150, 1))]
+    for kwargs in ({}, {"class_token": True, "distill_token": True}, {"protected_prefix": 3}):
+        for got, want in zip(_plan(x, metric * scale, 40, **kwargs), _plan(x, metric, 40, **kwargs)):
+            assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("scale", [1e19, 1e-30])
-def test_metric_scaled_past_fp32_range_merges_like_unscaled(scale):
-    """The issue's scales (not powers of two): the norm overflows to inf (every cosine was 0) or
-    underflows to 0 (every cosine was NaN); on a metric far from ties the merge is unchanged."""
-    metric, x = separated_metric(2), torch.randn(2, 24, 5)
-    assert not torch.isfinite((metric * scale).norm(dim=-1)).all() or (metric * scale).norm(dim=-1).eq(0).all()
-    merge, _ = bipartite_soft_matching(metric, 7, class_token=True)
-    merge_s, _ = bipartite_soft_matching(metric * scale, 7, class_token=True)
-    assert torch.equal(merge_source(merge_s, x), merge_source(merge, x))
-    assert torch.equal(merge_s(x), merge(x))
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy,
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # before a tile is rescaled,
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # and on the zero rows
+def test_metric_scaled_past_fp32_range_merges_like_unscaled(backend, scale):
+    """The issue's scales: the norm overflows (every cosine was 0) or underflows (every cosine
+    was NaN, scoring -2). On a metric far from ties the merge is unchanged, and a zero row still
+    scores -2: its A token is kept alone, its B token receives nothing."""
+    x, metric = torch.randn(2, 26, 4), torch.cat([separated_metric(2), torch.zeros(2, 2, 16)], dim=1)
+    for got, want in zip(_plan(x, metric * scale, 9), _plan(x, metric, 9)):
+        assert torch.equal(got, want)
+    _, size, dest, _ = _plan(x, metric * scale, 9)
+    assert (size.gather(1, dest[:, 24:, None]) == 1).all()  # A token 24 and B token 25 (zero rows)
+    assert size.sum().item() == 2 * 26
 
 
-def test_unit_rows_is_tomes_normalization_on_normal_rows():
-    metric = torch.randn(4, 50, 64) * torch.logspace(-12, 12, 50)[:, None]
-    assert torch.equal(unit_rows(metric), metric / metric.norm(dim=-1, keepdim=True))
-    half = (torch.randn(4, 50, 64) * torch.logspace(-3, 2, 50)[:, None]).half()  # norms within fp16
-    assert torch.equal(unit_rows(half), half / half.norm(dim=-1, keepdim=True))
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy,
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # before a tile is rescaled
+def test_scores_kernel_is_scale_invariant(triton_backend):
+    """The kernel's best scores and partners of rescaled rows are bitwise the unscaled ones."""
+    from vtok_fast.reduce.tome import _scores_triton
+
+    metric = exact_metric(2, 150, 40)  # C = 40 > BLOCK_K: the rescaled K loop too
+    scale = 2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (2, 150, 1))]
+    for protect in (False, True):
+        for got, want in zip(_scores_triton(metric * scale, protect, protect, 0),
+                             _scores_triton(metric, protect, protect, 0)):
+            assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_unit_rows_rescues_extreme_rows(dtype):
-    """Rows whose norm over- or underflows get the unit vector; a zero row stays NaN."""
-    info = torch.finfo(dtype)
-    row = torch.tensor([3.0, -4.0, 0.0, 12.0], dtype=torch.float64)
-    rows = torch.stack([row / 12 * info.max, row / 12 * info.tiny, row, torch.zeros(4, dtype=torch.float64)])
-    unit = unit_rows(rows.to(dtype)[None])[0]
-    assert torch.isfinite(rows.to(dtype)).all()
-    assert_close(unit[:3], (row / 13).expand(3, 4), dtype=dtype, reduction=4)
-    assert unit[3].isnan().all()
+def test_r_capped(backend):
+    x, metric = torch.randn(1, 11, 4), torch.randn(1, 11, 4)
+    assert tome_merge(x, metric, 50, class_token=True)[0].shape == (1, 6, 4)
+    assert tome_merge(x, metric, 50, protected_prefix=3)[0].shape == (1, 7, 4)
 
 
-# --- bad input ---------------------------------------------------------------------------------
-
-def test_bad_input_names_the_argument():
-    metric, x = torch.randn(2, 10, 4), torch.randn(2, 10, 6)
-    with pytest.raises(ValueError, match=r"metric must be \(B, N, C\), got shape \(10, 4\)"):
-        bipartite_soft_matching(metric[0], 2)
-    with pytest.raises(TypeError, match="metric must have dtype in .*got torch.int64"):
-        bipartite_soft_matching(metric.long(), 2)
-    with pytest.raises(TypeError, match="r must be an int .*got float"):
-        bipartite_soft_matching(metric, 2.0)
-    for r in (3, 0):  # merging and identity functions both know their metric's (B, N)
-        merge, unmerge = bipartite_soft_matching(metric, r)
-        for bad in (x[:, :9], torch.randn(2, 12, 6), torch.randn(3, 10, 6)):
-            expected = re.escape(f"x must be (B, N, C) = (2, 10, C), the batch and tokens of the metric the merge "
-                                 f"was built on, got shape {tuple(bad.shape)}")
-            with pytest.raises(ValueError, match=expected):
-                merge(bad)
-            with pytest.raises(ValueError, match=r"x must be \(B, N, C\) = \(2, 10, C\)"):
-                merge_wavg(merge, bad)
-            with pytest.raises(ValueError, match=r"x must be \(B, N, C\) = \(2, 10, C\)"):
-                merge_source(merge, bad)
-        with pytest.raises(ValueError, match=rf"y must be \(B, N - r, C\) = \(2, {10 - r}, C\).*got shape \(2, 9, 6\)"):
-            unmerge(torch.randn(2, 9, 6))
-        with pytest.raises(ValueError, match=r"x must be \(B, N, C\) = \(2, 10, C\), got shape \(10, 6\)"):
-            merge(x[0])
-        with pytest.raises(ValueError, match=r"size must be \(B, N, 1\) = \(2, 10, 1\).*got shape \(2, 9, 1\)"):
-            merge_wavg(merge, x, torch.ones(2, 9, 1))
-        with pytest.raises(ValueError, match=r"size must be \(B, N, 1\) = \(2, 10, 1\), got shape \(2, 10, 2\)"):
-            merge_wavg(merge, x, torch.ones(2, 10, 2))
-        with pytest.raises(ValueError, match=r"source must be \(B, N, N0\) = \(2, 10, N0\).*got shape \(2, 9, 10\)"):
-            merge_source(merge, x, torch.ones(2, 9, 10))
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy 0/0
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # and 1 / 0
+def test_nan_metric_rows(backend):
+    """NaN scores count as -2: a NaN A token merges last, a NaN B token receives nothing while
+    finite scores remain; every index stays in range; both backends agree."""
+    x, metric = torch.randn(2, 20, 4), torch.randn(2, 20, 8)
+    metric[0, 4] = float("nan")  # A token 2
+    metric[0, 7] = 0.0  # B token 3: zero norm, NaN cosine like the reference
+    metric[1, 1] = float("inf")  # B token 0
+    y, size, info = tome_merge(x, metric, 8, class_token=True)
+    assert torch.isfinite(y).all()
+    assert int(info.dest.min()) >= 0 and int(info.dest.max()) < y.shape[1]
+    assert size[0, info.dest[0, 4]].item() == 1  # the NaN A token is kept alone
+    assert size[0, info.dest[0, 7]].item() == 1  # nothing merged into the NaN B token
+    assert size[1, info.dest[1, 1]].item() == 1
+    assert size.sum().item() == 2 * 20
 
 
-@pytest.mark.parametrize("r, message", [
-    ("4", "r must be an int, an \\(r, inflection\\) tuple or a list of ints, got str"),
-    (4.0, "r must be an int, an .* got float"),
-    ((1, 2, 3), "r as a tuple must be \\(r: int, inflection: float\\), got \\(1, 2, 3\\)"),
-    ((1.5, 0.5), "r as a tuple must be"),
-    ([1, "2"], "r as a list must hold ints, got \\[1, '2'\\]"),
-    (True, "r must be an int, .* got bool"),
-])
-def test_parse_r_bad_input(r, message):
-    with pytest.raises(TypeError, match=message):
-        parse_r(3, r)
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_all_nan_metric_is_defined(backend):
+    x, metric = torch.randn(1, 10, 4), torch.full((1, 10, 8), float("nan"))
+    y, size, info = tome_merge(x, metric, 3)
+    # every score ties at -2: A tokens merge in index order into the first B token
+    assert info.dest[0].tolist() == [2, 2, 2, 3, 2, 4, 0, 5, 1, 6]
+    assert size.flatten().tolist() == [1, 1, 4, 1, 1, 1, 1]
 
 
-def test_parse_r_bad_num_layers():
-    with pytest.raises(TypeError, match="num_layers must be an int, got str"):
-        parse_r("3", 4)
-    with pytest.raises(ValueError, match="num_layers must be >= 0, got -1"):
-        parse_r(-1, 4)
+def test_bad_input():
+    x, metric = torch.randn(2, 10, 8), torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match=r"metric must be \(B, N, Cm\) = \(2, 10, Cm\) like x, got shape \(2, 9, 4\)"):
+        tome_merge(x, metric[:, :9], 2)
+    with pytest.raises(ValueError, match=r"x must be \(B, N, C\), got shape \(10, 8\)"):
+        tome_merge(x[0], metric, 2)
+    with pytest.raises(ValueError, match=r"r must be >= 0.*got -1"):
+        tome_merge(x, metric, -1)
+    with pytest.raises(TypeError, match="r must be an int, got float"):
+        tome_merge(x, metric, 2.0)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        tome_merge(x.long(), metric, 2)
+    with pytest.raises(ValueError, match=r"size must be \(B, N, 1\), got shape \(2, 10\)"):
+        tome_merge(x, metric, 2, torch.ones(2, 10))
+    with pytest.raises(ValueError, match=r"size must be \(B, N, 1\) = \(2, 10, 1\), got shape \(2, 10, 2\)"):
+        tome_merge(x, metric, 2, torch.ones(2, 10, 2))
+    with pytest.raises(TypeError, match="class_token must be a bool, got 'yes'"):
+        tome_merge(x, metric, 2, class_token="yes")
+    with pytest.raises(TypeError, match="distill_token must be a bool, got None"):
+        tome_merge(x, metric, 2, distill_token=None)
+    with pytest.raises(TypeError, match=r"r must be an int, got Tensor"):
+        tome_merge(x, metric, torch.tensor(2))
+    with pytest.raises(TypeError, match="metric must be a torch.Tensor, got NoneType"):
+        tome_merge(x, None, 2)
+    with pytest.raises(TypeError, match="metric must have dtype .*got torch.float64"):
+        tome_merge(x, metric.double(), 2)
+    with pytest.raises(TypeError, match="size must have dtype .*got torch.int64"):
+        tome_merge(x, metric, 2, torch.ones(2, 10, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"source_map must be \(B, N0\), got shape \(30,\)"):
+        tome_merge(x, metric, 2, source_map=torch.zeros(30, dtype=torch.long))
+    with pytest.raises(ValueError, match="protected_prefix already protects"):
+        tome_merge(x, metric, 2, class_token=True, protected_prefix=1)
+    with pytest.raises(ValueError, match=r"protected_prefix must be an int in \[0, N = 10\], got 11"):
+        tome_merge(x, metric, 2, protected_prefix=11)
+    with pytest.raises(ValueError, match="source_map values must index the N = 10 current tokens"):
+        tome_merge(x, metric, 2, source_map=torch.full((2, 30), 10))
+    with pytest.raises(TypeError, match="source_map must have dtype"):
+        tome_merge(x, metric, 2, source_map=torch.zeros(2, 30, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"y must be \(B, N - r, C\) = \(2, 8, C\), got shape \(2, 9, 8\)"):
+        tome_merge(x, metric, 2)[2].unmerge(torch.zeros(2, 9, 8))
 
 
-# --- gradients ---------------------------------------------------------------------------------
-
-def test_merge_wavg_gradients():
-    metric = exact_metric(2, 15, 8).requires_grad_()
-    x = torch.randn(2, 15, 4, dtype=torch.float64, requires_grad=True)
-    size = torch.randint(1, 4, (2, 15, 1)).double().requires_grad_()
-    merge, _ = bipartite_soft_matching(metric, 5, class_token=True)
-    torch.autograd.gradcheck(lambda x_, s_: merge_wavg(merge, x_, s_), (x, size))
-    out, out_size = merge_wavg(merge, x, size)
-    grad = torch.randn_like(out)
-    (out * grad).sum().backward()
-    assert metric.grad is None  # no gradient through the matching
-    # dL/dx_i = s_i / S_g * dL/dy_g, with g the token that holds i
-    _, _, groups = oracle_merge(x.detach(), metric.detach(), 5, True)
-    for b in range(2):
-        for g, members in enumerate(groups[b]):
-            for p in members:
-                expected = size[b, p] / out_size[b, g] * grad[b, g]
-                torch.testing.assert_close(x.grad[b, p], expected.detach())
+def test_info_is_a_named_tuple():
+    x, metric = torch.randn(1, 9, 4), torch.randn(1, 9, 4)
+    _, _, info = tome_merge(x, metric, 2)
+    assert isinstance(info, MergeInfo) and info._fields == ("dest", "order", "source_map", "r")
+    assert info.dest.dtype == info.order.dtype == info.source_map.dtype == torch.int64
 
 
-# --- the r schedule ----------------------------------------------------------------------------
+def test_torch_compile_fullgraph(torch_backend):
+    def step(x, metric, size, source_map):
+        y, y_size, info = tome_merge(x, metric, 4, size, class_token=True, source_map=source_map)
+        return y, y_size, info.source_map, info.unmerge(y)
 
-@pytest.mark.parametrize("num_layers, r, expected", [
-    (12, (16, -1), [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]),
-    (12, 16, [16] * 12),
-    (4, (8, 0), [8, 8, 8, 8]),
-    (5, (8, 1), [0, 4, 8, 12, 16]),
-    (5, (10, 0.5), [5, 7, 10, 12, 15]),
-    (4, [3, 2], [3, 2, 0, 0]),
-    (2, [3, 2, 1], [3, 2, 1]),
-    (1, 7, [7]),
-])
-def test_parse_r(num_layers, r, expected):
-    assert parse_r(num_layers, r) == expected
+    x, metric = torch.randn(2, 17, 8), torch.randn(2, 17, 8)
+    size, source_map = torch.ones(2, 17, 1), torch.arange(17).expand(2, -1).contiguous()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(x, metric, size, source_map), step(x, metric, size, source_map)):
+        assert torch.equal(got, want)
 
 
-def test_vit_b16_token_counts_with_cap():
-    counts, n = [197], 197
-    for r in parse_r(12, 16):
-        n -= min(r, (n - 1) // 2)
-        counts.append(n)
-    assert counts == [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+# --- ahead-of-time compilation for real GPUs ----------------------------------------------------
+# The suite runs under TRITON_INTERPRET=1, and Triton's own @jit helpers (tl.sum's combine
+# function, ...) are then interpreter objects that cannot be compiled: the compilation runs in a
+# fresh interpreter-free Python, one per architecture, and reports back as JSON.
+
+def _int_signature(kernel, pointers: dict) -> dict:
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update(pointers)
+    return sig
+
+
+def aot_report(arch: int) -> list[dict]:
+    """Compile every kernel with every config and dtype it is launched with for sm_<arch>."""
+    from vtok_fast.kernels.tome import PLAN_BLOCKS, PLAN_WARPS, tome_merge_fwd, tome_plan_fwd, tome_scores_fwd
+
+    report = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        sig = _int_signature(tome_scores_fwd.fn, {"node_max_ptr": "*fp32", "node_idx_ptr": "*i32",
+                                                   "metric_ptr": f"*{dtype}"})
+        precision = "tf32x3" if dtype == "fp32" else "tf32"  # what the launcher passes
+        for config in tome_scores_fwd.all_configs:
+            consts, warps, stages = config_constexprs(config)
+            for protect_a0, protect_b0 in [(False, False), (True, True)]:
+                kernel = compile_for_gpu(tome_scores_fwd.fn, sig, dict(
+                    consts, NAN_SCORE=-2.0, MIN_SQ=2.0 ** -100, PROTECT_A0=protect_a0, PROTECT_B0=protect_b0,
+                    PRECISION=precision),
+                    arch=arch, num_warps=warps, num_stages=stages)
+                report.append({"kernel": "scores", "dtype": dtype, "config": str(consts),
+                               "tensor_cores": tensor_core_instructions(kernel, arch),
+                               "shared": kernel.metadata.shared})
+
+    sig = _int_signature(tome_plan_fwd, {
+        "order_ptr": "*i64", "dest_ptr": "*i64", "merged_ptr": "*i64", "start_ptr": "*i32",
+        "count_ptr": "*i32", "node_max_ptr": "*fp32", "node_idx_ptr": "*i32"})
+    for sort_kept, distill in [(False, False), (True, False), (True, True), (False, True)]:
+        compile_for_gpu(tome_plan_fwd, sig, dict(PLAN_BLOCKS, SORT_KEPT=sort_kept, DISTILL=distill),
+                        arch=arch, num_warps=PLAN_WARPS)
+        report.append({"kernel": "plan", "dtype": "fp32", "config": f"{sort_kept} {distill}"})
+
+    for x_dtype in ("fp32", "fp16", "bf16"):
+        # size None (output size in x's dtype), size in x's dtype, or fp32 size
+        for size_dtype, has_size in sorted({(x_dtype, False), (x_dtype, True), ("fp32", True)}):
+            sig = _int_signature(tome_merge_fwd.fn, {
+                "y_ptr": f"*{x_dtype}", "x_ptr": f"*{x_dtype}", "size_out_ptr": f"*{size_dtype}",
+                "size_ptr": f"*{size_dtype}", "order_ptr": "*i64", "merged_ptr": "*i64",
+                "start_ptr": "*i32", "count_ptr": "*i32"})
+            for config in tome_merge_fwd.all_configs:
+                consts, warps, stages = config_constexprs(config)
+                compile_for_gpu(tome_merge_fwd.fn, sig, dict(consts, HAS_SIZE=has_size), arch=arch,
+                                num_warps=warps, num_stages=stages)
+                report.append({"kernel": "merge", "dtype": f"{x_dtype}/{size_dtype}", "config": str(consts)})
+    return report
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return aot_reports("test_tome")
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_every_kernel_compiles(reports, arch):
+    kinds = [(e["kernel"], e["dtype"]) for e in reports[arch]]
+    assert kinds.count(("plan", "fp32")) == 4
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert kinds.count(("scores", dtype)) == 2 * 3  # 3 configs x protection flags
+        assert sum(k == "merge" and d.startswith(dtype) for k, d in kinds) == (2 if dtype == "fp32" else 3) * 3
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_scores_kernel_uses_tensor_cores(reports, arch):
+    for entry in reports[arch]:
+        if entry["kernel"] == "scores":
+            assert entry["tensor_cores"], entry
+            assert entry["shared"] <= 160 * 1024, entry  # fits an A100's 164 KiB
+
+
+# --- real GPU -----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(8, 197, 768), (4, 577, 1024)])
+def test_gpu_matches_reference(device, dtype, shape):
+    batch, n, c = shape
+    x = torch.randn(batch, n, c, device=device).to(dtype)
+    metric = exact_metric(batch, n, 64).to(device)  # exact cosines: cuBLAS and tf32x3 agree bitwise
+    size = torch.randint(1, 4, (batch, n, 1), device=device).to(dtype)
+    y_ref, size_ref, map_ref, _ = reference(x.double(), metric.double(), 16, size.double(), True)
+    y, y_size, info = tome_merge(x, metric, 16, size, class_token=True)
+    assert_close(y, y_ref, dtype=dtype, reduction=4)
+    assert torch.equal(y_size.double(), size_ref)
+    assert torch.equal(info.source_map, map_ref)
+    again = tome_merge(x, metric, 16, size, class_token=True)
+    assert torch.equal(again[0], y) and torch.equal(again[1], y_size)
+    # low-precision metric on tensor cores: valid plan, every original token counted once
+    _, half_size, half_info = tome_merge(x, metric.to(dtype), 16, class_token=True)
+    assert half_size.float().sum().item() == batch * n
+    assert int(half_info.dest.max()) < n - 16
+
+
+@pytest.mark.gpu
+def test_gpu_scaled_metric_merges_like_unscaled(device):
+    """Rows rescaled on the GPU (correctly rounded division) score bitwise like unscaled ones."""
+    x, metric = torch.randn(4, 197, 64, device=device), exact_metric(4, 197, 64).to(device)
+    scale = (2.0 ** torch.tensor([70, -100, 0, 40, -60, 90])[torch.randint(6, (4, 197, 1))]).to(device)
+    for got, want in zip(_plan(x, metric * scale, 16, class_token=True), _plan(x, metric, 16, class_token=True)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_gradients(device):
+    x = torch.randn(4, 197, 64, device=device)
+    metric, size = exact_metric(4, 197, 64).to(device), torch.randint(1, 4, (4, 197, 1), device=device).float()
+    x_ref, s_ref = x.clone().requires_grad_(), size.clone().requires_grad_()
+    x_new, s_new = x.clone().requires_grad_(), size.clone().requires_grad_()
+    y_ref, size_out_ref, _, _ = reference(x_ref, metric, 16, s_ref, True)
+    y, size_out, _ = tome_merge(x_new, metric, 16, s_new, class_token=True)
+    grad_y, grad_size = torch.randn_like(y), torch.randn_like(size_out)
+    ((y_ref * grad_y).sum() + (size_out_ref * grad_size).sum()).backward()
+    ((y * grad_y).sum() + (size_out * grad_size).sum()).backward()
+    assert_close(x_new.grad, x_ref.grad, reduction=4)
+    assert_close(s_new.grad, s_ref.grad, reduction=64 * 4)

@@ -1,4 +1,4 @@
-"""``vtok_fast.viz.merge_map`` on the astronaut image with a real ToMe source map."""
+"""``vtok_fast.measure.viz.merge_map`` on the astronaut image with a real ToMe source map."""
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vtok_fast import tome_merge
-from vtok_fast.viz import merge_map
+from vtok_fast.measure.viz import merge_map
 
 # scikit-image's astronaut photograph, resized to 64 x 48 (tests/data/LICENSES.md)
 IMAGE = Path(__file__).resolve().parent / "data" / "astronaut_64x48.png"

@@ -21,11 +21,13 @@ _EXPORTS = {
     "VectorQuantizer": "vtok_fast.encode.vq",
     "ResidualVQ": "vtok_fast.encode.vq",
     # ToMe token merging
-    "bipartite_soft_matching": "vtok_fast.tome",
-    "merge_wavg": "vtok_fast.tome",
-    "merge_source": "vtok_fast.tome",
-    "parse_r": "vtok_fast.tome",
-    "tome_merge": "vtok_fast.tome_fused",
+    "bipartite_soft_matching": "vtok_fast.reduce.tome_reference",
+    "merge_wavg": "vtok_fast.reduce.tome_reference",
+    "merge_source": "vtok_fast.reduce.tome_reference",
+    "parse_r": "vtok_fast.reduce.tome_reference",
+    "tome_merge": "vtok_fast.reduce.tome",
+    "tome_unmerge": "vtok_fast.reduce.tome",
+    "MergeInfo": "vtok_fast.reduce.tome",
     # tokens -> LLM space
     "merge_project": "vtok_fast.project.merge_project",
     "merge_project_reference": "vtok_fast.project.merge_project",
@@ -43,7 +45,7 @@ _EXPORTS = {
 # public name -> module exposed under that name
 _MODULES = {
     "patch": "vtok_fast.patch",
-    "viz": "vtok_fast.viz",
+    "viz": "vtok_fast.measure.viz",
     "measure": "vtok_fast.measure",
     "budget": "vtok_fast.measure.budget",
     "metrics": "vtok_fast.measure.metrics",

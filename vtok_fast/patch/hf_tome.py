@@ -19,8 +19,8 @@
   token) needs nothing.
 
 ``model.r`` (int, ``(r, inflection)`` or list) may be changed after patching;
-``model._tome_info`` holds the last forward's ``"schedule"``, ``"size"`` ``[B, N, 1]`` and,
-with ``trace_source=True``, ``"source_map"`` (int64 ``[B, N0]``: output token holding each
+``vtok_fast.patch.tome_state(model).last`` holds the last forward's ``schedule``, ``size`` ``[B, N, 1]`` and,
+with ``trace_source=True``, ``source_map`` (int64 ``[B, N0]``: output token holding each
 embedding token), as in ``timm_tome``.
 
 The tower returns fewer tokens. For LLaVA the language model's ``<image>`` placeholders must
@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 
 from vtok_fast.patch._common import is_patched, patch, restore, warn_not_applied
-from vtok_fast.patch.timm_tome import (attention_bias, finish, merge_step, new_state, reapply, schedule,
-                                       size_bias)
+from vtok_fast.patch.tome_common import (STATE_ATTR, MergeRun, ToMeState, reapply, schedule, size_bias,
+                                         tokens_after)
 
 FEATURE = "hf_tome"
 _PATCHER = "vtok_fast.patch.hf ToMe merging"
@@ -63,9 +63,7 @@ def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = 
         if reason is not None:
             warn_not_applied(_PATCHER, model, f"{type(tower).__name__}: {reason}")
             return model
-    info = {"prop_attn": bool(prop_attn), "trace_source": bool(trace_source),
-            "schedule": (), "size": None, "source_map": None}
-    replacements = [(model, "r", r), (model, "_tome_info", info)]
+    replacements = [(model, "r", r), (model, STATE_ATTR, ToMeState(bool(prop_attn), bool(trace_source)))]
     for tower in towers:
         replacements += _tower_replacements(model, tower)
     patch(model, FEATURE, replacements)
@@ -73,7 +71,7 @@ def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = 
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Restore the original methods and drop ``r`` / ``_tome_info`` (no-op if not patched)."""
+    """Restore the original methods and drop ``r`` and the ToMe state (no-op if not patched)."""
     restore(model, FEATURE)
     return model
 
@@ -101,7 +99,7 @@ def llava_image_token_count(model: nn.Module, image_size: int | tuple[int, int] 
     sched = schedule(model.r, num_layers)
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
-    counts = {_tokens_after(num_tokens, sched[:k % (num_layers + 1)], prefix) for k in layers}
+    counts = {tokens_after(num_tokens, sched[:k % (num_layers + 1)], prefix) for k in layers}
     if len(counts) != 1:
         raise ValueError(f"vision_feature_layer={config.vision_feature_layer} selects layers of different "
                          f"merged lengths {sorted(counts)}; they cannot be concatenated")
@@ -138,12 +136,6 @@ def _num_prefix(tower: nn.Module) -> int:
     return 1 if isinstance(tower, CLIPVisionModel) else 0
 
 
-def _tokens_after(num_tokens: int, sched: tuple[int, ...], prefix: int) -> int:
-    for r in sched:
-        num_tokens -= min(r, (num_tokens - prefix) // 2)
-    return num_tokens
-
-
 def _unsupported_reason(tower: nn.Module) -> str | None:
     encoder = _encoder_of(tower)
     if "forward" in encoder.__dict__:
@@ -162,7 +154,7 @@ def _unsupported_reason(tower: nn.Module) -> str | None:
 
 def _tower_replacements(root: nn.Module, tower: nn.Module) -> list:
     encoder = _encoder_of(tower)
-    run = {"schedule": (), "state": None, "metric": None}
+    run = _ActiveRun()
     merge_kwargs = {"class_token": _num_prefix(tower) == 1}
     replacements = [(encoder, "forward", functools.partial(_encoder_forward, root, encoder, run, merge_kwargs))]
     for index, layer in enumerate(encoder.layers):
@@ -175,33 +167,38 @@ def _tower_replacements(root: nn.Module, tower: nn.Module) -> list:
     return replacements
 
 
-def _encoder_forward(root: nn.Module, encoder: nn.Module, run: dict, merge_kwargs: dict,
+class _ActiveRun:
+    """The tower's merge run while its patched encoder runs (None outside it)."""
+
+    run: MergeRun | None = None
+
+
+def _encoder_forward(root: nn.Module, encoder: nn.Module, active: _ActiveRun, merge_kwargs: dict,
                      inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-    """Patched encoder ``forward``: set the schedule and merge state, run the original loop."""
-    info = root._tome_info
-    sched = schedule(root.r, len(encoder.layers))
-    if attention_mask is not None and any(sched):
+    """Patched encoder ``forward``: start a merge run, run the original loop, publish."""
+    state = root.__dict__[STATE_ATTR]
+    run = state.start(root.r, len(encoder.layers), merge_kwargs)
+    if attention_mask is not None and any(run.schedule):
         raise ValueError("attention_mask is given to a ToMe-patched vision encoder: the mask is for the "
                          "unmerged tokens; set model.r = 0 to use it")
-    state = new_state(prop_attn=info["prop_attn"], trace_source=info["trace_source"], merge_kwargs=merge_kwargs)
-    run.update(schedule=sched, state=state)
+    active.run = run
     try:
         out = type(encoder).forward(encoder, inputs_embeds, attention_mask, **kwargs)
     finally:
-        run.update(state=None, metric=None)
+        active.run = None
     last = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    finish(state, info, last, sched, inputs_embeds.shape[1])
+    run.publish(state, last, inputs_embeds.shape[1])
     return out
 
 
-def _layer_forward(layer: nn.Module, run: dict, index: int, hidden_states: torch.Tensor,
+def _layer_forward(layer: nn.Module, active: _ActiveRun, index: int, hidden_states: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
     """Patched encoder-layer ``forward``: attention with the size bias, merge, MLP."""
-    state = run["state"]
-    if state is None:  # called outside the patched encoder: the original layer
+    run = active.run
+    if run is None:  # called outside the patched encoder: the original layer
         return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
-    r = run["schedule"][index]
-    bias = attention_bias(state)
+    r = run.schedule[index]
+    bias = run.attention_bias()
     if bias is not None:
         bias = bias.to(hidden_states.dtype)
         attention_mask = bias if attention_mask is None else attention_mask + bias
@@ -210,22 +207,22 @@ def _layer_forward(layer: nn.Module, run: dict, index: int, hidden_states: torch
                                        attention_mask=attention_mask, **kwargs)
     hidden_states = residual + hidden_states
     if r > 0:
-        metric, run["metric"] = run["metric"], None
-        hidden_states = merge_step(hidden_states, metric, r, state)
+        metric, run.metric = run.metric, None
+        hidden_states = run.merge(hidden_states, metric, r)
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
-def _attention_forward(attn: nn.Module, run: dict, hidden_states: torch.Tensor,
+def _attention_forward(attn: nn.Module, active: _ActiveRun, hidden_states: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, **kwargs):
     """Patched CLIP/SigLIP attention ``forward``: the original computation, and inside the
-    patched encoder it leaves the ToMe metric (keys averaged over heads) in ``run``."""
+    patched encoder it leaves the ToMe metric (keys averaged over heads) in the merge run."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, attn.num_heads, attn.head_dim)  # no -1: the batch may be empty
     queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    if run["state"] is not None:
-        run["metric"] = keys.mean(dim=1)
+    if active.run is not None:
+        active.run.metric = keys.mean(dim=1)
     kwargs.setdefault("is_causal", getattr(attn, "is_causal", False))
     attn_output, attn_weights = _attention_interface(attn, attention_mask, hidden_states.numel() == 0)(
         attn, queries, keys, values, attention_mask, scaling=attn.scale,
@@ -252,7 +249,7 @@ def _attention_interface(attn: nn.Module, attention_mask: torch.Tensor | None, e
 
 def _siglip_head_forward(head: nn.Module, root: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
     """Patched ``SiglipMultiheadAttentionPoolingHead.forward``: the probe attends with ``log(size)``."""
-    size = root._tome_info["size"]
+    size = root.__dict__[STATE_ATTR].last.size
     if size is None:
         return type(head).forward(head, hidden_state)
     batch, num_tokens, _ = hidden_state.shape

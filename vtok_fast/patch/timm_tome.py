@@ -20,11 +20,11 @@ Prefix tokens: a plain ``[cls]`` or DeiT ``[cls][dist]`` prefix uses ToMe's ``cl
 ``num_prefix_tokens`` are kept out of matching, at the front, unchanged (``protected_prefix``).
 
 Attributes: ``model.r`` (int, ``(r, inflection)`` or list; may be changed after patching) and
-``model._tome_info``, a dict holding after each forward ``"schedule"`` (the tuple used),
-``"size"`` (``[B, N, 1]`` tokens per output token, None if nothing merged) and, with
-``trace_source=True``, ``"source_map"``: int64 ``[B, N0]`` giving for each token that entered
-the first block the index of the output token that holds it. ``prop_attn`` and
-``trace_source`` live there too and may be toggled.
+the :class:`~vtok_fast.patch.tome_common.ToMeState` read by ``vtok_fast.patch.tome_state(model)``:
+its settings ``prop_attn`` and ``trace_source`` (may be toggled) and ``last``, the last forward's
+``schedule`` (the tuple used), ``size`` (``[B, N, 1]`` tokens per output token, None if nothing
+merged) and, with ``trace_source=True``, ``source_map``: int64 ``[B, N0]`` giving for each token
+that entered the first block the index of the output token that holds it.
 
 Not merged: ``forward_intermediates`` / ``get_intermediate_layers``, a forward given
 ``attn_mask`` or ``is_causal`` (the mask is for the unmerged token set), and
@@ -41,75 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vtok_fast.patch._common import bind, is_patched, patch, restore, warn_not_applied
-from vtok_fast.tome import check_r, parse_r
+from vtok_fast.patch._common import bind, patch, restore, warn_not_applied
+from vtok_fast.patch.tome_common import STATE_ATTR, MergeRun, ToMeState, reapply, size_bias
 
 FEATURE = "timm_tome"
 _PATCHER = "vtok_fast.patch.timm ToMe merging"
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared with hf_tome: schedule, per-forward state, the size bias and the merge step
-# ---------------------------------------------------------------------------------------------
-
-def schedule(r, num_layers: int, name: str = "model.r") -> tuple[int, ...]:
-    """The per-layer merge counts for ``num_layers`` layers as a tuple (ToMe's ``parse_r``)."""
-    check_r(r, name)
-    counts = parse_r(num_layers, r)  # parse_r returns a new list and never changes r
-    return tuple(max(int(v), 0) for v in counts[:num_layers])
-
-
-def reapply(model: nn.Module, feature: str, r, *, prop_attn: bool, trace_source: bool) -> bool:
-    """The start of ``apply``: check ``r``; if ``feature`` is already applied on ``model``, update
-    ``model.r`` and the toggles in ``model._tome_info`` and return True (nothing else to do)."""
-    check_r(r, "tome_r")
-    if not is_patched(model, feature):
-        return False
-    model.r = r
-    model._tome_info.update(prop_attn=bool(prop_attn), trace_source=bool(trace_source))
-    return True
-
-
-def new_state(*, prop_attn: bool, trace_source: bool, merge_kwargs: dict) -> dict:
-    """Per-forward merge state threaded through the layers (a fresh dict every forward)."""
-    return {"size": None, "source_map": None, "prop_attn": bool(prop_attn),
-            "trace_source": bool(trace_source), "merge_kwargs": merge_kwargs}
-
-
-def size_bias(size: torch.Tensor | None) -> torch.Tensor | None:
-    """Proportional-attention bias ``log(size)`` as ``[B, 1, 1, N]`` (None before any merge)."""
-    if size is None:
-        return None
-    return size[..., 0].log()[:, None, None, :]
-
-
-def attention_bias(state: dict) -> torch.Tensor | None:
-    """The additive key bias a layer uses: ``log(size)`` once merged, if ``prop_attn``."""
-    return size_bias(state["size"]) if state["prop_attn"] else None
-
-
-def merge_step(x: torch.Tensor, metric: torch.Tensor, r: int, state: dict) -> torch.Tensor:
-    """Merge ``r`` tokens of ``x`` ``[B, N, C]`` by ``metric`` ``[B, N, c]``; update ``state``."""
-    from vtok_fast.tome_fused import tome_merge
-
-    tracing = state["trace_source"]
-    x, size, info = tome_merge(x, metric, r, state["size"],
-                               source_map=state["source_map"] if tracing else None,
-                               **state["merge_kwargs"])
-    state["size"] = size
-    if tracing:
-        state["source_map"] = info.source_map
-    return x
-
-
-def finish(state: dict, info: dict, x: torch.Tensor, sched: tuple[int, ...], num_input: int) -> None:
-    """Publish a forward's results in the model's ``_tome_info`` dict."""
-    source_map = state["source_map"]
-    if state["trace_source"] and source_map is None:  # nothing merged: every token is its own
-        source_map = torch.arange(num_input, device=x.device).expand(x.shape[0], num_input)
-    info["schedule"] = sched
-    info["size"] = state["size"]
-    info["source_map"] = source_map
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,16 +65,14 @@ def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = 
         (model.blocks, "forward", functools.partial(_run_blocks, model)),
         (model, "pool", bind(_size_weighted_pool, model)),
         (model, "r", r),
-        (model, "_tome_info", {"prop_attn": bool(prop_attn), "trace_source": bool(trace_source),
-                               "merge_kwargs": _merge_kwargs(model),
-                               "schedule": (), "size": None, "source_map": None}),
+        (model, STATE_ATTR, ToMeState(bool(prop_attn), bool(trace_source), _merge_kwargs(model))),
     ]
     patch(model, FEATURE, replacements)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Restore the original methods and drop ``r`` / ``_tome_info`` (no-op if not patched)."""
+    """Restore the original methods and drop ``r`` and the ToMe state (no-op if not patched)."""
     restore(model, FEATURE)
     return model
 
@@ -179,30 +113,28 @@ def _merge_kwargs(model: nn.Module) -> dict:
 
 def _run_blocks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Patched ``model.blocks.forward``: every block with its ``r`` and the shared merge state."""
-    info = model._tome_info
-    sched = schedule(model.r, len(model.blocks))
-    state = new_state(prop_attn=info["prop_attn"], trace_source=info["trace_source"],
-                      merge_kwargs=info["merge_kwargs"])
+    state = model.__dict__[STATE_ATTR]
+    run = state.start(model.r, len(model.blocks))
     num_input = x.shape[1]
-    for blk, r in zip(model.blocks, sched):
-        x = blk(x, tome_r=r, tome_state=state)
-    finish(state, info, x, sched, num_input)
+    for blk, r in zip(model.blocks, run.schedule):
+        x = blk(x, tome_r=r, tome_run=run)
+    run.publish(state, x, num_input)
     return x
 
 
 def _block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                   *, tome_r: int = 0, tome_state: dict | None = None) -> torch.Tensor:
+                   *, tome_r: int = 0, tome_run: MergeRun | None = None) -> torch.Tensor:
     """Patched ``Block.forward``: attention, ToMe merge of ``tome_r`` tokens, MLP.
 
-    Called without ``tome_state`` (``forward_intermediates``, masked or checkpointed forwards)
+    Called without ``tome_run`` (``forward_intermediates``, masked or checkpointed forwards)
     it is timm's original block.
     """
-    if tome_state is None:
+    if tome_run is None:
         return type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    attn_out, metric = _attention(self.attn, self.norm1(x), attention_bias(tome_state), tome_r > 0)
+    attn_out, metric = _attention(self.attn, self.norm1(x), tome_run.attention_bias(), tome_r > 0)
     x = x + self.drop_path1(self.ls1(attn_out))
     if tome_r > 0:
-        x = merge_step(x, metric, tome_r, tome_state)
+        x = tome_run.merge(x, metric, tome_r)
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -238,7 +170,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, need
 
 def _size_weighted_pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
     """Patched ``VisionTransformer.pool``: ``avg``/``avgmax``/``map`` weighted by token size."""
-    size = self._tome_info["size"]
+    size = self.__dict__[STATE_ATTR].last.size
     if size is None:
         return type(self).pool(self, x, pool_type)
     if size.shape[:2] != x.shape[:2]:

@@ -7,22 +7,22 @@ order, with the same sizes as the reference
     merge, _ = bipartite_soft_matching(metric, r, class_token, distill_token)
     x, size = merge_wavg(merge, x, size)
 
-(``vtok_fast/tome.py``), with an int64 source map instead of the ``[B, N, N0]`` matrix.
+(``vtok_fast/reduce/tome_reference.py``), with an int64 source map instead of the ``[B, N, N0]`` matrix.
 
 One custom op, ``vtok_fast::tome_merge`` (``torch.library``, so ``torch.compile(fullgraph=True)``
 works; differentiable in ``x`` and ``size``, never in ``metric``), does three steps:
 
 1. Scores: cosine similarity of the A (even) × B (odd) tokens and every A token's best B
-   partner. CUDA: ``_tome_scores_fwd`` (tiled ``tl.dot``, running row max / argmax: the
+   partner. CUDA: ``tome_scores_fwd`` (tiled ``tl.dot``, running row max / argmax: the
    ``ceil(N/2) x floor(N/2)`` score matrix never exists). CPU: one batched matmul.
 2. Plan: the ``r`` best edges and the index bookkeeping of the merge: ``order`` (input token
    gathered into each output slot), ``dest`` (output slot of every input token) and the merged
-   tokens grouped by destination slot. CUDA: ``_tome_plan_fwd`` (a stable descending ranking by
+   tokens grouped by destination slot. CUDA: ``tome_plan_fwd`` (a stable descending ranking by
    pairwise counting, no sort, parallel over batch rows and token chunks). CPU: a stable
    argsort (the full order is needed: kept A tokens stay in descending-score order without a
    class token).
 3. Merge: every output token is the size-weighted mean of its representative and its sources.
-   CUDA: ``_tome_merge_fwd``, one program per output token, summing in a fixed order
+   CUDA: ``tome_merge_fwd``, one program per output token, summing in a fixed order
    (representative, then sources by input position): bitwise deterministic, no atomics. CPU: one
    gather of all representatives plus an update of the few destinations that received sources
    (CPU ``index_add_`` runs in a fixed order, so it is deterministic too).
@@ -39,7 +39,7 @@ Semantics beyond the reference (documented choices):
   ``distill_token`` (combining them raises).
 - Cosines are scale-invariant: a metric row whose squares overflow or underflow (values near
   ``1e19`` or ``1e-30`` in fp32) is divided by its largest ``|value|`` before it is normalized,
-  so it scores like the unscaled row (``vtok_fast.tome.unit_rows``; in the kernel: rows whose
+  so it scores like the unscaled row (``vtok_fast.reduce.tome_reference.unit_rows``; in the kernel: rows whose
   float32 sum of squares is inf or below ``2**-100``). Other rows are normalized as in ToMe.
 - NaN scores (a metric row that is all zero, or holds inf/NaN) count as ``-2``, below every
   cosine: such an A token merges only after every finite one, and such a B token receives merges
@@ -62,8 +62,10 @@ from typing import NamedTuple
 import torch
 
 from vtok_fast._backend import use_triton
+from vtok_fast._launch import cdiv
+from vtok_fast._op import define_op
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from vtok_fast.tome import unit_rows
+from vtok_fast.reduce.tome_reference import capped_r, unit_rows
 
 # a NaN cosine score counts as this: below every real cosine, above the protected -inf
 NAN_SCORE = -2.0
@@ -155,7 +157,7 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor
             raise ValueError(f"protected_prefix must be an int in [0, N = {num_tokens}], got {protected_prefix!r}")
         prefix = int(protected_prefix)
     protected = prefix + int(class_token) + int(distill_token)
-    r = min(r, (num_tokens - protected) // 2)
+    r = capped_r(r, num_tokens, protected)
 
     if r <= 0:
         dest = torch.arange(num_tokens, device=x.device).expand(batch, num_tokens)
@@ -173,21 +175,17 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor
 
 # --- Triton launchers (CUDA, or CPU under TRITON_INTERPRET=1) ---------------------------------
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _scores_triton(metric: torch.Tensor, class_token: bool, distill_token: bool, prefix: int):
     """Best B partner of every A token: ``(node_max fp32, node_idx int32)``, each ``(B, num_a)``."""
-    from vtok_fast.kernels.tome import _tome_scores_fwd
+    from vtok_fast.kernels.tome import tome_scores_fwd
 
     batch, num_tokens, channels = metric.shape
     num_a, num_b = (num_tokens - prefix + 1) // 2, (num_tokens - prefix) // 2
     node_max = torch.empty(batch, num_a, dtype=torch.float32, device=metric.device)
     node_idx = torch.empty(batch, num_a, dtype=torch.int32, device=metric.device)
     precision = "tf32x3" if metric.dtype == torch.float32 else "tf32"
-    grid = lambda meta: (_cdiv(num_a, meta["BLOCK_A"]), batch)  # noqa: E731
-    _tome_scores_fwd[grid](
+    grid = lambda meta: (cdiv(num_a, meta["BLOCK_A"]), batch)  # noqa: E731
+    tome_scores_fwd[grid](
         node_max, node_idx, metric, *metric.stride(),
         num_a, num_b, channels, prefix,
         NAN_SCORE=NAN_SCORE, MIN_SQ=MIN_SQ, PROTECT_A0=class_token, PROTECT_B0=distill_token,
@@ -197,8 +195,8 @@ def _scores_triton(metric: torch.Tensor, class_token: bool, distill_token: bool,
 
 def _plan_triton(node_max, node_idx, r: int, num_tokens: int, prefix: int, sort_kept: bool,
                  distill_token: bool):
-    """(order, dest, merged_src, src_start, src_count): see ``_tome_plan_fwd``."""
-    from vtok_fast.kernels.tome import PLAN_BLOCKS, PLAN_WARPS, _tome_plan_fwd
+    """(order, dest, merged_src, src_start, src_count): see ``tome_plan_fwd``."""
+    from vtok_fast.kernels.tome import PLAN_BLOCKS, PLAN_WARPS, tome_plan_fwd
 
     batch, num_a = node_max.shape
     num_b = (num_tokens - prefix) // 2
@@ -209,8 +207,8 @@ def _plan_triton(node_max, node_idx, r: int, num_tokens: int, prefix: int, sort_
     merged_src = torch.empty(batch, r, dtype=torch.int64, device=device)
     src_start = torch.empty(batch, num_out, dtype=torch.int32, device=device)
     src_count = torch.empty(batch, num_out, dtype=torch.int32, device=device)
-    chunks = _cdiv(max(num_a, prefix), PLAN_BLOCKS["BLOCK_I"])  # num_a >= num_b
-    _tome_plan_fwd[(batch, chunks)](
+    chunks = cdiv(max(num_a, prefix), PLAN_BLOCKS["BLOCK_I"])  # num_a >= num_b
+    tome_plan_fwd[(batch, chunks)](
         order, dest, merged_src, src_start, src_count, node_max, node_idx,
         num_a, num_b, prefix, r, SORT_KEPT=sort_kept, DISTILL=distill_token,
         num_warps=PLAN_WARPS, **PLAN_BLOCKS)
@@ -218,8 +216,8 @@ def _plan_triton(node_max, node_idx, r: int, num_tokens: int, prefix: int, sort_
 
 
 def _merge_triton(x, size, order, merged_src, src_start, src_count):
-    """(y, size_out): every output slot's size-weighted mean, see ``_tome_merge_fwd``."""
-    from vtok_fast.kernels.tome import _tome_merge_fwd
+    """(y, size_out): every output slot's size-weighted mean, see ``tome_merge_fwd``."""
+    from vtok_fast.kernels.tome import tome_merge_fwd
 
     batch, num_out = order.shape
     channels = x.shape[-1]
@@ -228,8 +226,8 @@ def _merge_triton(x, size, order, merged_src, src_start, src_count):
                            device=x.device)
     size_arg = size_out if size is None else size  # never read without HAS_SIZE
     # at least one channel block: its programs also write size_out (C = 0 included)
-    grid = lambda meta: (batch * num_out, max(1, _cdiv(channels, meta["BLOCK_C"])))  # noqa: E731
-    _tome_merge_fwd[grid](
+    grid = lambda meta: (batch * num_out, max(1, cdiv(channels, meta["BLOCK_C"])))  # noqa: E731
+    tome_merge_fwd[grid](
         y, size_out, x, *x.stride(), size_arg, size_arg.stride(0), size_arg.stride(1),
         order, merged_src, src_start, src_count, num_out, channels, merged_src.shape[1],
         HAS_SIZE=size is not None)
@@ -344,8 +342,7 @@ def _merge_torch(x, size, order, src_pos, src_slot, layout: _Layout):
 
 # --- the custom op: matching + merge, differentiable in x and size ------------------------------
 
-@torch.library.custom_op("vtok_fast::tome_merge", mutates_args=())
-def _tome_merge_op(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: int,
+def _tome_merge_impl(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | None, r: int,
                    class_token: bool, distill_token: bool, prefix: int, sort_kept: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, size_out, order, dest); ``r`` already capped and >= 1."""
@@ -363,8 +360,7 @@ def _tome_merge_op(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor | N
     return y, size_out, order, dest
 
 
-@_tome_merge_op.register_fake
-def _(x, metric, size, r, class_token, distill_token, prefix, sort_kept):
+def _tome_merge_fake(x, metric, size, r, class_token, distill_token, prefix, sort_kept):
     batch, num_tokens, channels = x.shape
     num_out = num_tokens - r
     size_dtype = x.dtype if size is None else size.dtype
@@ -412,4 +408,5 @@ def _merge_backward(ctx, grad_y, grad_size, _grad_order, _grad_dest):
     return grad_x, None, grad_s, None, None, None, None, None
 
 
-_tome_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+_tome_merge_op = define_op("tome_merge", _tome_merge_impl, fake=_tome_merge_fake,
+                           setup_context=_merge_setup_context, backward=_merge_backward)

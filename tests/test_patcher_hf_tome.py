@@ -8,7 +8,8 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfi
 
 import vtok_fast.patch
 from vtok_fast.patch import hf_tome
-from vtok_fast.tome import bipartite_soft_matching, merge_source, merge_wavg, parse_r
+from vtok_fast.reduce.tome_reference import bipartite_soft_matching, merge_source, merge_wavg, parse_r
+from vtok_fast.patch import tome_state
 from helpers import assert_close
 
 IMG = 64  # 8x8 patches of 8 pixels
@@ -54,9 +55,9 @@ def reference_encoder(tower, pixels, sched, class_token, prop_attn=True):
 
 
 def _check_info(model, expected_size, source):
-    info = model._tome_info
-    assert torch.equal(info["size"], expected_size)
-    one_hot = torch.nn.functional.one_hot(info["source_map"], expected_size.shape[1]).transpose(1, 2)
+    info = tome_state(model).last
+    assert torch.equal(info.size, expected_size)
+    one_hot = torch.nn.functional.one_hot(info.source_map, expected_size.shape[1]).transpose(1, 2)
     assert torch.equal(one_hot.to(source.dtype), source)
 
 
@@ -90,7 +91,7 @@ def test_clip_matches_reference(impl):
     for a, e in zip(out.hidden_states, hidden, strict=True):
         assert_close(a, e, reduction=64)
     assert_close(out.pooler_output, pooled, reduction=64)
-    assert model._tome_info["schedule"] == tuple(sched)
+    assert tome_state(model).last.schedule == tuple(sched)
     _check_info(model, size, source)
 
 
@@ -139,7 +140,7 @@ def test_r_change_and_unpatch():
         vtok_fast.patch.unpatch(model)
         actual = model(pixels)
     assert torch.equal(actual.pooler_output, expected.pooler_output)
-    assert not hasattr(model, "r") and not hasattr(model, "_tome_info")
+    assert not hasattr(model, "r") and not hasattr(model, "_tome_state")
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
@@ -179,9 +180,9 @@ def test_empty_batch(build, impl, r, backend):
     lengths = [64 + prefix - k * r for k in range(4)]
     assert [tuple(h.shape) for h in out.hidden_states] == [(0, n, 64) for n in lengths]
     assert out.pooler_output.shape == (0, 64)
-    assert model._tome_info["source_map"].shape == (0, 64 + prefix)
+    assert tome_state(model).last.source_map.shape == (0, 64 + prefix)
     if r:
-        assert model._tome_info["size"].shape == (0, lengths[-1], 1)
+        assert tome_state(model).last.size.shape == (0, lengths[-1], 1)
 
 
 def test_model_must_be_a_module():

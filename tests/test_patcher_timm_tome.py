@@ -14,7 +14,8 @@ import torch.nn as nn
 
 import vtok_fast.patch
 from vtok_fast._backend import use_triton
-from vtok_fast.tome import bipartite_soft_matching, merge_source, merge_wavg, parse_r
+from vtok_fast.reduce.tome_reference import bipartite_soft_matching, merge_source, merge_wavg, parse_r
+from vtok_fast.patch import tome_state
 from helpers import assert_close
 
 IMG = 64  # 8x8 patches of 8 pixels: 64 patch tokens + prefix
@@ -123,7 +124,7 @@ def test_r0_equals_unpatched(variant, device):
         vtok_fast.patch.timm(model, fuse_embed=False, tome_r=0)
         actual = model(images)
     assert_close(actual, expected, reduction=64)
-    assert model._tome_info["size"] is None and model._tome_info["schedule"] == (0, 0, 0)
+    assert tome_state(model).last.size is None and tome_state(model).last.schedule == (0, 0, 0)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -141,11 +142,11 @@ def test_matches_reference(variant, device):
     for hook in hooks:
         hook.remove()
     assert counts == expected_counts
-    info = model._tome_info
-    assert info["schedule"] == tuple(sched)
-    assert torch.equal(info["size"], expected_size)
+    info = tome_state(model).last
+    assert info.schedule == tuple(sched)
+    assert torch.equal(info.size, expected_size)
     num_out = counts[-1]
-    assert torch.equal(nn.functional.one_hot(info["source_map"], num_out).transpose(1, 2).to(source.dtype), source)
+    assert torch.equal(nn.functional.one_hot(info.source_map, num_out).transpose(1, 2).to(source.dtype), source)
     assert_close(actual, expected, reduction=64)
 
 
@@ -195,7 +196,7 @@ def test_r_can_change_after_patching():
         model.r = 0
         assert_close(model(images), unpatched, reduction=64)
     assert counts[:9] == [61, 57, 53, 57, 57, 57, 49, 41, 41]
-    assert model._tome_info["schedule"] == (0, 0, 0)
+    assert tome_state(model).last.schedule == (0, 0, 0)
 
 
 def test_unpatch_restores_original():
@@ -210,7 +211,7 @@ def test_unpatch_restores_original():
         vtok_fast.patch.unpatch(model)  # a second unpatch is a no-op
         actual = model(images)
     assert torch.equal(actual, expected)
-    assert not hasattr(model, "r") and not hasattr(model, "_tome_info")
+    assert not hasattr(model, "r") and not hasattr(model, "_tome_state")
     assert all("forward" not in blk.__dict__ for blk in model.blocks)
     assert "forward" not in model.blocks.__dict__ and "pool" not in model.__dict__
     assert state.keys() == model.state_dict().keys()
@@ -223,7 +224,7 @@ def test_patch_twice_updates_settings():
     with torch.no_grad():
         out = model.forward_features(torch.randn(1, 3, IMG, IMG))
     assert model.r == 6 and out.shape[1] == 65 - 18
-    assert model._tome_info["source_map"].shape == (1, 65)
+    assert tome_state(model).last.source_map.shape == (1, 65)
 
 
 def test_trace_source_without_merging_is_identity():
@@ -231,7 +232,7 @@ def test_trace_source_without_merging_is_identity():
     vtok_fast.patch.timm(model, fuse_embed=False, tome_r=0, trace_source=True)
     with torch.no_grad():
         model(torch.randn(2, 3, IMG, IMG))
-    assert torch.equal(model._tome_info["source_map"], torch.arange(65).expand(2, 65))
+    assert torch.equal(tome_state(model).last.source_map, torch.arange(65).expand(2, 65))
 
 
 def test_forward_head_needs_the_latest_features():
@@ -264,7 +265,7 @@ def test_deepcopy_is_independent():
     with torch.no_grad():
         model.forward_features(images)
         clone.forward_features(images)
-    assert model._tome_info["schedule"] == (4, 4, 4) and clone._tome_info["schedule"] == (8, 8, 8)
+    assert tome_state(model).last.schedule == (4, 4, 4) and tome_state(clone).last.schedule == (8, 8, 8)
 
 
 def test_fused_embedding_and_tome_together():
@@ -300,7 +301,7 @@ def test_empty_batch(variant, r, backend):
         vtok_fast.patch.timm(model, fuse_embed=False, tome_r=r, trace_source=True)
         actual = model(images)
     assert expected.shape == actual.shape == (0, 10)
-    assert model._tome_info["source_map"].shape[0] == 0
+    assert tome_state(model).last.source_map.shape[0] == 0
 
 
 def test_model_must_be_a_module():
@@ -326,11 +327,11 @@ def test_torch_compile_fullgraph():
     vtok_fast.patch.timm(model, fuse_embed=False, tome_r=(8, -1), trace_source=True)
     with torch.no_grad():
         expected = model(images)
-        expected_map = model._tome_info["source_map"].clone()
+        expected_map = tome_state(model).last.source_map.clone()
         compiled = torch.compile(model, fullgraph=True)
         actual = compiled(images)
     assert_close(actual, expected, reduction=64)
-    assert torch.equal(model._tome_info["source_map"], expected_map)
+    assert torch.equal(tome_state(model).last.source_map, expected_map)
 
 
 def test_triton_kernels_in_the_patched_model(triton_backend, device):

@@ -8,7 +8,7 @@ Same signatures, outputs, token order and edge cases as the public ToMe implemen
 - ``merge_source(merge, x, source) -> source``: ``[B, N_cur, N0]`` membership matrix
 - ``parse_r(num_layers, r) -> list[int]``: the per-layer merge schedule
 
-The fused, faster path is ``vtok_fast.tome_merge`` (``vtok_fast/tome_fused.py``); this module
+The fused, faster path is ``vtok_fast.tome_merge`` (``vtok_fast/reduce/tome.py``); this module
 is the reference that it and the benchmark are checked against.
 
 Beyond the reference (documented choices): equal scores rank by index (a stable sort; ToMe's
@@ -108,7 +108,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Fa
         raise TypeError(f"r must be an int (tokens to merge), got {type(r).__name__}")
     protected = int(class_token) + int(distill_token)
     batch, num_tokens, _ = metric.shape
-    r = min(int(r), (num_tokens - protected) // 2)
+    r = capped_r(r, num_tokens, protected)
     if r <= 0:
         return _checked_identity(batch, num_tokens)
 
@@ -197,6 +197,12 @@ def merge_source(merge: MergeFn, x: torch.Tensor, source: torch.Tensor | None = 
         batch, num_tokens, _ = x.shape
         source = torch.eye(num_tokens, device=x.device)[None, ...].expand(batch, num_tokens, num_tokens)
     return merge(source, mode="amax")
+
+
+def capped_r(r: int, num_tokens: int, protected: int = 0) -> int:
+    """Tokens one ToMe step really merges: at most half of the ``num_tokens - protected``
+    tokens that take part in the bipartite matching (the one place this cap is written)."""
+    return min(int(r), (num_tokens - protected) // 2)
 
 
 def check_r(r, name: str = "r") -> None:

@@ -1,4 +1,4 @@
-"""``vtok-fast`` command line: ``info``, ``bench`` and ``budget``."""
+"""``vtok-fast`` command line: ``demo``, ``info``, ``bench`` and ``budget``."""
 from __future__ import annotations
 
 import argparse
@@ -124,10 +124,12 @@ def main(argv=None) -> int:
     b.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per provider")
     b.add_argument("--no-progress", action="store_true")
     from vtok_fast.measure.budget_cli import add_budget_parser, run_budget
+    from vtok_fast.measure.demo import add_demo_parser, run_demo
 
     add_budget_parser(sub)
+    add_demo_parser(sub)
     args = parser.parse_args(argv)
-    return {"info": _info, "bench": _bench, "budget": run_budget}[args.command](args)
+    return {"info": _info, "bench": _bench, "budget": run_budget, "demo": run_demo}[args.command](args)
 
 
 if __name__ == "__main__":

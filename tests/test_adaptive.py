@@ -43,7 +43,7 @@ def structured_uint8(batch, h, w, gen):
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16])
 @pytest.mark.parametrize("p, scales, size", [(4, 3, (21, 18)), (3, 2, (7, 13))])
-def test_entropy_kernel_equals_reference_exactly(dtype, p, scales, size, triton_backend):
+def test_entropy_kernel_equals_reference_exactly(dtype, p, scales, size, backend):
     gen = torch.Generator().manual_seed(0)
     x = structured_uint8(2, *size, gen)
     images = x if dtype == torch.uint8 else (x.float() / 255).to(dtype)

@@ -80,8 +80,9 @@ def gray_bins(images: torch.Tensor) -> torch.Tensor:
     else:
         q = torch.floor(images.to(torch.float32) * 255.0 + 0.5).clamp_(0, 255).to(torch.int32)
     wr, wg, wb = GRAY_WEIGHTS
-    gray = wr * q[:, 0] + wg * q[:, 1] + wb * q[:, 2]
-    return gray * NUM_BINS // BIN_DIVISOR
+    gray = q[:, 0] * wr  # in place from here: one buffer, not one per term
+    gray.add_(q[:, 1], alpha=wg).add_(q[:, 2], alpha=wb)
+    return gray.mul_(NUM_BINS).floor_divide_(BIN_DIVISOR)
 
 
 @functools.lru_cache(maxsize=16)
@@ -144,7 +145,7 @@ def _entropy_triton(images: torch.Tensor, patch_size: int, num_scales: int) -> t
 def _entropy_impl(images: torch.Tensor, patch_size: int, num_scales: int) -> torch.Tensor:
     if use_triton(images):
         return _entropy_triton(images, patch_size, num_scales)
-    return patch_entropy_reference(images, patch_size, num_scales)
+    return patch_entropy_reference(images, patch_size, num_scales)  # the PyTorch path
 
 
 def _entropy_fake(images, patch_size, num_scales):

@@ -8,6 +8,7 @@ OPS = {
     "patch-embed": "vtok_fast.bench.patch_embed",
     "codebook": "vtok_fast.bench.codebook",
     "tome": "vtok_fast.bench.tome",
+    "attention": "vtok_fast.bench.attention",
     "merge": "vtok_fast.bench.merge",
     "compress": "vtok_fast.bench.compress",
 }

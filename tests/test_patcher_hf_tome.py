@@ -235,3 +235,27 @@ def test_llava_image_token_count_needs_a_patched_llava():
     vtok_fast.patch.hf(clip, fuse_embed=False, tome_r=2)
     with pytest.raises(ValueError, match="LLaVA"):
         hf_tome.llava_image_token_count(clip)
+
+
+@pytest.mark.parametrize("make", [_clip, _siglip])
+def test_merged_layers_run_the_bias_attention_kernel(make, triton_backend, monkeypatch):
+    """With an sdpa model on the Triton path, layers after the first merge run
+    ``vtok_fast.attention`` with the size bias (the interpreter on CPU), equal to the reference."""
+    calls = []
+    real = hf_tome.attention
+
+    def spy(q, k, v, *, key_bias=None, scale=None):
+        calls.append(tuple(q.shape))
+        return real(q, k, v, key_bias=key_bias, scale=scale)
+
+    monkeypatch.setattr(hf_tome, "attention", spy)
+    model = make("sdpa")
+    pixels = torch.randn(2, 3, IMG, IMG)
+    class_token = make is _clip
+    with torch.no_grad():
+        hidden, _, _ = reference_encoder(model, pixels, [4, 4, 4], class_token)
+        expected = hidden[-1] if class_token else model.post_layernorm(hidden[-1])  # SigLIP's last norm
+        vtok_fast.patch.hf(model, fuse_embed=False, tome_r=4)
+        out = model(pixel_values=pixels).last_hidden_state
+    assert len(calls) == 2
+    assert_close(out, expected, reduction=64)

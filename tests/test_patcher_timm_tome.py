@@ -344,3 +344,26 @@ def test_triton_kernels_in_the_patched_model(triton_backend, device):
         vtok_fast.patch.timm(model, fuse_embed=False, tome_r=8)
         actual = model(images)
     assert_close(actual, expected, reduction=64)
+
+
+def test_merged_blocks_run_the_bias_attention_kernel(triton_backend, device, monkeypatch):
+    """Once tokens are merged, the Triton path runs ``vtok_fast.attention`` with the size bias
+    (the interpreter on CPU); the first block, before any merge, keeps plain SDPA."""
+    from vtok_fast.patch import timm_tome
+
+    calls = []
+    real = timm_tome.attention
+
+    def spy(q, k, v, *, key_bias=None, scale=None):
+        calls.append(tuple(q.shape))
+        return real(q, k, v, key_bias=key_bias, scale=scale)
+
+    monkeypatch.setattr(timm_tome, "attention", spy)
+    model = _vit(depth=3).to(device)
+    images = torch.randn(2, 3, IMG, IMG, device=device)
+    with torch.no_grad():
+        expected = reference_forward(model, images, [8, 8, 8], "cls")[0]
+        vtok_fast.patch.timm(model, fuse_embed=False, tome_r=8)
+        actual = model(images)
+    assert len(calls) == 2 and calls[0][2] == 65 - 8  # blocks 2 and 3, on the merged tokens
+    assert_close(actual, expected, reduction=64)

@@ -28,6 +28,8 @@ _EXPORTS = {
     "tome_merge": "vtok_fast.reduce.tome",
     "tome_unmerge": "vtok_fast.reduce.tome",
     "MergeInfo": "vtok_fast.reduce.tome",
+    "attention": "vtok_fast.reduce.attention",
+    "attention_reference": "vtok_fast.reduce.attention",
     # tokens -> LLM space
     "merge_project": "vtok_fast.project.merge_project",
     "merge_project_reference": "vtok_fast.project.merge_project",

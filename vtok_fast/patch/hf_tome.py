@@ -10,7 +10,9 @@
   has no prefix token;
 - each layer's ``self_attn.forward``: the model's own q/k/v projections and attention
   implementation (``eager`` or ``sdpa``; a flash implementation, which takes no additive mask,
-  runs through ``sdpa`` while a size bias is present); it also hands the keys to the merge;
+  runs through ``sdpa`` while a size bias is present); on the Triton path (CUDA), once tokens are
+  merged and the size bias is the only mask, a non-eager model runs ``vtok_fast.attention``
+  (flash attention with the key bias) instead; it also hands the keys to the merge;
 - the encoder's ``forward``: computes the schedule ``parse_r(num_layers, model.r)`` at each call
   and runs the original encoder loop, so ``output_hidden_states`` / ``output_attentions`` keep
   working, with the **merged** lengths: ``hidden_states[i]`` has the tokens left after layer i;
@@ -42,9 +44,11 @@ import sys
 import torch
 import torch.nn as nn
 
+from vtok_fast._backend import use_triton
 from vtok_fast.patch._common import is_patched, patch, restore, warn_not_applied
 from vtok_fast.patch.tome_common import (STATE_ATTR, MergeRun, ToMeState, reapply, schedule, size_bias,
                                          tokens_after)
+from vtok_fast.reduce.attention import attention
 
 FEATURE = "hf_tome"
 _PATCHER = "vtok_fast.patch.hf ToMe merging"
@@ -201,6 +205,7 @@ def _layer_forward(layer: nn.Module, active: _ActiveRun, index: int, hidden_stat
     bias = run.attention_bias()
     if bias is not None:
         bias = bias.to(hidden_states.dtype)
+        run.key_bias = bias if attention_mask is None else None  # the size bias is the only mask
         attention_mask = bias if attention_mask is None else attention_mask + bias
     residual = hidden_states
     hidden_states, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states),
@@ -224,6 +229,14 @@ def _attention_forward(attn: nn.Module, active: _ActiveRun, hidden_states: torch
     if active.run is not None:
         active.run.metric = keys.mean(dim=1)
     kwargs.setdefault("is_causal", getattr(attn, "is_causal", False))
+    run = active.run
+    if (run is not None and run.key_bias is not None and attention_mask is run.key_bias
+            and not kwargs["is_causal"] and not (attn.training and attn.dropout > 0)
+            and (attn.config._attn_implementation or "eager") != "eager" and use_triton(queries)):
+        # merged tokens on the Triton path: flash attention with the per-key size bias
+        out = attention(queries, keys, values, key_bias=run.key_bias[:, 0, 0, :], scale=attn.scale)
+        attn_output = out.transpose(1, 2).reshape(*input_shape, attn.num_heads * attn.head_dim)
+        return attn.out_proj(attn_output), None
     attn_output, attn_weights = _attention_interface(attn, attention_mask, hidden_states.numel() == 0)(
         attn, queries, keys, values, attention_mask, scaling=attn.scale,
         dropout=0.0 if not attn.training else attn.dropout, **kwargs)

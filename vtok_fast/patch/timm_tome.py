@@ -5,7 +5,9 @@
   ``r`` tokens (``vtok_fast.tome_merge``, size-weighted average), then
   ``x = x + drop_path2(ls2(mlp(norm2(x))))``. The attention is timm's (qkv, q/k norm, fused
   SDPA or the explicit path, attention dropout, scale norm, gate) with proportional attention:
-  a per-key additive bias ``log(size)`` (``[B, 1, 1, N]``) once tokens have been merged. The
+  a per-key additive bias ``log(size)`` (``[B, 1, 1, N]``) once tokens have been merged; on the
+  Triton path (CUDA) a fused-attention model then runs ``vtok_fast.attention`` (flash attention
+  with the key bias) unless attention dropout is active; before any merge it keeps plain SDPA. The
   matching metric is the keys averaged over heads (after ``k_norm``), as in ToMe;
 - ``model.blocks.forward``: computes the schedule as a tuple ``parse_r(depth, model.r)`` at
   every call and passes each block its ``r`` (no per-layer Python list is popped: a fixed
@@ -41,8 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vtok_fast._backend import use_triton
 from vtok_fast.patch._common import bind, patch, restore, warn_not_applied
 from vtok_fast.patch.tome_common import STATE_ATTR, MergeRun, ToMeState, reapply, size_bias
+from vtok_fast.reduce.attention import attention
 
 FEATURE = "timm_tome"
 _PATCHER = "vtok_fast.patch.timm ToMe merging"
@@ -150,9 +154,12 @@ def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, need
     q, k = attn.q_norm(q), attn.k_norm(k)
     if bias is not None:
         bias = bias.to(q.dtype)
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if bias is not None and attn.fused_attn and dropout == 0.0 and use_triton(q):
+        # merged tokens on the Triton path: flash attention with the per-key size bias
+        out = attention(q, k, v, key_bias=bias[:, 0, 0, :], scale=attn.scale)
+    elif attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     else:
         scores = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:

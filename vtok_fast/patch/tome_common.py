@@ -66,6 +66,7 @@ class MergeRun:
     size: torch.Tensor | None = None
     source_map: torch.Tensor | None = None
     metric: torch.Tensor | None = None  # HF: the keys an attention module hands to its layer
+    key_bias: torch.Tensor | None = None  # HF: the layer's size bias when it is the only mask
 
     def attention_bias(self) -> torch.Tensor | None:
         """The additive key bias a layer uses: ``log(size)`` once merged, if ``prop_attn``."""

@@ -24,6 +24,13 @@ ENTROPY_CONFIGS = [
 ]
 
 
+@triton.jit
+def _intensity(v):
+    t = tl.floor(v.to(tl.float32) * 255.0 + 0.5)
+    t = tl.where(t == t, t, 0.0)
+    return tl.minimum(tl.maximum(t, 0.0), 255.0)
+
+
 @autotune(configs=ENTROPY_CONFIGS, key=["P", "NUM_SCALES", "IS_FLOAT"])
 @triton.jit
 def patch_entropy_fwd(
@@ -65,10 +72,10 @@ def patch_entropy_fwd(
         r = tl.load(ptrs, mask=inside, other=0)
         g = tl.load(ptrs + stride_ic, mask=inside, other=0)
         bl = tl.load(ptrs + 2 * stride_ic, mask=inside, other=0)
-        if IS_FLOAT:  # intensity = floor(v * 255 + 0.5) clamped to [0, 255] (fp32, no FMA)
-            r = tl.minimum(tl.maximum(tl.floor(r.to(tl.float32) * 255.0 + 0.5), 0.0), 255.0)
-            g = tl.minimum(tl.maximum(tl.floor(g.to(tl.float32) * 255.0 + 0.5), 0.0), 255.0)
-            bl = tl.minimum(tl.maximum(tl.floor(bl.to(tl.float32) * 255.0 + 0.5), 0.0), 255.0)
+        if IS_FLOAT:  # intensity = clamp(floor(v * 255 + 0.5), 0, 255), NaN -> 0 (fp32, no FMA)
+            r = _intensity(r)
+            g = _intensity(g)
+            bl = _intensity(bl)
         gray = GRAY_R * r.to(tl.int32) + GRAY_G * g.to(tl.int32) + GRAY_B * bl.to(tl.int32)
         hist += tl.histogram((gray * NUM_BINS) // BIN_DIVISOR, NUM_BINS, mask=inside)
 

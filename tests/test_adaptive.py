@@ -57,6 +57,16 @@ def test_entropy_kernel_equals_reference_exactly(dtype, p, scales, size, backend
                        patch_entropy_reference(x, p, scales))
 
 
+def test_out_of_range_pixels_are_clamped_and_nan_is_zero(backend):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.rand(1, 3, 8, 8, generator=gen) * 1.6 - 0.3  # some below 0, some above 1
+    x[0, :, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    expected = x.nan_to_num(nan=0.0).clamp(0, 1)
+    got = A._patch_entropy_op(x, 4, 2)
+    assert torch.equal(got, patch_entropy_reference(x, 4, 2))
+    assert torch.equal(got, patch_entropy_reference(expected, 4, 2))
+
+
 def test_entropy_known_values(backend):
     x = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)  # gray = pixel value: R = G = B
     x[..., :4, 4:8] = 255  # top right: white
@@ -293,6 +303,15 @@ def test_packed_round_trips(torch_backend):
     starts = packed.cu_seqlens.long()[:-1, None]
     assert torch.equal(source[:, 1:] + starts, packed.cell_index().flatten(1))
     assert torch.equal(packed.to_grid(packed.tokens * 2), grid * 2)
+
+
+def test_empty_batch(backend):
+    weight, bias, draw = exact_weights(4, 4)
+    for fn in (adaptive_tokenize, adaptive_tokenize_reference):
+        packed = fn(torch.zeros(0, 3, 16, 16, dtype=torch.uint8), weight, bias, num_scales=2,
+                    thresholds=[4.5], prefix=draw(1, 4))
+        assert packed.tokens.shape == (0, 4) and packed.cu_seqlens.tolist() == [0]
+        assert packed.to_grid().shape == (0, 4, 4, 4) and packed.to_padded()[0].shape == (0, 0, 4)
 
 
 # --- bad input ----------------------------------------------------------------------------------

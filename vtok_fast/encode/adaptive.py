@@ -11,8 +11,8 @@ ones where it is detailed, fine ones wherever a relevance map says the question 
 2. **Score.** The Shannon entropy in bits of each patch's 512-bin histogram of grayscale
    intensities: ``gray = 0.2989 R + 0.5870 G + 0.1140 B`` on [0, 255], bin
    ``floor(gray * 512 / 255)``. uint8 pixels are the intensities; a float pixel ``v`` (images in
-   [0, 1]) is read as ``clamp(floor(v * 255 + 0.5), 0, 255)``, so ``x.float() / 255`` scores
-   exactly like ``x``. ``mean``/``std`` never change the score (it reads the raw pixels). The
+   [0, 1]) is read as ``clamp(floor(v * 255 + 0.5), 0, 255)`` (NaN as 0), so ``x.float() / 255``
+   scores exactly like ``x``. ``mean``/``std`` never change the score (it reads the raw pixels). The
    arithmetic is integer up to one final fp64 division, so the Triton kernel
    (``vtok_fast.kernels.adaptive``) and the PyTorch reference agree bit for bit.
 3. **Relevance (query-aware).** ``relevance`` is a map in [0, 1] per pixel ``(H, W)`` or per base
@@ -78,7 +78,8 @@ def gray_bins(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         q = images.to(torch.int32)
     else:
-        q = torch.floor(images.to(torch.float32) * 255.0 + 0.5).clamp_(0, 255).to(torch.int32)
+        q = torch.floor(images.to(torch.float32) * 255.0 + 0.5)
+        q = q.nan_to_num_(nan=0.0).clamp_(0, 255).to(torch.int32)
     wr, wg, wb = GRAY_WEIGHTS
     gray = q[:, 0] * wr  # in place from here: one buffer, not one per term
     gray.add_(q[:, 1], alpha=wg).add_(q[:, 2], alpha=wb)
@@ -86,16 +87,18 @@ def gray_bins(images: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def _entropy_table_cpu(n_max: int) -> torch.Tensor:
+def _entropy_table(n_max: int, device: str) -> torch.Tensor:
+    if device != "cpu":
+        return _entropy_table(n_max, "cpu").to(device)
     c = torch.arange(n_max + 1, dtype=torch.float64)
     terms = c * torch.log2(c.clamp(min=1)) * 2.0**FRAC_BITS
     return terms.round().to(torch.int64)
 
 
 def entropy_table(n_max: int, device) -> torch.Tensor:
-    """``round(c * log2(c) * 2**24)`` for ``c = 0..n_max``, int64 (built once on the CPU, so every
-    device reads the same table)."""
-    return _entropy_table_cpu(int(n_max)).to(device)
+    """``round(c * log2(c) * 2**24)`` for ``c = 0..n_max``, int64, cached per device (built on
+    the CPU, so every device reads the same table)."""
+    return _entropy_table(int(n_max), str(torch.device(device)))
 
 
 def _entropy_from_counts(counts: torch.Tensor, n: int, table: torch.Tensor) -> torch.Tensor:
@@ -410,7 +413,7 @@ def _pack(setup: _Setup, masks: list[torch.Tensor], prefix_rows, parts, device) 
     order = torch.empty(int(cu[-1]), dtype=torch.long, device=device)
     dest = torch.cat(dest)
     order[dest] = torch.arange(dest.shape[0], device=device)
-    pieces = ([] if prefix_rows is None else [prefix_rows.expand(B, P, -1).reshape(B * P, -1)])
+    pieces = [] if prefix_rows is None else [prefix_rows.expand(B, P, setup.D).reshape(B * P, setup.D)]
     tokens = torch.cat([*pieces, *parts])[order]
     return PackedTokens(tokens=tokens, cu_seqlens=cu.to(torch.int32),
                         scale=torch.cat(scales)[order], row=torch.cat(rows)[order],

@@ -1,4 +1,5 @@
-"""Vector quantization layers built on ``codebook_search``: ``VectorQuantizer`` and ``ResidualVQ``.
+"""Vector quantization layers built on ``codebook_search``: ``VectorQuantizer`` here,
+``ResidualVQ`` and ``GroupedResidualVQ`` in ``residual_vq.py`` (also importable from this module).
 
 Conventions follow vector-quantize-pytorch (argument names, EMA with Laplace smoothing, commitment
 loss, straight-through and rotation-trick gradients, k-means init, dead-code expiry), with:
@@ -12,137 +13,47 @@ loss, straight-through and rotation-trick gradients, k-means init, dead-code exp
   and dead-code replacement pick their samples at global positions drawn from a generator every
   rank seeds identically, so all ranks hold a bitwise-identical codebook, equal (up to fp32
   summation order) to one process training on the concatenated batches.
+
+``vtok_fast.compat.vector_quantize_pytorch`` configures these layers with vector-quantize-pytorch's
+argument names, defaults and conventions; both load its checkpoints (a load_state_dict pre-hook).
 """
 from __future__ import annotations
 
-import math
-import numbers
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from vtok_fast._checks import FLOAT_DTYPES, check_tensor
+from vtok_fast._checks import FLOAT_DTYPES
 from vtok_fast.codebook import MAX_K, METRICS, codebook_search
+from vtok_fast.encode._vq_common import (  # noqa: F401  (re-exported: public helpers and test imports)
+    INDEX_DTYPES, LossBreakdown, _all_reduce_, _check_choice, _check_flag, _check_indices, _check_input,
+    _check_int, _check_number, _mse, _row_mask, _world, directional_reparam, gumbel_sample_codes,
+    load_vqp_keys, orthogonal_loss, rotation_trick, straight_through)
 
-GRADIENTS = ("ste", "rotation")
+GRADIENTS = ("ste", "rotation", "diveq", "none")
+CODEBOOK_LOSSES = ("separate", "joint")
+MASKED_OUTPUTS = ("zeros", "input")
 MAX_BEAM = MAX_K  # beams extend by codebook_search(k=beam_size)
-_NORM_EPS = 1e-6  # vector-quantize-pytorch's safe_div / l2norm eps in the rotation trick
-INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-# --- argument checks ---------------------------------------------------------------------------------
-
-def _check_int(name: str, value, *, positive: bool = True, optional: bool = False) -> int | None:
-    """``value`` as an int (> 0, or >= 0 with ``positive=False``; ``None`` too when ``optional``).
-    A bool is not an int here."""
-    want = ("a positive int" if positive else "a non-negative int") + (" or None" if optional else "")
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {want}, got {value!r} of type {type(value).__name__}")
-    if value < (1 if positive else 0):
-        raise ValueError(f"{name} must be {want}, got {value}")
-    return int(value)
+class _Step(NamedTuple):
+    """What one ``VectorQuantizer._quantize`` call gives ``ResidualVQ``."""
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    breakdown: LossBreakdown
+    rows: torch.Tensor      # (books, rows, codebook_dim): the quantized (unmasked) vectors, detached
+    tracked: bool           # a training step that updated the statistics
 
 
-def _check_number(name: str, value, *, open_low: bool = False, high: float | None = None,
-                  optional: bool = False) -> float | None:
-    """``value`` as a finite float in ``[0, high)`` (``(0, high)`` with ``open_low``; no upper bound
-    when ``high`` is None); ``None`` too when ``optional``. A bool is not a number here."""
-    want = f"a number in {'(' if open_low else '['}0, {'inf' if high is None else f'{high:g}'})"
-    want += " or None" if optional else ""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {want}, got {value!r} of type {type(value).__name__}")
-    v = float(value)
-    if not (0.0 < v if open_low else 0.0 <= v) or not (math.isfinite(v) if high is None else v < high):
-        raise ValueError(f"{name} must be {want}, got {value!r}")
-    return v
+def __getattr__(name: str):  # ResidualVQ lives in residual_vq.py, which imports this module
+    if name in ("ResidualVQ", "GroupedResidualVQ"):
+        from vtok_fast.encode import residual_vq
+        return getattr(residual_vq, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def _check_flag(name: str, value, *, optional: bool = False) -> bool | None:
-    if not (isinstance(value, bool) or (optional and value is None)):
-        want = "a bool or None" if optional else "a bool"
-        raise TypeError(f"{name} must be {want}, got {value!r} of type {type(value).__name__}")
-    return value
-
-
-def _check_input(x, dim: int, channel_last: bool) -> torch.Tensor:
-    """``x`` in channel-last layout, after checking it is a float tensor with ``dim`` features."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if channel_last:
-        if x.dim() < 1 or x.shape[-1] != dim:
-            raise ValueError(f"x must have shape (..., dim) with dim = {dim}, got shape {tuple(x.shape)}")
-        return x
-    if x.dim() < 2 or x.shape[1] != dim:
-        raise ValueError(f"x must have shape (B, dim, ...) with dim = {dim} (channel_last=False), "
-                         f"got shape {tuple(x.shape)}")
-    return x.movedim(1, -1)
-
-
-def _check_indices(indices, codebook_size: int, *, min_dim: int, last: int | None,
-                   shape_doc: str) -> torch.Tensor:
-    """``indices`` as int64, after checking its dtype, its shape (at least ``min_dim`` dims, the last
-    of size ``last`` when given) and that every value is in ``[0, codebook_size)``."""
-    check_tensor("indices", indices, dtypes=INDEX_DTYPES)
-    want = f"indices must have shape {shape_doc} and values in [0, codebook_size) = [0, {codebook_size})"
-    if indices.dim() < min_dim or (last is not None and indices.shape[-1] != last):
-        raise ValueError(f"{want}, got shape {tuple(indices.shape)}")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
-        raise ValueError(f"{want}, got values from {int(indices.min())} to {int(indices.max())} "
-                         f"(shape {tuple(indices.shape)})")
-    return indices.long()
-
-
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``F.mse_loss(a, b)``, but 0 for empty inputs (a sum over no terms, still in the autograd graph)
-    where the mean would be NaN."""
-    return F.mse_loss(a, b) if a.numel() else (a - b).square().sum()
-
-
-# --- gradient estimators -----------------------------------------------------------------------------
-
-def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Value ``q``, gradient of the identity w.r.t. ``z``."""
-    return z + (q - z).detach()
-
-
-def rotation_trick(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Rotation trick (Fifty et al. 2024, sec. 4.2): value ``q``; the gradient reaching ``z`` is the
-    upstream gradient rotated by the (detached) rotation taking ``z``'s direction to ``q``'s and
-    scaled by ``|q| / |z|``.
-
-    With ``u = z/|z|``, ``v = q/|q|``, ``w = (u + v)/|u + v|`` (all detached):
-    ``out = (z - 2 (z.w) w + 2 (z.u) v) * |q| / |z|``.
-    """
-    z_norm = z.norm(dim=-1, keepdim=True)
-    q_norm = q.norm(dim=-1, keepdim=True)
-    u = (z / z_norm.clamp_min(_NORM_EPS)).detach()
-    v = (q / q_norm.clamp_min(_NORM_EPS)).detach()
-    w = F.normalize(u + v, dim=-1, eps=_NORM_EPS).detach()
-    rotated = z - 2.0 * (z * w).sum(-1, keepdim=True) * w + 2.0 * (z * u).sum(-1, keepdim=True) * v
-    return rotated * (q_norm / z_norm.clamp_min(_NORM_EPS)).detach()
-
-
-# --- distributed helpers -----------------------------------------------------------------------------
-
-def _world() -> tuple[int, int]:
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (``t`` must be contiguous: reducing a copy syncs nothing)."""
-    if not t.is_contiguous():
-        raise RuntimeError("all_reduce needs a contiguous tensor; reducing a temporary copy syncs nothing")
-    dist.all_reduce(t)
-    return t
-
-
-# --- the layer -------------------------------------------------------------------------------------
 
 class VectorQuantizer(nn.Module):
     """Vector quantizer: ``forward(x) -> (quantized, indices, loss)``.
@@ -154,27 +65,59 @@ class VectorQuantizer(nn.Module):
             layers when ``heads * codebook_dim != dim``.
         metric: ``"l2"`` or ``"cosine"`` (inputs and codes l2-normalized).
         commitment_weight: weight of ``mse(sg[q], z)``.
-        gradient: ``"ste"`` (straight-through) or ``"rotation"`` (rotation trick).
+        gradient: ``"ste"`` (straight-through), ``"rotation"`` (rotation trick), ``"diveq"``
+            (directional reparameterization: ``z + dir * |q - z|``, ``dir`` the detached direction of
+            ``q - z`` plus Gaussian noise of variance ``diveq_variance``; a learnable codebook gets
+            gradients through ``|q - z|``) or ``"none"`` (the output is the codes: no gradient to
+            ``x``; a learnable codebook still gets one).
         ema_decay: EMA decay of the codebook statistics; ``None`` makes the codebook a learnable
-            parameter trained by the codebook loss ``mse(q, sg[z])`` (added to ``loss``).
+            parameter trained by the codebook loss (see ``codebook_loss``).
+        codebook_loss: learnable codebooks: ``"separate"`` adds ``mse(q, sg[z])`` to the loss;
+            ``"joint"`` makes the commitment term ``commitment_weight * mse(q, z)`` with gradients to
+            both (vector-quantize-pytorch's).
         eps: Laplace smoothing of the EMA cluster sizes (> 0).
         dead_code_threshold: codes whose EMA cluster size falls below this are replaced by random
             vectors of the current batch (0 disables).
-        kmeans_init, kmeans_iters: initialize the codebook by k-means on the first training batch.
+        usage_decay: EMA decay of the cluster sizes of a learnable codebook (an EMA codebook uses
+            ``ema_decay``); they drive dead-code expiry.
+        kmeans_init, kmeans_iters: initialize the codebook by k-means on the first training batch
+            (``kmeans_init_in_eval``: on the first batch in eval mode too).
         heads, separate_codebook_per_head: split features into ``heads`` groups quantized
             independently (one shared codebook, or one per head).
         sync_codebook: synchronize statistics over torch.distributed ranks (``None``: when a
             process group of more than one rank is initialized).
         channel_last: ``x`` is ``(..., dim)``; ``False``: ``(B, dim, *spatial)``.
         search_dtype: dtype of the nearest-code search (default fp32; ``None``: the input's dtype).
+        eval_loss, eval_gradient: in eval mode, return the training loss (``False``: a constant 0)
+            and apply the gradient estimator (``False``: the output is the codes, no gradient to
+            ``x``). vector-quantize-pytorch's eval is ``eval_loss=False, eval_gradient=False``.
+        orthogonal_reg_weight: weight of the codebook orthogonality loss (``orthogonal_loss``; the
+            codebook becomes a parameter, still EMA-updated when ``ema_decay`` is set);
+            ``orthogonal_reg_active_codes_only``: over this batch's codes only;
+            ``orthogonal_reg_max_codes``: over at most this many random codes.
+        freeze_codebook: training steps neither update the codebook nor expire codes, and a
+            learnable codebook gets no loss gradient (``forward(freeze_codebook=)`` overrides).
+        stochastic_sample_codes, sample_codebook_temp: in training, draw codes with probabilities
+            ``softmax(-|z - c| / temp)`` (cosine: ``softmax(z.c / temp)``) instead of the nearest
+            one (temp 0: nearest); ``forward(sample_codebook_temp=)`` overrides the temperature.
+        masked_output: what padded positions (``forward(mask=)`` / ``lens``) get: ``"zeros"`` or
+            ``"input"`` (``x`` itself).
 
-    ``forward`` returns ``quantized`` (same shape and dtype as ``x``, gradients by the chosen
-    estimator when ``x`` requires grad), int64 ``indices`` (``x``'s shape without the feature dim,
-    plus a trailing ``heads`` dim when ``heads > 1``) and the scalar ``loss``. In training mode it
-    also updates the EMA codebook, expires dead codes and refreshes ``perplexity`` / ``usage``.
+    ``forward(x, *, mask=None, lens=None, sample_codebook_temp=None, freeze_codebook=None,
+    return_loss_breakdown=False)`` returns ``quantized`` (same shape and dtype as ``x``, gradients by
+    the chosen estimator when ``x`` requires grad), int64 ``indices`` (``x``'s shape without the
+    feature dim, plus a trailing ``heads`` dim when ``heads > 1``), the scalar ``loss`` and, with
+    ``return_loss_breakdown``, a ``LossBreakdown``. ``mask`` (bool, ``x``'s shape without the
+    feature dim, True = real) or ``lens`` (``(B,)`` lengths of a ``(B, N, dim)`` input) leave padded
+    positions out of everything: search, loss, statistics, k-means and dead-code samples; their
+    indices are -1. In training mode it also updates the EMA codebook, expires dead codes and
+    refreshes ``perplexity`` / ``usage``.
     An empty batch gives a zero loss (still in the autograd graph) and, when no rank has any rows,
     changes no state at all (no EMA step, k-means init or sampler draw); a rank with no rows while
     others have some still joins every all-reduce.
+
+    ``load_state_dict`` also takes vector-quantize-pytorch ``VectorQuantize`` states
+    (``_codebook.embed`` ...), strictly.
     """
 
     def __init__(self, dim: int, codebook_size: int, *, codebook_dim: int | None = None,
@@ -182,12 +125,18 @@ class VectorQuantizer(nn.Module):
                  ema_decay: float | None = 0.99, eps: float = 1e-5, dead_code_threshold: float = 0.0,
                  kmeans_init: bool = False, kmeans_iters: int = 10, heads: int = 1,
                  separate_codebook_per_head: bool = False, sync_codebook: bool | None = None,
-                 channel_last: bool = True, search_dtype: torch.dtype | None = torch.float32):
+                 channel_last: bool = True, search_dtype: torch.dtype | None = torch.float32,
+                 codebook_loss: str = "separate", usage_decay: float = 0.99, diveq_variance: float = 5e-3,
+                 eval_loss: bool = True, eval_gradient: bool = True, kmeans_init_in_eval: bool = False,
+                 orthogonal_reg_weight: float = 0.0, orthogonal_reg_active_codes_only: bool = False,
+                 orthogonal_reg_max_codes: int | None = None, freeze_codebook: bool = False,
+                 stochastic_sample_codes: bool = False, sample_codebook_temp: float = 1.0,
+                 masked_output: str = "zeros"):
         super().__init__()
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        self.metric = _check_choice("metric", metric, METRICS)
+        self.gradient = _check_choice("gradient", gradient, GRADIENTS)
+        self.codebook_loss = _check_choice("codebook_loss", codebook_loss, CODEBOOK_LOSSES)
+        self.masked_output = _check_choice("masked_output", masked_output, MASKED_OUTPUTS)
         if search_dtype is not None and search_dtype not in FLOAT_DTYPES:
             raise TypeError(f"search_dtype must be one of {FLOAT_DTYPES} or None, got {search_dtype!r}")
         self.dim = dim = _check_int("dim", dim)
@@ -195,17 +144,31 @@ class VectorQuantizer(nn.Module):
         self.codebook_dim = _check_int("codebook_dim", codebook_dim, optional=True) or dim
         self.heads = heads = _check_int("heads", heads)
         self.kmeans_iters = _check_int("kmeans_iters", kmeans_iters, positive=False)
-        self.metric = metric
-        self.gradient = gradient
         self.commitment_weight = _check_number("commitment_weight", commitment_weight)
         self.ema_decay = ema_decay = _check_number("ema_decay", ema_decay, high=1.0, optional=True)
+        self.usage_decay = _check_number("usage_decay", usage_decay, high=1.0)
         self.eps = _check_number("eps", eps, open_low=True)  # > 0: an unused code divides by it
         self.dead_code_threshold = _check_number("dead_code_threshold", dead_code_threshold)
+        self.diveq_variance = _check_number("diveq_variance", diveq_variance)
         kmeans_init = _check_flag("kmeans_init", kmeans_init)
+        self.kmeans_init_in_eval = _check_flag("kmeans_init_in_eval", kmeans_init_in_eval)
         self.separate_codebook_per_head = _check_flag("separate_codebook_per_head",
                                                       separate_codebook_per_head)
         self.sync_codebook = _check_flag("sync_codebook", sync_codebook, optional=True)
         self.channel_last = _check_flag("channel_last", channel_last)
+        self.eval_loss = _check_flag("eval_loss", eval_loss)
+        self.eval_gradient = _check_flag("eval_gradient", eval_gradient)
+        self.orthogonal_reg_weight = _check_number("orthogonal_reg_weight", orthogonal_reg_weight)
+        self.orthogonal_reg_active_codes_only = _check_flag("orthogonal_reg_active_codes_only",
+                                                            orthogonal_reg_active_codes_only)
+        self.orthogonal_reg_max_codes = _check_int("orthogonal_reg_max_codes", orthogonal_reg_max_codes,
+                                                   optional=True)
+        if orthogonal_reg_active_codes_only and separate_codebook_per_head and heads > 1:
+            raise ValueError("orthogonal_reg_active_codes_only=True needs one codebook for all heads "
+                             "(separate_codebook_per_head=False)")
+        self.freeze_codebook = _check_flag("freeze_codebook", freeze_codebook)
+        self.stochastic_sample_codes = _check_flag("stochastic_sample_codes", stochastic_sample_codes)
+        self.sample_codebook_temp = _check_number("sample_codebook_temp", sample_codebook_temp)
         self.search_dtype = search_dtype
 
         inner = self.codebook_dim * heads
@@ -220,10 +183,11 @@ class VectorQuantizer(nn.Module):
             nn.init.kaiming_uniform_(embed)
             if metric == "cosine":
                 embed = F.normalize(embed, dim=-1)
-        if ema_decay is None:
+        if ema_decay is None or self.orthogonal_reg_weight > 0:  # a loss reaches the codebook
             self.embed = nn.Parameter(embed)
         else:
             self.register_buffer("embed", embed)
+        if ema_decay is not None:
             self.register_buffer("embed_sum", embed.clone())
         self.register_buffer("cluster_size", torch.ones(n_books, codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
@@ -233,6 +197,7 @@ class VectorQuantizer(nn.Module):
         seed = int(torch.randint(0, 2**62, ()).item())
         self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
         self._rng_synced = False
+        self.register_load_state_dict_pre_hook(load_vqp_keys)
 
     # -- codebook access ------------------------------------------------------------------------
     @property
@@ -293,16 +258,16 @@ class VectorQuantizer(nn.Module):
     def _sync_active(self) -> bool:
         if self.sync_codebook is False:
             return False
-        ready = dist.is_available() and dist.is_initialized()
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
         if self.sync_codebook and not ready:
             raise RuntimeError("sync_codebook=True needs an initialized torch.distributed process group")
-        return ready and dist.get_world_size() > 1
+        return ready and torch.distributed.get_world_size() > 1
 
     def _generator(self, sync: bool) -> torch.Generator:
         """A CPU generator seeded identically on every rank, advanced once per use."""
         if sync and not self._rng_synced:
             state = self.rng_state.clone()
-            dist.broadcast(state, src=0)
+            torch.distributed.broadcast(state, src=0)
             self.rng_state.copy_(state)
             self._rng_synced = True
         seed, draws = (int(v) for v in self.rng_state.tolist())
@@ -378,27 +343,33 @@ class VectorQuantizer(nn.Module):
         self.initted.fill_(True)
 
     @torch.no_grad()
-    def _update(self, z: torch.Tensor, idx: torch.Tensor, sync: bool) -> bool:
-        """One EMA step; False, with nothing changed, when no rank has any rows."""
+    def _track(self, z: torch.Tensor, idx: torch.Tensor, sync: bool) -> bool:
+        """The statistics half of an EMA step (cluster sizes, vector sums, perplexity, usage); False,
+        with nothing changed, when no rank has any rows."""
         counts, sums = self._cluster_stats(z, idx, sync)  # a rank without rows joins the all-reduce too
         # A rank with rows knows the global batch is not empty; one without reads the global counts,
         # so every rank decides alike (and only those ranks wait for the host read).
         if z.shape[1] == 0 and not bool(counts.sum() > 0):
             return False
-        decay = 0.99 if self.learnable_codebook else self.ema_decay
+        decay = self.usage_decay if self.learnable_codebook else self.ema_decay
         self.cluster_size.lerp_(counts, 1.0 - decay)
         probs = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)
         self.perplexity.copy_(entropy.exp().mean())
         self.usage.copy_((counts > 0).float().mean())
+        if not self.learnable_codebook:
+            self.embed_sum.lerp_(sums, 1.0 - self.ema_decay)
+        return True
+
+    @torch.no_grad()
+    def _refresh(self):
+        """The codes half of an EMA step: ``embed = embed_sum / smoothed cluster sizes``."""
         if self.learnable_codebook:
-            return True
-        self.embed_sum.lerp_(sums, 1.0 - self.ema_decay)
+            return
         codes = self.embed_sum / self._smoothed_cluster_size()[..., None]
         if self.metric == "cosine":
             codes = F.normalize(codes, dim=-1)
-        self.embed.copy_(codes)
-        return True
+        self.embed.data.copy_(codes)
 
     @torch.no_grad()
     def _expire_codes(self, z: torch.Tensor, sync: bool):
@@ -419,6 +390,21 @@ class VectorQuantizer(nn.Module):
             if not self.learnable_codebook:
                 self.embed_sum[b, slots] = samples * self.dead_code_threshold
 
+    def _finish_step(self, z: torch.Tensor, sync: bool):
+        """After the statistics of a step (or of every layer sharing this codebook): new codes, then
+        dead-code replacement from the rows ``z`` ``(books, rows, d)``."""
+        self._refresh()
+        self._expire_codes(z, sync)
+
+    def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        codes = self.embed
+        if self.orthogonal_reg_active_codes_only:
+            codes = codes[:, torch.unique(idx)]
+        n = codes.shape[1]
+        if self.orthogonal_reg_max_codes is not None and n > self.orthogonal_reg_max_codes:
+            codes = codes[:, torch.randperm(n, device=codes.device)[:self.orthogonal_reg_max_codes]]
+        return orthogonal_loss(codes)
+
     # -- forward ----------------------------------------------------------------------------------
     def _split_heads(self, z: torch.Tensor) -> torch.Tensor:
         """(M, heads * d) -> (books, rows, d)."""
@@ -432,172 +418,109 @@ class VectorQuantizer(nn.Module):
             return q.transpose(0, 1).reshape(m, self.heads * self.codebook_dim)
         return q.reshape(m, self.heads * self.codebook_dim)
 
-    def forward(self, x: torch.Tensor):
-        return self._quantize(x)
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, lens: torch.Tensor | None = None,
+                sample_codebook_temp: float | None = None, freeze_codebook: bool | None = None,
+                return_loss_breakdown: bool = False):
+        step = self._quantize(x, mask=mask, lens=lens, sample_codebook_temp=sample_codebook_temp,
+                              freeze_codebook=freeze_codebook)
+        if _check_flag("return_loss_breakdown", return_loss_breakdown):
+            return step.quantized, step.indices, step.loss, step.breakdown
+        return step.quantized, step.indices, step.loss
 
-    def _quantize(self, x: torch.Tensor, indices: torch.Tensor | None = None):
-        """``forward``, or with ``indices`` (``heads=1``, shape of ``x`` without the feature dim,
-        codebook already initialized) the same step with those codes instead of the nearest ones:
-        ``ResidualVQ``'s beam search picks the codes, this layer applies them and trains on them."""
+    def _codes(self, z: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``(books, rows)`` indices: nearest codes, or sampled ones in a stochastic training step."""
+        if self.training and self.stochastic_sample_codes and temperature > 0:
+            return torch.stack([gumbel_sample_codes(z[b], self.embed[b], self.metric, temperature)
+                                for b in range(z.shape[0])])
+        return torch.stack([self._search(z[b], self.embed[b]) for b in range(z.shape[0])])
+
+    def _quantize(self, x: torch.Tensor, indices: torch.Tensor | None = None, *, mask=None, lens=None,
+                  sample_codebook_temp: float | None = None, freeze_codebook: bool | None = None,
+                  defer_refresh: bool = False) -> _Step:
+        """``forward`` as a ``_Step``, or with ``indices`` (``heads=1``, shape of ``x`` without the
+        feature dim, codebook already initialized) the same step with those codes instead of the
+        nearest ones: ``ResidualVQ``'s beam search picks the codes, this layer applies them and
+        trains on them. ``defer_refresh``: update the statistics only (codebooks shared by the
+        layers of a ``ResidualVQ`` get their new codes and dead-code replacement after the last
+        layer)."""
         x = _check_input(x, self.dim, self.channel_last)
+        freeze = self.freeze_codebook if freeze_codebook is None else _check_flag("freeze_codebook",
+                                                                                   freeze_codebook)
+        temperature = self.sample_codebook_temp if sample_codebook_temp is None else _check_number(
+            "sample_codebook_temp", sample_codebook_temp)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.dim)
         m = flat.shape[0]
-        z = self._split_heads(self.project_in(flat))
+        keep = _row_mask(mask, lens, lead, x.device)
+        rows = flat if keep is None else flat[keep]
+        n = rows.shape[0]
+        z = self._split_heads(self.project_in(rows))
         if self.metric == "cosine":
             z = F.normalize(z, dim=-1)
         sync = self.training and self._sync_active()
 
         if indices is not None:
-            idx = indices.reshape(1, -1)
+            idx = indices.reshape(-1) if keep is None else indices.reshape(-1)[keep]
+            idx = idx.reshape(1, -1)
         else:
-            if self.training and not bool(self.initted):
-                self._kmeans_init(z.detach(), sync)
-            idx = torch.stack([self._search(z[b], self.embed[b]) for b in range(z.shape[0])])
+            if (self.training or self.kmeans_init_in_eval) and not bool(self.initted):
+                self._kmeans_init(z.detach(), self._sync_active())
+            idx = self._codes(z, temperature)
         embed = self.embed if self.learnable_codebook else self.embed.detach()
-        codes = torch.stack([embed[b][idx[b]] for b in range(z.shape[0])])  # before any update
+        live = torch.stack([embed[b][idx[b]] for b in range(z.shape[0])])  # before any update
+        codes = live.detach()
 
         zf = z.float()
-        loss = self.commitment_weight * _mse(codes.detach(), zf)
-        if self.learnable_codebook:
-            loss = loss + _mse(codes, zf.detach())
-
-        if self.training and self._update(z.detach(), idx, sync):  # no rows anywhere: no step at all
-            self._expire_codes(z.detach(), sync)
-
-        if torch.is_grad_enabled() and z.requires_grad:
-            estimate = rotation_trick if self.gradient == "rotation" else straight_through
-            q = estimate(zf, codes.detach())
+        if self.training or self.eval_loss:
+            to_codebook = self.learnable_codebook and not freeze
+            zero = zf.new_zeros(())
+            if to_codebook and self.codebook_loss == "joint":
+                commitment, codebook_term = _mse(live, zf), zero
+            else:
+                commitment = _mse(codes, zf)
+                codebook_term = _mse(live, zf.detach()) if to_codebook else zero
+            loss = self.commitment_weight * commitment + codebook_term
         else:
-            q = codes
-        q = self.project_out(self._merge_heads(q.to(z.dtype), m))
-        quantized = q.reshape(*lead, self.dim).to(x.dtype)
+            loss = commitment = codebook_term = torch.zeros((), device=x.device)
+
+        tracked = False
+        if self.training and not freeze:
+            tracked = self._track(z.detach(), idx, sync)  # no rows anywhere: no step at all
+            if tracked and not defer_refresh:
+                self._finish_step(z.detach(), sync)
+
+        ortho = loss.new_zeros(())
+        if self.orthogonal_reg_weight > 0 and (self.training or self.eval_loss):
+            ortho = self._orthogonal_loss(idx)  # on the codes after this step's update, as theirs
+            loss = loss + self.orthogonal_reg_weight * ortho
+        breakdown = LossBreakdown(commitment, codebook_term, ortho)
+
+        estimating = torch.is_grad_enabled() and z.requires_grad and (self.training or self.eval_gradient)
+        if estimating and self.gradient == "ste":
+            q = straight_through(zf, codes)
+        elif estimating and self.gradient == "rotation":
+            q = rotation_trick(zf, codes)
+        elif estimating and self.gradient == "diveq":
+            q = directional_reparam(zf, live, self.diveq_variance)
+        else:
+            q = live
+        q = self.project_out(self._merge_heads(q.to(z.dtype), n)).to(x.dtype)
+        if self.separate_codebook_per_head:
+            idx_rows = idx.transpose(0, 1)
+        else:
+            idx_rows = idx.reshape(n, self.heads)
+        if keep is not None:
+            where = keep.nonzero().squeeze(1)
+            base = flat if self.masked_output == "input" else flat.new_zeros(m, self.dim)
+            q = base.index_put((where,), q)
+            idx_rows = idx_rows.new_full((m, self.heads), -1).index_put((where,), idx_rows)
+        quantized = q.reshape(*lead, self.dim)
         if not self.channel_last:
             quantized = quantized.movedim(-1, 1)
-        if self.separate_codebook_per_head:
-            indices = idx.transpose(0, 1)
-        else:
-            indices = idx.reshape(m, self.heads)
-        indices = indices.reshape(*lead, self.heads) if self.heads > 1 else indices.reshape(lead)
-        return quantized, indices, loss
+        out_idx = idx_rows.reshape(*lead, self.heads) if self.heads > 1 else idx_rows.reshape(lead)
+        return _Step(quantized, out_idx, loss, breakdown, z.detach(), tracked)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "
                 f"metric={self.metric!r}, gradient={self.gradient!r}, ema_decay={self.ema_decay}, "
                 f"heads={self.heads}")
-
-
-class ResidualVQ(nn.Module):
-    """Residual vector quantization (SoundStream, Algorithm 1): ``num_quantizers`` ``VectorQuantizer``
-    layers, each quantizing what the previous ones left.
-
-    ``forward(x, beam_size=None) -> (quantized, indices, losses)`` with ``indices``
-    ``(..., num_quantizers)`` and ``losses`` ``(num_quantizers,)``. Keyword arguments other than
-    the ones below go to every layer.
-
-    Beam search (``beam_size`` > 1, the default in training; ``eval_beam_size`` in eval, default
-    ``beam_size``): instead of each layer taking its nearest code, ``beam_size`` partial code paths
-    are kept per vector, ranked by the squared error still left (``|z - sum of their codes|^2``);
-    each layer extends every path with its ``beam_size`` nearest codes (``codebook_search(k=...)``)
-    and keeps the best ``beam_size`` extensions (ties: earlier path, then nearer code); the path
-    with the smallest final error wins. With enough beams (``beam_size >= K**(L-1)``) this is the
-    exact optimum over all ``K**L`` paths; ``beam_size=1`` is the greedy quantizer. The layers
-    then run on the winning path's codes exactly as in the greedy case (losses, gradients, EMA,
-    dead codes). Needs ``metric="l2"`` and ``beam_size <= 64``. A training step that still has to
-    k-means-initialize a codebook quantizes greedily (each codebook is initialized on the greedy
-    residuals its layer sees).
-    Unlike vector-quantize-pytorch, whose beams are ranked by a weighted sum of per-layer
-    commitment losses, the rank here is the reconstruction error itself.
-    """
-
-    def __init__(self, num_quantizers: int, dim: int, codebook_size: int, *,
-                 codebook_dim: int | None = None, channel_last: bool = True,
-                 beam_size: int | None = None, eval_beam_size: int | None = None, **vq_kwargs):
-        super().__init__()
-        if vq_kwargs.get("heads", 1) != 1:
-            raise ValueError(f"ResidualVQ supports heads=1 only, got heads={vq_kwargs['heads']!r}")
-        self.num_quantizers = num_quantizers = _check_int("num_quantizers", num_quantizers)
-        self.dim = dim = _check_int("dim", dim)
-        self.codebook_dim = _check_int("codebook_dim", codebook_dim, optional=True) or dim
-        self.channel_last = _check_flag("channel_last", channel_last)
-        inner = self.codebook_dim
-        self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
-        self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
-        self.layers = nn.ModuleList(
-            VectorQuantizer(inner, codebook_size, **vq_kwargs) for _ in range(num_quantizers))
-        self.beam_size = self._check_beam(beam_size, "beam_size")
-        self.eval_beam_size = self._check_beam(beam_size if eval_beam_size is None else eval_beam_size,
-                                               "eval_beam_size")
-
-    def _check_beam(self, beam: int | None, name: str) -> int | None:
-        if beam is None:
-            return None
-        if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= MAX_BEAM:
-            raise ValueError(f"{name} must be an int in [1, {MAX_BEAM}] or None, got {beam!r}")
-        metric = self.layers[0].metric
-        if beam > 1 and metric != "l2":
-            raise ValueError(f"{name} > 1 needs metric='l2' (beams are ranked by squared error), "
-                             f"got metric={metric!r}")
-        return beam
-
-    @property
-    def codebooks(self) -> torch.Tensor:
-        """``(num_quantizers, K, codebook_dim)``."""
-        return torch.stack([layer.codebook for layer in self.layers])
-
-    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``(num_quantizers, ..., codebook_dim)`` codes of ``indices`` ``(..., num_quantizers)``
-        (``(B, ..., num_quantizers)`` when ``channel_last=False``), integers in
-        ``[0, codebook_size)`` (ValueError / TypeError otherwise)."""
-        lead = "..." if self.channel_last else "B, ..."
-        indices = _check_indices(indices, self.layers[0].codebook_size, min_dim=1 + (not self.channel_last),
-                                 last=self.num_quantizers,
-                                 shape_doc=f"({lead}, num_quantizers) with num_quantizers = {self.num_quantizers}")
-        return torch.stack([layer.codebook[indices[..., i]] for i, layer in enumerate(self.layers)])
-
-    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        out = self.project_out(self.get_codes_from_indices(indices).sum(0))
-        return out if self.channel_last else out.movedim(-1, 1)
-
-    def forward(self, x: torch.Tensor, beam_size: int | None = None):
-        beam = self._check_beam(beam_size, "beam_size")
-        if beam is None:
-            beam = self.beam_size if self.training else self.eval_beam_size
-        z = self.project_in(_check_input(x, self.dim, self.channel_last))
-        initializing = self.training and not all(bool(layer.initted) for layer in self.layers)
-        path = self.beam_search(z, beam) if beam is not None and beam > 1 and not initializing else None
-        residual = z
-        quantized = torch.zeros_like(z)
-        all_indices, all_losses = [], []
-        for i, layer in enumerate(self.layers):
-            q, idx, loss = layer._quantize(residual, None if path is None else path[..., i])
-            residual = residual - q.detach()
-            quantized = quantized + q
-            all_indices.append(idx)
-            all_losses.append(loss)
-        out = self.project_out(quantized)
-        if not self.channel_last:
-            out = out.movedim(-1, 1)
-        return out, torch.stack(all_indices, dim=-1), torch.stack(all_losses)
-
-    @torch.no_grad()
-    def beam_search(self, z: torch.Tensor, beam_size: int) -> torch.Tensor:
-        """Code paths ``(..., num_quantizers)`` for ``z`` ``(..., codebook_dim)`` by beam search over
-        the current codebooks (see the class docstring); nothing is updated."""
-        lead, d = z.shape[:-1], z.shape[-1]
-        search_dtype = self.layers[0].search_dtype or z.dtype
-        residual = z.detach().reshape(-1, 1, d).to(search_dtype)  # (M, beams, d)
-        m = residual.shape[0]
-        paths = torch.zeros(m, 1, 0, dtype=torch.long, device=z.device)
-        rows = torch.arange(m, device=z.device)[:, None]
-        for layer in self.layers:
-            codebook = layer.codebook.detach().to(search_dtype)
-            k = min(beam_size, codebook.shape[0])
-            cand, err = layer._search(residual.reshape(-1, d), codebook, k=k, return_distances=True)
-            width = residual.shape[1] * k
-            cand, err = cand.reshape(m, width), err.reshape(m, width)  # path-major
-            keep = torch.sort(err, dim=1, stable=True).indices[:, :beam_size]
-            parent, code = keep // k, cand.gather(1, keep)
-            residual = residual[rows, parent] - codebook[code]
-            paths = torch.cat([paths[rows, parent], code[..., None]], dim=-1)
-        return paths[:, 0].reshape(*lead, self.num_quantizers)

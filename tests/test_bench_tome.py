@@ -58,3 +58,28 @@ def test_summary_reports_ratios_against_targets():
     assert "BELOW TARGET" in bench_tome.summarize(slow, CPU)[0]
     missing = bench_tome.summarize(results[:2], torch.device("cuda"))[0]
     assert "op level >= 3.0x" in missing and "not measured" in missing
+
+
+def test_flop_ceiling_of_the_seed_schedule():
+    """ViT-B/16 @224, r=16: N_i = 197, 181, ..., 21 gives about 2.02x without the patch embedding
+    and head, a little less with them; no merging gives 1."""
+    assert abs(bench_tome.flop_ceiling(16, patch_pixels=0, num_classes=0) - 2.016) < 1e-3
+    assert 1.9 < bench_tome.flop_ceiling(16) < bench_tome.flop_ceiling(16, patch_pixels=0, num_classes=0)
+    assert bench_tome.flop_ceiling(0) == 1.0
+
+
+def test_profile_buckets_and_quick_run(tmp_path):
+    from vtok_fast.bench import tome_profile
+    from vtok_fast.cli import main
+
+    assert tome_profile.bucket_of("vtok_fast::tome_merge") == "merge"
+    assert tome_profile.bucket_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert tome_profile.bucket_of("aten::addmm") == "linear"
+    assert tome_profile.bucket_of("aten::native_layer_norm") == "norm"
+    assert tome_profile.bucket_of("aten::add") == "other"
+    assert main(["bench", "tome", "--device", "cpu", "--quick", "--profile", "--out", str(tmp_path)]) == 0
+    import json
+    result = json.loads((tmp_path / "tome_profile_cpu_quick.json").read_text())
+    for label in ("unpatched", "patched"):
+        assert abs(sum(result[label][b] for b in tome_profile.BUCKETS) - 1.0) < 1e-9
+    assert result["patched"]["merge"] > 0 == result["unpatched"]["merge"]

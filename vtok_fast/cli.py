@@ -74,6 +74,13 @@ def _bench(args) -> int:
     if not args.min_time >= 0:
         return _error(f"--min-time must be >= 0 seconds, got {args.min_time}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.profile:
+        if args.op != "tome":
+            return _error(f"--profile is for the tome benchmark, got {args.op!r}")
+        from vtok_fast.bench.tome_profile import run
+
+        run(device, args.out, quick=args.quick)
+        return 0
     mods = {name: importlib.import_module(OPS[name]) for name in names}
     modes = _parse_modes(args.modes, {name: tuple(mod.MODES) for name, mod in mods.items()})
     if isinstance(modes, str):
@@ -123,6 +130,9 @@ def main(argv=None) -> int:
                    help="folder for the JSON results, <op>_<cpu|gpu>.json (default: bench/results)")
     b.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per provider")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--profile", action="store_true",
+                   help="tome only: one unpatched and one patched forward under torch.profiler, time per "
+                        "bucket (attention, linear, merge, norm, other), tome_profile_<cpu|gpu>.json")
     from vtok_fast.measure.budget_cli import add_budget_parser, run_budget
     from vtok_fast.measure.demo import add_demo_parser, run_demo
 

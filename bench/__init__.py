@@ -11,4 +11,5 @@ OPS = {
     "attention": "vtok_fast.bench.attention",
     "merge": "vtok_fast.bench.merge",
     "compress": "vtok_fast.bench.compress",
+    "fastv": "vtok_fast.bench.fastv",
 }

@@ -182,12 +182,12 @@ def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
     return gram.square().sum() / (books * n * n) - 1.0 / n
 
 
-_SAMPLE_CHUNK = 1 << 20  # logits per chunk of rows: 4 MiB of fp32 per temporary, whatever N
+_SAMPLE_CHUNK = 1 << 22  # logits per chunk of rows: two fp32 buffers of 16 MiB, whatever N
 
 
 def gumbel_sample_codes(z: torch.Tensor, codebook: torch.Tensor, metric: str, temperature: float) -> torch.Tensor:
     """Codes drawn with ``P(k) = softmax(logits / temperature)``, Gumbel-max over chunks of rows (the
-    extra memory is bounded by ``_SAMPLE_CHUNK`` logits, not N x K). Logits as in
+    extra memory is two buffers of ``_SAMPLE_CHUNK`` logits, not N x K). Logits as in
     vector-quantize-pytorch: ``-|z - c|`` (l2; the square root of the fp32 squared distance, clamped at
     1e-8) or ``z . c`` (cosine, unit vectors). Noise from torch's global generator."""
     z, codebook = z.detach().float(), codebook.detach().float()
@@ -197,13 +197,12 @@ def gumbel_sample_codes(z: torch.Tensor, codebook: torch.Tensor, metric: str, te
     code_sq = codebook.square().sum(-1)
     for start in range(0, n, step):
         rows = z[start:start + step]
-        dots = rows @ codebook.T
-        if metric == "cosine":
-            logits = dots
-        else:
-            logits = -(rows.square().sum(-1, keepdim=True) + code_sq - 2.0 * dots).clamp_min(1e-8).sqrt()
-        noise = -torch.log((-torch.log(torch.rand_like(logits).clamp_min(1e-20))).clamp_min(1e-20))
-        out[start:start + step] = (logits / temperature + noise).argmax(-1)
+        logits = rows @ codebook.T
+        if metric != "cosine":  # in place: -sqrt(max(|z|^2 + |c|^2 - 2 z.c, 1e-8))
+            logits.mul_(-2.0).add_(code_sq).add_(rows.square().sum(-1, keepdim=True))
+            logits.clamp_min_(1e-8).sqrt_().neg_()
+        noise = torch.rand_like(logits).clamp_min_(1e-20).log_().neg_().clamp_min_(1e-20).log_().neg_()
+        out[start:start + step] = logits.div_(temperature).add_(noise).argmax(-1)
     return out
 
 

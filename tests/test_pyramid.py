@@ -34,7 +34,10 @@ def test_seed_example_1344_tokens(backend):
     levels = pyramid_tokenize(images, weight, bias, tables, levels=(8, 16, 32), prefix=prefix,
                               level_embed=level_embed)
     assert [t.shape[1] for t in levels] == [65, 257, 1025]  # each level led by the prefix
-    assert torch.equal(torch.cat([levels[0]] + [t[:, 1:] for t in levels[1:]], dim=1), seq)
+    # the same tokens (levels 1, 2 without a prefix row run the matmul on other row counts, so
+    # BLAS may round them differently)
+    assert_close(torch.cat([levels[0]] + [t[:, 1:] for t in levels[1:]], dim=1), seq.double(),
+                 dtype=torch.float32, reduction=12)
 
 
 def test_one_weight_per_level_embeds_the_image_as_is(backend):

@@ -333,3 +333,25 @@ def test_projector_outside_the_tower_and_stale_prompts():
         hf_compress.apply(model, compress=("pool", {}))
         model.model.multi_modal_projector(torch.randn(1, 5, TOWER["hidden_size"]))
     assert model.model.multi_modal_projector(torch.randn(1, 16, TOWER["hidden_size"])).shape == (1, 4, 32)
+
+
+@pytest.mark.parametrize("compress", [("pool", {"stride": 2}), ("fastv", {"layer": 2, "ratio": 0.5})])
+def test_public_hf_entry_point_and_unpatch(compress):
+    """``vtok_fast.patch.hf(model, compress=...)`` dispatches vision methods and FastV;
+    ``vtok_fast.patch.unpatch`` restores the model exactly."""
+    import vtok_fast.patch
+
+    model, processor = tiny_llava(), offline_processor()
+    inputs = prompts(processor)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    before = state(model)
+    vtok_fast.patch.hf(model, fuse_embed=False, fuse_project=False, compress=compress)
+    vtok_fast.patch.configure_processor(processor, model)
+    with torch.no_grad():
+        patched = model(**prompts(processor)).logits
+    assert patched.shape[0] == 2
+    vtok_fast.patch.unpatch(model)
+    assert_state_equal(before, state(model))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)

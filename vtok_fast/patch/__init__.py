@@ -11,10 +11,12 @@ import importlib
 
 import torch.nn as nn
 
+from vtok_fast.patch.hf_compress import configure_processor, image_token_count
 from vtok_fast.patch.hf_tome import llava_image_token_count
 from vtok_fast.patch.tome_common import ToMeResult, ToMeState, tome_state
 
-__all__ = ["timm", "hf", "unpatch", "tome_state", "ToMeState", "ToMeResult", "llava_image_token_count"]
+__all__ = ["timm", "hf", "unpatch", "tome_state", "ToMeState", "ToMeResult", "llava_image_token_count",
+           "image_token_count", "configure_processor"]
 
 # feature -> (timm patcher module, HF patcher module); each has apply(model, **kw) and remove(model)
 _FEATURES = {
@@ -22,6 +24,8 @@ _FEATURES = {
     "tome": ("vtok_fast.patch.timm_tome", "vtok_fast.patch.hf_tome"),
     "project": ("vtok_fast.patch.timm_swin", "vtok_fast.patch.hf_project"),
 }
+# HF-only features: token compression before the LLaVA projector, and FastV inside its LLM
+_HF_ONLY = ("vtok_fast.patch.hf_compress", "vtok_fast.patch.hf_fastv")
 
 
 def _module(name: str):
@@ -57,20 +61,26 @@ def timm(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source
 
 
 def hf(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: bool = False,
-       prop_attn: bool = True, fuse_project: bool = True) -> nn.Module:
+       prop_attn: bool = True, fuse_project: bool = True, compress=None) -> nn.Module:
     """Patch a Hugging Face model in place: CLIP / SigLIP vision towers (fused embedding, ToMe),
     also inside LLaVA; ``fuse_project``: the Qwen2-VL / Qwen2.5-VL patch mergers, InternVL's pixel
-    shuffle + projector and LLaVA's projector run as one fused op. Other arguments as :func:`timm`."""
-    return _apply(1, model, fuse_embed, tome_r, trace_source, prop_attn, fuse_project)
+    shuffle + projector and LLaVA's projector run as one fused op; ``compress``: a method name or
+    ``(method, budget)`` reducing the image tokens a LLaVA model's projector receives (any
+    ``vtok_fast.compress`` method), or ``("fastv", {"layer": K, "ratio": R})`` pruning them inside
+    its language model; ``image_token_count`` / ``configure_processor`` then give the processor
+    the new count. Other arguments as :func:`timm`."""
+    _apply(1, model, fuse_embed, tome_r, trace_source, prop_attn, fuse_project)
+    if compress is not None:
+        _module(_HF_ONLY[0]).apply(model, compress=compress)
+    return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo every vtok_fast patch on ``model`` (a no-op for an unpatched model)."""
-    for timm_mod, hf_mod in _FEATURES.values():
-        for name in (timm_mod, hf_mod):
-            try:
-                mod = _module(name)
-            except ModuleNotFoundError:
-                continue
-            mod.remove(model)
+    for name in (*_HF_ONLY, *(mod for pair in _FEATURES.values() for mod in pair)):
+        try:
+            mod = _module(name)
+        except ModuleNotFoundError:
+            continue
+        mod.remove(model)
     return model

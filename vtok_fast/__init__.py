@@ -19,7 +19,9 @@ _EXPORTS = {
     "codebook_search": "vtok_fast.codebook",
     "codebook_search_reference": "vtok_fast.codebook",
     "VectorQuantizer": "vtok_fast.encode.vq",
-    "ResidualVQ": "vtok_fast.encode.vq",
+    "ResidualVQ": "vtok_fast.encode.residual_vq",
+    "GroupedResidualVQ": "vtok_fast.encode.residual_vq",
+    "LossBreakdown": "vtok_fast.encode.vq",
     # ToMe token merging
     "bipartite_soft_matching": "vtok_fast.reduce.tome_reference",
     "merge_wavg": "vtok_fast.reduce.tome_reference",
@@ -59,6 +61,7 @@ _MODULES = {
     "patch": "vtok_fast.patch",
     "viz": "vtok_fast.measure.viz",
     "measure": "vtok_fast.measure",
+    "compat": "vtok_fast.compat",
     "budget": "vtok_fast.measure.budget",
     "metrics": "vtok_fast.measure.metrics",
 }

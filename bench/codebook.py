@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from vtok_fast.bench.harness import Case, Provider
-from vtok_fast.codebook import codebook_search
+from vtok_fast.codebook import codebook_search, cpu_gemm_choices
 
 OP = "codebook"
 MODES = ("forward",)
@@ -207,4 +207,8 @@ def summarize(results, device):
             reasons = sorted(set(where.values()))
             lines.append(f"  - {prov} on {', '.join(sorted(where))}: {'; '.join(reasons)}")
     data["skipped"] = skipped
+    if device.type == "cpu":  # which BLAS ran vtok_fast's GEMM tiles (measured in this process)
+        data["cpu_gemm"] = cpu_gemm_choices()
+        lines.append("- vtok_fast CPU GEMM: " + (", ".join(f"{c}: {p}" for c, p in data["cpu_gemm"].items())
+                                                  or "torch (tiles too small to measure)"))
     return "\n".join(lines), {"summary": data}

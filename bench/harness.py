@@ -74,10 +74,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+_CPU_VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}
+# /proc/cpuinfo flag -> ISA name (x86 "flags", Arm "Features")
+_ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "amx_tile": "AMX", "asimd": "NEON", "sve": "SVE"}
+
+
+def cpu_features() -> dict:
+    """CPU vendor and vector / matrix ISA extensions (BLAS speed depends on both). Linux: read
+    from /proc/cpuinfo; elsewhere the vendor is ``platform.processor()`` and the ISA list empty.
+    ``torch_cpu_capability`` is the ISA torch's kernels dispatch to, on any OS."""
+    vendor, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "vendor_id" and vendor is None:
+                vendor = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        capability = None
+    return {
+        "cpu_vendor": _CPU_VENDORS.get(vendor, vendor) or platform.processor() or None,
+        "cpu_isa": [name for flag, name in _ISA_FLAGS.items() if flag in flags],
+        "torch_cpu_capability": capability,
+    }
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": str(device),
         "cpu": cpu_model(),
+        **cpu_features(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

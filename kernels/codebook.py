@@ -14,7 +14,8 @@ Two stages, so that no N x K matrix is ever written:
    own candidates.
 2. ``_codebook_rerank_fwd`` re-scores every candidate exactly in fp32 (difference form
    ``sum((x - c)^2)`` for l2, ``x.c / (|x| |c|)`` for cosine), and writes the best k sorted best
-   first, ties to the lowest code index.
+   first, ties to the lowest code index. It also writes each row's ``||x||^2`` for the host's
+   check of non-finite and huge rows (handled outside the kernels, see vtok_fast/codebook.py).
 
 Candidate slots that never received a code hold ``-1 - slot``; the re-rank substitutes code
 ``slot`` for them (a real code scored exactly, so it can never make the answer worse), which also
@@ -267,6 +268,7 @@ def _codebook_topk_fwd(
 def _codebook_rerank_fwd(
     idx_ptr, stride_in, stride_ik,    # (N, k) int64 out: code indices, best first
     dist_ptr, stride_dn, stride_dk,   # (N, k) fp32 out: squared distance (l2) / similarity (cosine)
+    xx_ptr,                           # (N,) fp32 out: ||x||^2 (the host's overflow / non-finite check)
     cand_ptr, stride_cn, stride_cr,   # (N, R) int32 candidates (negative = empty slot)
     x_ptr, stride_xn, stride_xd,      # (N, D) queries
     c_ptr, stride_ck, stride_cd,      # (K, D) original (not normalized) codes
@@ -292,13 +294,14 @@ def _codebook_rerank_fwd(
                      mask=row_mask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         cv = tl.load(c_ptr + code64[:, :, None] * stride_ck + offs[None, None, :] * stride_cd,
                      mask=row_mask[:, None, None] & dmask[None, None, :], other=0.0).to(tl.float32)
+        xx += tl.sum(xv * xv, axis=1)
         if COSINE:
             acc += tl.sum(xv[:, None, :] * cv, axis=2)
             cc += tl.sum(cv * cv, axis=2)
-            xx += tl.sum(xv * xv, axis=1)
         else:
             diff = xv[:, None, :] - cv
             acc += tl.sum(diff * diff, axis=2)
+    tl.store(xx_ptr + rows, xx, mask=row_mask)
     if COSINE:
         # F.normalize semantics: each norm clamped below at 1e-12
         x_norm = tl.maximum(tl.sqrt(xx), 1e-12)

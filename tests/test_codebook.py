@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import vtok_fast
 from helpers import aot_reports, assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
+from vtok_fast import codebook as codebook_mod
 from vtok_fast.codebook import _search_torch, _search_triton, codebook_search, codebook_search_reference
 from vtok_fast.kernels import codebook as kc
 
@@ -54,6 +55,9 @@ def run(backend, x, codebook, metric="l2", k=1, **kw):
     x2 = x.reshape(-1, x.shape[-1])
     if backend == "triton":
         return _search_triton(x2, codebook, metric, k, **kw)
+    if backend == "reference":
+        idx, dist = codebook_search_reference(x2, codebook, metric=metric, k=k, return_distances=True)
+        return idx.reshape(-1, k), dist.reshape(-1, k)
     return _search_torch(x2, codebook, metric, k)
 
 
@@ -95,6 +99,8 @@ def test_matches_float64_half_torch(dtype, metric):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_agrees_with_reference(backend):
+    # the reference and each path may differ only at near-ties (their fp32 sums are ordered
+    # differently): check_search holds every returned code to the float64 order up to near-ties
     x = torch.randn(64, 24)
     codebook = torch.randn(97, 24)
     for metric in ("l2", "cosine"):
@@ -102,7 +108,6 @@ def test_agrees_with_reference(backend):
             ref_idx, ref_dist = codebook_search_reference(x, codebook, metric=metric, k=k, return_distances=True)
             idx, dist = run(backend, x, codebook, metric, k)
             check_search(x, codebook, metric, k, ref_idx, ref_dist)
-            assert (idx.reshape(ref_idx.shape) == ref_idx).float().mean() > 0.99
             check_search(x, codebook, metric, k, idx, dist)
 
 
@@ -133,22 +138,66 @@ def test_single_row_and_single_code(backend):
     assert idx.eq(0).all() and (dist >= 0).all()
 
 
+def exact_codebook(K, D):
+    """K distinct codes with small-integer entries: every product and sum of the search (and of
+    queries that are codes plus multiples of 1/8) is exact in fp32, so ties are ties on any
+    BLAS, CPU or thread count."""
+    codes = torch.randint(-4, 5, (4 * K, D)).float().unique(dim=0)
+    return codes[torch.randperm(codes.shape[0])[:K]]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_ties_go_to_lowest_index(backend):
-    codebook = torch.randn(40, 16)
+    codebook = exact_codebook(40, 16)
     codebook[25] = codebook[7]   # duplicates (as after dead-code replacement)
     codebook[33] = codebook[7]
-    x = codebook[7] + 0.01 * torch.randn(12, 16)
+    # within 1/8 per entry of code 7 (squared distance <= 16/64); any other code differs by >= 1
+    # in some entry, so it is at least (7/8)^2 away
+    x = codebook[7] + torch.randint(-1, 2, (12, 16)).float() / 8
     idx, _ = run(backend, x, codebook, "l2", 1)
     assert idx.eq(7).all()
     idx, _ = run(backend, x, codebook, "l2", 3)
     assert idx.tolist() == [[7, 25, 33]] * 12
+    # cosine: parallel codes of norm 2, 4, 8 normalize to the same exact (+-0.5) entries
+    codebook[7] = torch.tensor([1.0, -1.0, 1.0, 1.0] + [0.0] * 12)
+    codebook[25], codebook[33] = 2 * codebook[7], 4 * codebook[7]
+    x = 3 * codebook[7] + torch.cat([torch.zeros(12, 4), torch.randint(-1, 2, (12, 12)) / 8], 1)
+    cos64 = F.normalize(x.double(), dim=1) @ F.normalize(codebook.double(), dim=1).T
+    assert bool((cos64[:, 7] > cos64[:, [i for i in range(40) if i not in (7, 25, 33)]].max(1).values + 1e-3).all())
+    idx, _ = run(backend, x, codebook, "cosine", 3)
+    assert idx.tolist() == [[7, 25, 33]] * 12
     # a zero codebook: every code ties
     idx, dist = run(backend, x, torch.zeros(300, 16), "l2", 4)
     assert idx.tolist() == [[0, 1, 2, 3]] * 12
-    # exact match: distance exactly 0 (clamped, never negative)
-    _, dist = run(backend, codebook[:5], codebook, "l2", 1)
-    assert dist.min() >= 0 and dist.max() < 1e-4
+    # exact match: distance exactly 0 (integer arithmetic), and each code finds itself
+    idx, dist = run(backend, codebook[:5], codebook, "l2", 1)
+    assert idx.reshape(-1).tolist() == [0, 1, 2, 3, 4] and dist.eq(0).all()
+
+
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_duplicate_codes_resolve_low_with_any_rounding(gemm, k, monkeypatch):
+    # random-valued copies: a BLAS may round the copies' columns differently (OpenBLAS does,
+    # depending on their position in its blocks); the CPU path still returns the lowest copies
+    monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", gemm)
+    codebook = torch.randn(300, 24)
+    copies = [5, 77, 150, 299]
+    codebook[copies] = codebook[5].clone()
+    x = codebook[5] + 0.01 * torch.randn(50, 24)
+    idx, dist = _search_torch(x, codebook, "l2", k)
+    assert idx.tolist() == [copies[:k]] * 50
+    # the CPU path's distance is ||x||^2 + (||c||^2 - 2 x.c): its fp32 error scales with ||x||^2,
+    # not with the (tiny) distance itself
+    expected = ((x - codebook[5]) ** 2).sum(1, keepdim=True).expand(50, k)
+    torch.testing.assert_close(dist, expected, rtol=0, atol=NEAR_TIE_RTOL * float((x * x).sum(1).max()))
+    # k > 1 with copies spread over the list: the group takes its lowest indices, in order
+    first = codebook_mod._duplicate_firsts(codebook)
+    got = codebook_mod._lowest_duplicates(torch.tensor([[299, 3, 77], [150, 5, 299]]), first)
+    assert got.tolist() == [[5, 3, 77], [5, 77, 150]]
+    assert codebook_mod._duplicate_firsts(torch.randn(300, 24)) is None
+    signed_zero = torch.zeros(3, 4)
+    signed_zero[2, 1] = -0.0
+    assert codebook_mod._duplicate_firsts(signed_zero).tolist() == [0, 0, 0]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -168,6 +217,147 @@ def test_nan_behaviour(backend, metric):
     bad[::2, 1] = float("nan")
     idx, dist = run(backend, torch.randn(9, 8), bad, metric, 2)
     assert (idx % 2 == 1).all() and not torch.isnan(dist).any()
+
+
+@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cpu_gemm_providers(gemm, metric, monkeypatch):
+    # both CPU GEMM providers (torch addmm, numpy GEMM of [x, 1] and [-2c, ||c||^2]) on strided
+    # and fp16 queries, several code blocks and a ragged last row tile
+    monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", gemm)
+    monkeypatch.setattr(codebook_mod, "_CPU_K_BLOCK", 64)
+    monkeypatch.setattr(codebook_mod, "_CPU_TILE_ELEMS", 64 * 16)
+    monkeypatch.setattr(codebook_mod, "_CPU_TOPK_TILE_ELEMS", 64 * 8)
+    x = torch.randn(45, 40)[:, ::2]
+    codebook = torch.randn(150, 20)
+    for k in (1, 4):
+        idx, dist = _search_torch(x, codebook, metric, k)
+        check_search(x, codebook, metric, k, idx, dist)
+    idx, dist = _search_torch(x.half(), codebook.half(), metric, 3)
+    check_search(x.half(), codebook.half(), metric, 3, idx, dist)
+    # inputs that require grad (numpy needs detached arrays)
+    xg, cg = x.clone().requires_grad_(), codebook.clone().requires_grad_()
+    _, dist = codebook_search(xg, cg, metric=metric, k=2, return_distances=True)
+    dist.sum().backward()
+    assert xg.grad.shape == xg.shape and cg.grad.shape == cg.shape
+
+
+def test_cpu_gemm_choice_measured_once_per_shape_class(monkeypatch):
+    choices = {}
+    monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", choices)
+    monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
+    calls = []
+    measure = codebook_mod._TileSearch._measure
+    monkeypatch.setattr(codebook_mod._TileSearch, "_measure", lambda self, *a: calls.append(a[0]) or measure(self, *a))
+    x, codebook = torch.randn(300, 32), torch.randn(200, 32)
+    idx, dist = _search_torch(x, codebook, "l2", 1)
+    assert len(calls) == 1 and set(choices.values()) <= {"torch", "numpy"}
+    [(name, choice)] = codebook_mod.cpu_gemm_choices().items()
+    assert name == "l2 k=1 rows~256 codes~128 D~32"
+    # the measuring call returns exactly what the chosen provider returns from then on
+    again = _search_torch(x, codebook, "l2", 1)
+    assert len(calls) == 1 and torch.equal(again[0], idx) and torch.equal(again[1], dist)
+    monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", choice)
+    forced = _search_torch(x, codebook, "l2", 1)
+    assert torch.equal(forced[0], idx) and torch.equal(forced[1], dist)
+    # tiles under the threshold are not measured: torch's GEMM
+    monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", None)
+    _search_torch(x[:8], codebook[:4], "l2", 1)
+    assert len(calls) == 1 and len(choices) == 1
+
+
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+PATHS = ["torch", "triton", "reference"]
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nonfinite_query_rows(backend, metric):
+    # one rule on every path: a row with any NaN or +-inf gets 0..k-1 and NaN distances (an inf
+    # row used to get whichever codes its inf * c products happened to favour)
+    codebook = torch.randn(50, 8)
+    x = torch.randn(8, 8)
+    x[1, 3], x[3, 0], x[5, 7] = NONFINITE
+    x[6] = float("inf")
+    x[7, 2], x[7, 5] = float("inf"), float("-inf")
+    bad, keep = [1, 3, 5, 6, 7], [0, 2, 4]
+    for k in (1, 3):
+        idx, dist = run(backend, x, codebook, metric, k)
+        assert idx[bad].tolist() == [list(range(k))] * len(bad)
+        assert torch.isnan(dist[bad]).all()
+        check_search(x[keep], codebook, metric, k, idx[keep], dist[keep])
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_nonfinite_codes_rank_last(backend, metric):
+    codebook = torch.randn(12, 8)
+    bad = [0, 3, 4, 9]
+    codebook[bad, [1, 0, 7, 2]] = torch.tensor([*NONFINITE, float("nan")])
+    good = [i for i in range(12) if i not in bad]
+    x = torch.randn(10, 8)
+    # enough finite codes: only finite ones are returned, correctly ranked
+    idx, dist = run(backend, x, codebook, metric, 8)
+    assert idx.sort(1).values.tolist() == [good] * 10 and not torch.isnan(dist).any()
+    remap = torch.tensor(good)
+    check_search(x, codebook[good], metric, 8, torch.searchsorted(remap, idx.contiguous()), dist)
+    # fewer finite codes than k: the finite ones (ranked), then the lowest non-finite ones with
+    # NaN distances, on every path (the Triton re-rank used to fill in codes 2, 3)
+    few = codebook.clone()
+    few[[1, 2, 5, 6, 8, 10], 4] = float("nan")  # finite codes left: 7 and 11
+    idx, dist = run(backend, x, few, metric, 4)
+    assert idx[:, :2].sort(1).values.tolist() == [[7, 11]] * 10 and idx[:, 2:].tolist() == [[0, 1]] * 10
+    check_search(x, few[[7, 11]], metric, 2, (idx[:, :2] == 11).long(), dist[:, :2])
+    assert torch.isnan(dist[:, 2:]).all()
+    # no finite code at all: 0..k-1, NaN distances
+    idx, dist = run(backend, x, torch.full((6, 8), float("nan")), metric, 3)
+    assert idx.tolist() == [[0, 1, 2]] * 10 and torch.isnan(dist).all()
+
+
+def float64_ranking_check(x, codebook, metric, k, idx, dist):
+    """For inputs with huge finite values: every returned code's float64 score is within rounding
+    of the float64 order's (fp32 rounding for the rows searched in fp32, float64 rounding for the
+    rows the huge-value rule sends to float64) and its distance is the float64 value in fp32
+    (``inf`` beyond the fp32 range)."""
+    safe = vtok_fast.codebook.SAFE_SQ_NORM
+    exact = ~((x * x).sum(1) <= safe) | bool((~((codebook * codebook).sum(1) <= safe)).any())
+    x64, c64 = x.double(), codebook.double()
+    if metric == "cosine":
+        value = F.normalize(x64, dim=1) @ F.normalize(c64, dim=1).T
+        score, mag = -value, torch.ones_like(value)
+    else:
+        # ranked without ||x||^2, which would swamp a huge row's float64 resolution
+        cc = (c64 * c64).sum(1)
+        score = cc - 2.0 * (x64 @ c64.T)
+        mag = cc + 2.0 * x64.norm(dim=1, keepdim=True) * c64.norm(dim=1)
+        mag = mag + torch.where(exact, 0.0, (x64 * x64).sum(1))[:, None]
+        value = torch.cdist(x64, c64, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    best = torch.sort(score, dim=1, stable=True)
+    rel = torch.where(exact, 1e-12, NEAR_TIE_RTOL)[:, None]
+    tol = rel * mag.gather(1, best.indices[:, :k])
+    assert bool(((score.gather(1, idx) - best.values[:, :k]).abs() <= tol).all())
+    want = value.gather(1, idx)
+    torch.testing.assert_close(dist[exact].double(), want[exact].float().double(), rtol=1e-6, atol=0)
+    if (~exact).any():
+        assert_close(dist[~exact], want[~exact], dtype=torch.float32, reduction=codebook.shape[1])
+
+
+@pytest.mark.parametrize("backend", PATHS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("where", ["queries", "codes", "both"])
+@pytest.mark.parametrize("scale", [4e18, 1e30])
+def test_huge_finite_values_do_not_overflow(backend, metric, where, scale):
+    # 4e18: squared norms still finite in fp32, but 2 x.c overflows; 1e30: they overflow too.
+    # Such rows used to get index 0 (every fp32 score inf/NaN) on some paths
+    x = torch.randn(20, 16)
+    codebook = torch.randn(60, 16)
+    if where in ("queries", "both"):
+        x[::2] *= scale
+    if where in ("codes", "both"):
+        codebook[::3] *= scale
+    for k in (1, 4):
+        idx, dist = run(backend, x, codebook, metric, k)
+        float64_ranking_check(x, codebook, metric, k, idx, dist)
 
 
 def test_public_shapes_and_dtype_promotion():
@@ -244,6 +434,15 @@ def test_cpu_path_memory_is_bounded():
     (lambda: codebook_search(torch.randn(4, 8), torch.randn(10, 8, 1)), ValueError, "2-D"),
     (lambda: codebook_search(torch.randn(4, 8), torch.randn(10, 8, device="meta")), ValueError, "device"),
     (lambda: codebook_search([1.0], torch.randn(10, 8)), TypeError, "torch.Tensor"),
+    # used to fail deep inside with RuntimeError / NotImplementedError, or to be taken as truthy
+    (lambda: codebook_search(torch.randn(4, 8).to_sparse(), torch.randn(10, 8)), TypeError, "x must be a dense"),
+    (lambda: codebook_search(torch.randn(4, 8), torch.randn(10, 8).to_sparse()), TypeError, "codebook must be a dense"),
+    (lambda: codebook_search(torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)]), torch.randn(10, 8)),
+     TypeError, "x must be a dense .* got a nested"),
+    (lambda: codebook_search(torch.randn(4, 8), torch.randn(10, 8), return_distances="yes"), TypeError,
+     "return_distances must be a bool, got str"),
+    (lambda: codebook_search_reference(torch.randn(4, 8), torch.randn(10, 8), return_distances=1), TypeError,
+     "return_distances must be a bool, got int"),
 ])
 def test_bad_input(call, err, words):
     with pytest.raises(err, match=words):
@@ -262,7 +461,7 @@ STAGE1_SIGNATURE = {"cand_ptr": "*i32", "stride_cn": "i64", "stride_cs": "i64", 
                     "stride_xn": "i64", "c_ptr": "*{t}", "stride_ck": "i64", "bias_ptr": "*fp32",
                     "scale": "fp32", "N": "i32", "K": "i32", "D": "i32", "codes_per_split": "i32"}
 RERANK_SIGNATURE = {"idx_ptr": "*i64", "stride_in": "i64", "stride_ik": "i64", "dist_ptr": "*fp32",
-                    "stride_dn": "i64", "stride_dk": "i64", "cand_ptr": "*i32", "stride_cn": "i64",
+                    "stride_dn": "i64", "stride_dk": "i64", "xx_ptr": "*fp32", "cand_ptr": "*i32", "stride_cn": "i64",
                     "stride_cr": "i64", "x_ptr": "*{t}", "stride_xn": "i64", "stride_xd": "i64",
                     "c_ptr": "*{t}", "stride_ck": "i64", "stride_cd": "i64", "N": "i32", "K": "i32",
                     "D": "i32", "k_out": "i32"}

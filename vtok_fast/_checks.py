@@ -57,3 +57,10 @@ def check_same_dtype(**tensors) -> None:
     for name, t in items[1:]:
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+
+
+def check_dense(name: str, value: torch.Tensor) -> None:
+    """``value`` is an ordinary dense (strided, non-nested) tensor."""
+    if value.is_nested or value.layout != torch.strided:
+        kind = "nested" if value.is_nested else str(value.layout).replace("torch.", "")
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")

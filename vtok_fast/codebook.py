@@ -8,35 +8,59 @@ Contract (``x`` ``(..., D)``, ``codebook`` ``(K, D)``; fp32, fp16 or bf16; mixed
 - Returns int64 indices ``(...)`` for ``k == 1``, ``(..., k)`` sorted best first for ``1 < k <= 64``;
   with ``return_distances=True`` also fp32 squared distances (l2, clamped >= 0) or cosine
   similarities of the same shape.
-- Ties go to the lowest code index.
-- NaN: a NaN score ranks after every number. A query row containing NaN gets indices
-  ``0, 1, ..., k-1`` and NaN distances; codes containing NaN are never chosen over a code with a
-  finite score. Indices are always in ``[0, K)``.
-- Memory: extra memory is O(N*k + K) (plus one bounded distance tile on CPU); no N x K matrix.
+- Ties (equal scores) go to the lowest code index; codes that are exact copies of each other
+  always resolve to the lowest indices, whatever the BLAS rounds.
+- Non-finite values. A query row containing NaN or +-inf gets indices ``0, 1, ..., k-1`` and NaN
+  distances. A code containing NaN or +-inf ranks after every finite code (among themselves:
+  lowest index first) and gets a NaN distance when it is returned (only when fewer than k codes
+  are finite). Indices are always in ``[0, K)``.
+- Huge finite values do not overflow: a finite row (or code) whose fp32 squared norm exceeds
+  ``SAFE_SQ_NORM`` = 2**125 (entries around 1e18 and up) is searched in float64 (every finite row
+  is, when the codebook has such a code), so it gets its true nearest codes; its l2 distance is
+  the float64 value rounded to fp32 (``inf`` beyond the fp32 range). Below that bound every fp32
+  score of the fast paths is finite (``|x.c| <= sqrt(xx * cc) <= 2**125``).
+- Memory: extra memory is O(N*k + K) (plus bounded tiles and a codebook-sized copy); no N x K
+  matrix.
 
 Backends: CUDA tensors run the Triton kernels (``kernels/codebook.py``): a ``tl.dot`` stream
 keeping a few candidates per row (fp32 inputs: IEEE fp32 products; fp16/bf16: tensor cores with
 fp32 accumulation), then an exact fp32 re-rank of the candidates in difference form. CPU tensors
-run a chunked ``addmm`` + ``min``/``topk`` in fp32. Both agree with the reference except where the
-best two fp32 distances are within rounding of each other (~1e-5 relative).
+run a chunked GEMM + ``min``/``topk`` in fp32, the GEMM by torch's or numpy's BLAS, whichever a
+one-time measurement per process and tile shape class finds faster (torch's MKL is slow on AMD
+CPUs, numpy's OpenBLAS may be slower on Intel). Both agree with the reference except where the
+best two fp32 distances are within rounding of each other (~1e-5 relative). The non-finite and
+huge-value rules are applied after the fast search, to the few rows that need them, behind one
+cheap check (a single host sync on CUDA).
 """
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from vtok_fast._checks import FLOAT_DTYPES, check_dense, check_same_device, check_tensor
 
 METRICS = ("l2", "cosine")
 MAX_K = 64
 COSINE_EPS = 1e-12  # F.normalize's default
+# fp32 squared norms up to this keep every fp32 score (and ||x||^2 + score) below 2**127:
+# |cc - 2 x.c| <= cc + 2 sqrt(xx * cc) <= 3 * 2**125. Rows/codes above it are searched in float64.
+SAFE_SQ_NORM = 2.0 ** 125
 
 # CPU distance tiles: rows * K_block fp32 scores per tile (16 MiB for k == 1; k > 1 also builds
 # int64 sort keys, so its tile is smaller). Codes are processed in blocks of at most _CPU_K_BLOCK.
 _CPU_TILE_ELEMS = 1 << 22
 _CPU_TOPK_TILE_ELEMS = 1 << 20
 _CPU_K_BLOCK = 1 << 16
+# CPU GEMM provider ("torch" or "numpy") per tile shape class, measured once per process.
+# Tiles under _GEMM_MEASURE_FLOP (about a millisecond) always use torch: call overhead dominates
+# there, and the measurement would cost more than it could save.
+_GEMM_CHOICE: dict[tuple, str] = {}
+_GEMM_MEASURE_FLOP = 1 << 27
+_GEMM_FORCE: str | None = None  # tests: force one provider
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -44,6 +68,8 @@ _CPU_K_BLOCK = 1 << 16
 def _check_search_args(x, codebook, metric, k):
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("codebook", codebook, ndim=2, dtypes=FLOAT_DTYPES, shape_doc="2-D (K, D)")
+    check_dense("x", x)
+    check_dense("codebook", codebook)
     if x.dim() < 1:
         raise ValueError("x must have shape (..., D), got a 0-d tensor")
     if metric not in METRICS:
@@ -66,6 +92,11 @@ def _check_search_args(x, codebook, metric, k):
     return x, codebook
 
 
+def _check_return_distances(return_distances):
+    if not isinstance(return_distances, bool):
+        raise TypeError(f"return_distances must be a bool, got {type(return_distances).__name__}")
+
+
 def _output_shape(lead, k):
     return tuple(lead) if k == 1 else (*lead, k)
 
@@ -73,32 +104,160 @@ def _output_shape(lead, k):
 # --- reference -----------------------------------------------------------------------------------
 
 def codebook_search_reference(x, codebook, *, metric="l2", k=1, return_distances=False):
-    """The contract written plainly: an fp32 N x K score matrix, a stable sort, the first k.
+    """The contract written plainly: an N x K score matrix (fp32, or float64 for the rows the
+    huge-value rule names), non-finite rows and codes masked, a stable sort, the first k.
 
     Materializes N x K: for tests and benchmarks, not for large inputs.
     """
     x, codebook = _check_search_args(x, codebook, metric, k)
+    _check_return_distances(return_distances)
     lead, D = x.shape[:-1], x.shape[-1]
     xf = x.reshape(-1, D).float()
     cf = codebook.float()
+    x64, c64 = xf.double(), cf.double()
     if metric == "cosine":
-        value = F.normalize(xf, dim=1, eps=COSINE_EPS) @ F.normalize(cf, dim=1, eps=COSINE_EPS).T
-        score = -value
+        value32 = F.normalize(xf, dim=1, eps=COSINE_EPS) @ F.normalize(cf, dim=1, eps=COSINE_EPS).T
+        value64 = F.normalize(x64, dim=1, eps=COSINE_EPS) @ F.normalize(c64, dim=1, eps=COSINE_EPS).T
+        score32, score64 = -value32, -value64
     else:
-        value = (xf * xf).sum(1, keepdim=True) + (cf * cf).sum(1) - 2.0 * (xf @ cf.T)
-        score = value
-    score = torch.where(torch.isnan(score), torch.full_like(score, float("inf")), score)
+        value32 = (xf * xf).sum(1, keepdim=True) + (cf * cf).sum(1) - 2.0 * (xf @ cf.T)
+        value64 = torch.cdist(x64, c64, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+        # float64 ranks by ||c||^2 - 2 x.c: adding ||x||^2 would swamp a huge row's resolution
+        score32, score64 = value32, (c64 * c64).sum(1) - 2.0 * (x64 @ c64.T)
+    row_finite, code_finite = torch.isfinite(xf).all(1), torch.isfinite(cf).all(1)
+    exact = row_finite & ~((xf * xf).sum(1) <= SAFE_SQ_NORM)
+    if bool((code_finite & ~((cf * cf).sum(1) <= SAFE_SQ_NORM)).any()):
+        exact = row_finite
+    value = torch.where(exact[:, None], value64, value32.double())
+    score = torch.where(exact[:, None], score64, score32.double())
+    score = score.masked_fill(~(row_finite[:, None] & code_finite), float("inf"))
     order = torch.sort(score, dim=1, stable=True).indices[:, :k]
-    dist = value.gather(1, order)
+    dist = value.gather(1, order).float()
+    dist = dist.masked_fill(~code_finite[order] | ~row_finite[:, None], float("nan"))
     if metric == "l2":
-        dist = dist.clamp_min(0.0)
+        dist = dist.clamp_min(0.0)  # NaN stays NaN
     idx = order.reshape(_output_shape(lead, k))
     if return_distances:
         return idx, dist.reshape(_output_shape(lead, k))
     return idx
 
 
-# --- PyTorch path (CPU): chunked addmm + min / topk ----------------------------------------------
+# --- non-finite and huge values (both paths, after the fast search) ----------------------------
+
+def _apply_value_rules(x, codebook, metric, k, idx, val, row_sq, code_sq):
+    """Make ``idx``/``val`` of the fast search follow the non-finite and huge-value rules.
+
+    ``row_sq``/``code_sq``: fp32 squared norms of the rows and codes, which the fast paths
+    compute anyway; NaN, inf and huge entries all fail ``<= SAFE_SQ_NORM``, so one check (one
+    host sync) covers the common case where nothing needs fixing."""
+    if bool(((row_sq <= SAFE_SQ_NORM).all() & (code_sq <= SAFE_SQ_NORM).all()).item()):
+        return idx, val
+    K = codebook.shape[0]
+    row_finite = torch.isfinite(x).all(1)
+    code_finite = torch.isfinite(codebook).all(1)
+    exact = row_finite & ~(row_sq <= SAFE_SQ_NORM)
+    if bool((code_finite & ~(code_sq <= SAFE_SQ_NORM)).any()):
+        exact = row_finite
+    bad_codes = (~code_finite).nonzero().squeeze(1)
+    finite_codes = K - bad_codes.numel()
+    if finite_codes < k:  # every row returns all finite codes, then the lowest non-finite ones
+        idx[:, finite_codes:] = bad_codes[:k - finite_codes]
+    rows = exact.nonzero().squeeze(1)
+    if rows.numel():
+        idx[rows], val[rows] = _search_float64(x[rows], codebook, metric, k, code_finite)
+    val.masked_fill_(~code_finite[idx], float("nan"))
+    idx[~row_finite] = torch.arange(k, device=idx.device)
+    val[~row_finite] = float("nan")
+    return idx, val
+
+
+def _search_float64(x, codebook, metric, k, code_finite):
+    """The search in float64 (no fp32 overflow for finite values), chunked in rows and codes;
+    non-finite codes rank last; l2 distances in difference form."""
+    n, D = x.shape
+    K = codebook.shape[0]
+    cosine = metric == "cosine"
+    kb = min(K, max(k, _CPU_TOPK_TILE_ELEMS // D))
+    rows = max(1, _CPU_TOPK_TILE_ELEMS // max(kb + k, D))
+    out_idx = torch.empty((n, k), device=x.device, dtype=torch.int64)
+    out_val = torch.empty((n, k), device=x.device, dtype=torch.float32)
+    for r0 in range(0, n, rows):
+        xr = x[r0:r0 + rows].double()
+        xs = F.normalize(xr, dim=1, eps=COSINE_EPS) if cosine else xr
+        best_s = best_i = None
+        for c0 in range(0, K, kb):
+            c = codebook[c0:c0 + kb].double()
+            if cosine:
+                s = -(xs @ F.normalize(c, dim=1, eps=COSINE_EPS).T)
+            else:
+                s = (c * c).sum(1) - 2.0 * (xs @ c.T)  # ||x||^2 is the same for every code
+            s.masked_fill_(~code_finite[c0:c0 + kb], float("inf"))
+            i = torch.arange(c0, c0 + c.shape[0], device=x.device).expand_as(s)
+            if best_s is not None:  # earlier (lower) codes first: the stable sort keeps ties low
+                s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+            order = torch.sort(s, dim=1, stable=True).indices[:, :k]
+            best_s, best_i = s.gather(1, order), i.gather(1, order)
+        out_idx[r0:r0 + rows] = best_i
+        if cosine:
+            out_val[r0:r0 + rows] = -best_s
+        else:
+            for j in range(k):
+                out_val[r0:r0 + rows, j] = ((xr - codebook[best_i[:, j]].double()) ** 2).sum(1)
+    return out_idx, out_val
+
+
+# --- exact duplicate codes (CPU path) -------------------------------------------------------------
+
+def _duplicate_firsts(codes: torch.Tensor) -> torch.Tensor | None:
+    """(K,) int64 ``first``: the lowest index of a code equal to each code (-0.0 == +0.0), or None
+    when all codes differ. An exact integer hash of the bits of up to 32 evenly spread columns
+    (order-independent, so equal rows hash equally) finds the candidates; ``torch.unique`` on
+    the candidates' full rows confirms them."""
+    K, D = codes.shape
+    if K < 2:
+        return None
+    cols = torch.arange(0, D, max(1, D // 32), device=codes.device)[:32]
+    bits = (codes[:, cols] + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 -> +0.0
+    gen = torch.Generator().manual_seed(0x5EED)
+    mult = torch.randint(1, 2**31, (2, len(cols)), generator=gen, dtype=torch.int64).to(codes.device)
+    h = ((bits >> 16) * mult[0] + (bits & 0xFFFF) * mult[1]).sum(1)  # < 64 * 2**47: no overflow
+    sh, order = torch.sort(h)
+    same = sh[1:] == sh[:-1]
+    if not bool(same.any()):
+        return None
+    involved = torch.zeros(K, dtype=torch.bool, device=codes.device)
+    involved[1:] |= same
+    involved[:-1] |= same
+    cand = order[involved]
+    _, group = torch.unique(codes[cand] + 0.0, dim=0, return_inverse=True)
+    low = torch.full((int(group.max()) + 1,), K, device=codes.device).scatter_reduce(0, group, cand, "amin")
+    first = torch.arange(K, device=codes.device)
+    first[cand] = low[group]
+    return first if bool((first[cand] != cand).any()) else None
+
+
+def _lowest_duplicates(idx: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Each row's entries from one duplicate group take that group's lowest indices, ascending
+    (the group's codes have equal distances, so this is the tie rule, whatever the GEMM rounded)."""
+    k = idx.shape[1]
+    if k == 1:
+        return first[idx]
+    K = first.numel()
+    codes = torch.arange(K, device=idx.device)
+    by_group = torch.argsort(first * K + codes)  # groups contiguous, members ascending
+    pos = torch.empty_like(by_group)
+    pos[by_group] = codes  # a group's slot run starts at its lowest member's slot
+    earlier = torch.ones(k, k, dtype=torch.bool, device=idx.device).tril(-1)
+    out = torch.empty_like(idx)
+    step = max(1, _CPU_TOPK_TILE_ELEMS // (k * k))
+    for r0 in range(0, idx.shape[0], step):
+        gid = first[idx[r0:r0 + step]]
+        rank = ((gid[:, :, None] == gid[:, None, :]) & earlier).sum(2)
+        out[r0:r0 + step] = by_group[pos[gid] + rank]
+    return out
+
+
+# --- PyTorch path (CPU): chunked GEMM + min / topk -----------------------------------------------
 
 def _float_order_keys(scores: torch.Tensor) -> torch.Tensor:
     """int32 keys with the order of the fp32 ``scores`` (no NaN allowed; -0.0 == +0.0)."""
@@ -120,63 +279,154 @@ def _topk_keys(tile: torch.Tensor, col0: int, k: int) -> torch.Tensor:
     return torch.topk(keys, k, dim=1, largest=False, sorted=True).values
 
 
+class _TileSearch:
+    """One call's score tiles and their per-row reduction, by torch (``addmm``, ``min``/``topk``
+    keys) or by numpy (one GEMM of ``[x, 1]`` with ``[-2c, ||c||^2]``, the bias riding in the
+    GEMM, then ``argmin``), whichever was measured faster for the tile's shape class.
+
+    The numpy step runs no torch op on a whole tile: a torch parallel region just before an
+    OpenBLAS GEMM leaves OpenMP threads spinning on the cores OpenBLAS needs (measured: the GEMM
+    takes ~1.8x as long)."""
+
+    def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k: int):
+        self.codes, self.bias, self.rows, self.k = codes, bias, rows, k
+        self.numpy_ok = codes.device.type == "cpu"
+        self._aug = self._xa = None
+
+    def _torch(self, xr, c0, kb, tile):
+        codes_t = self.codes[c0:c0 + kb].T
+        if self.bias is None:
+            torch.mm(xr, codes_t, out=tile)
+        else:
+            torch.addmm(self.bias[c0:c0 + kb], xr, codes_t, alpha=-2.0, out=tile)
+        if self.k > 1:
+            return _topk_keys(tile, c0, min(self.k, kb))
+        v, i = torch.min(tile, dim=1)
+        if torch.isnan(v).any():  # torch.min propagates NaN; rank NaN last instead
+            tile.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+            v, i = torch.min(tile, dim=1)
+        return v, i + c0
+
+    def _numpy(self, xr, c0, kb, tile):
+        if self._aug is None:  # built on first use: a codebook-sized copy
+            if self.bias is None:
+                self._aug = self.codes.detach().numpy()
+            else:
+                K, D = self.codes.shape
+                self._aug = np.empty((K, D + 1), dtype=np.float32)
+                np.multiply(self.codes.detach().numpy(), -2.0, out=self._aug[:, :D])
+                self._aug[:, D] = self.bias.detach().numpy()
+                self._xa = np.ones((self.rows, D + 1), dtype=np.float32)
+        a = xr.detach().numpy()
+        if self._xa is not None:
+            a, self._xa[:len(a), :-1] = self._xa[:len(a)], a
+        t = tile.numpy()
+        np.matmul(a, self._aug[c0:c0 + kb].T, out=t)
+        if self.k > 1:
+            return _topk_keys(tile, c0, min(self.k, kb))
+        i = t.argmin(1)
+        v = np.take_along_axis(t, i[:, None], 1)[:, 0]
+        if np.isnan(v).any():  # NaN wins argmin; rank NaN last instead
+            np.nan_to_num(t, copy=False, nan=np.inf, posinf=np.inf, neginf=-np.inf)
+            i = t.argmin(1)
+            v = np.take_along_axis(t, i[:, None], 1)[:, 0]
+        return torch.from_numpy(v), torch.from_numpy(i) + c0
+
+    def __call__(self, xr, c0, kb, tile):
+        """The tile's reduction: ``(best score, code index)`` for k == 1, else the best sort keys."""
+        nr, D = xr.shape
+        key = (self.bias is not None, self.k > 1, nr.bit_length(), kb.bit_length(), D.bit_length())
+        choice = _GEMM_FORCE or _GEMM_CHOICE.get(key)
+        if choice is None and (not self.numpy_ok or 2 * nr * kb * D < _GEMM_MEASURE_FLOP):
+            choice = "torch"
+        if choice is None:
+            return self._measure(key, xr, c0, kb, tile)
+        if choice == "numpy" and self.numpy_ok:
+            return self._numpy(xr, c0, kb, tile)
+        return self._torch(xr, c0, kb, tile)
+
+    def _measure(self, key, xr, c0, kb, tile):
+        """Time both providers' whole tile step (twice each; the second run of each is the steady
+        state), keep the faster one for the shape class and return its result."""
+        runs = {"torch": self._torch, "numpy": self._numpy}
+        best = dict.fromkeys(runs, float("inf"))
+        for name, run in runs.items():
+            for _ in range(2):
+                t0 = time.perf_counter()
+                out = run(xr, c0, kb, tile)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        choice = min(best, key=best.get)
+        _GEMM_CHOICE[key] = choice
+        return out if choice == "numpy" else runs[choice](xr, c0, kb, tile)  # numpy ran last
+
+
+def cpu_gemm_choices() -> dict[str, str]:
+    """The CPU provider measured for each tile shape class so far in this process
+    (``"l2|cosine k=1|k>1 rows~R codes~C D~E"`` -> ``"torch"`` | ``"numpy"``; powers of two)."""
+    return {f"{'l2' if l2 else 'cosine'} k{'>' if topk else '='}1 rows~{1 << (r - 1)} "
+            f"codes~{1 << (c - 1)} D~{1 << (d - 1)}": v
+            for (l2, topk, r, c, d), v in _GEMM_CHOICE.items()}
+
+
+def _row_sq(xr: torch.Tensor) -> torch.Tensor:
+    """fp32 ``||x||^2`` per row; on the CPU by numpy, single-threaded (see ``_TileSearch``)."""
+    if xr.device.type == "cpu":
+        a = xr.detach().numpy()
+        return torch.from_numpy(np.einsum("ij,ij->i", a, a))
+    return (xr * xr).sum(1)
+
+
 def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
     """(indices (N, k) int64, distances (N, k) fp32) with fp32 math, chunked in rows and codes."""
     N, D = x.shape
     K = codebook.shape[0]
     cf = codebook.float()
-    if metric == "cosine":
-        # scores = -(x . c_hat): the argmin of this is the argmax of the cosine similarity
-        codes_t = (-F.normalize(cf, dim=1, eps=COSINE_EPS)).T
-        bias = None
-    else:
-        codes_t = cf.T
-        bias = (cf * cf).sum(1)
+    code_sq = (cf * cf).sum(1)
+    cosine = metric == "cosine"
     k_block = min(K, _CPU_K_BLOCK)
-    rows = max(1, min(N, (_CPU_TILE_ELEMS if k == 1 else _CPU_TOPK_TILE_ELEMS) // k_block))
+    rows = max(1, min(N, (_CPU_TILE_ELEMS if k == 1 else _CPU_TOPK_TILE_ELEMS) // max(k_block, D + 1)))
+    if cosine:  # scores = -(x . c_hat): the argmin of this is the argmax of the cosine similarity
+        search = _TileSearch(-F.normalize(cf, dim=1, eps=COSINE_EPS), None, rows, k)
+    else:
+        search = _TileSearch(cf, code_sq, rows, k)
     buf = torch.empty(rows * k_block, device=x.device, dtype=torch.float32)
     out_idx = torch.empty((N, k), device=x.device, dtype=torch.int64)
     out_val = torch.empty((N, k), device=x.device, dtype=torch.float32)
+    row_sq = torch.empty(N, device=x.device, dtype=torch.float32)
     for r0 in range(0, N, rows):
         xr = x[r0:r0 + rows].float()
         nr = xr.shape[0]
         best_v = best_i = best_keys = None
         for c0 in range(0, K, k_block):
             kb = min(k_block, K - c0)
-            tile = buf[: nr * kb].view(nr, kb)
-            if bias is None:
-                torch.mm(xr, codes_t[:, c0:c0 + kb], out=tile)
-            else:
-                torch.addmm(bias[c0:c0 + kb], xr, codes_t[:, c0:c0 + kb], alpha=-2.0, out=tile)
-            if k == 1:
-                v, i = torch.min(tile, dim=1)
-                if torch.isnan(v).any():  # torch.min propagates NaN; rank NaN last instead
-                    tile.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
-                    v, i = torch.min(tile, dim=1)
-                i += c0
-                if best_v is None:
-                    best_v, best_i = v, i
-                else:
-                    better = v < best_v  # strict: the earlier (lower-index) block keeps ties
-                    best_v = torch.where(better, v, best_v)
-                    best_i = torch.where(better, i, best_i)
-            else:
-                keys = _topk_keys(tile, c0, min(k, kb))
+            found = search(xr, c0, kb, buf[: nr * kb].view(nr, kb))
+            if k > 1:
                 if best_keys is not None:
-                    keys = torch.topk(torch.cat([best_keys, keys], 1), k, dim=1, largest=False).values
-                best_keys = keys
+                    found = torch.topk(torch.cat([best_keys, found], 1), k, dim=1, largest=False).values
+                best_keys = found
+            elif best_v is None:
+                best_v, best_i = found
+            else:
+                better = found[0] < best_v  # strict: the earlier (lower-index) block keeps ties
+                best_v = torch.where(better, found[0], best_v)
+                best_i = torch.where(better, found[1], best_i)
         if k == 1:
             best_v, best_i = best_v[:, None], best_i[:, None]
         else:
             best_i = best_keys & 0xFFFFFFFF
             best_v = _keys_to_float((best_keys >> 32).to(torch.int32))
-        if metric == "cosine":
-            x_norm = xr.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
-            dist = -best_v / x_norm
+        xx = _row_sq(xr)
+        row_sq[r0:r0 + nr] = xx
+        if cosine:
+            dist = -best_v / xx.sqrt().clamp_min(COSINE_EPS)[:, None]
         else:
-            dist = ((xr * xr).sum(1, keepdim=True) + best_v).clamp_min(0.0)  # NaN rows stay NaN
+            dist = (xx[:, None] + best_v).clamp_min(0.0)
         out_idx[r0:r0 + nr] = best_i
         out_val[r0:r0 + nr] = dist
+    out_idx, out_val = _apply_value_rules(x, codebook, metric, k, out_idx, out_val, row_sq, code_sq)
+    first = _duplicate_firsts(cf)
+    if first is not None:
+        out_idx = _lowest_duplicates(out_idx, first)
     return out_idx, out_val
 
 
@@ -212,12 +462,13 @@ def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int,
     sixteen_bit = x.dtype in (torch.float16, torch.bfloat16)
     cosine = metric == "cosine"
     cf = codebook.float()
+    code_sq = (cf * cf).sum(1)
     if cosine:
         search_codes = F.normalize(cf, dim=1, eps=COSINE_EPS).to(x.dtype)
         bias = torch.zeros(K, device=x.device, dtype=torch.float32)
     else:
         search_codes = codebook
-        bias = (cf * cf).sum(1)
+        bias = code_sq
     del cf
     block_d, num_d = kc.block_d_for(D, sixteen_bit)
     r = 2 if k == 1 else triton.next_power_of_2(k)
@@ -245,11 +496,12 @@ def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int,
     rerank_m = 1
     while rerank_m * 2 <= 64 and rerank_m * 2 * total * rerank_d <= 8192:
         rerank_m *= 2
+    row_sq = torch.empty(N, device=x.device, dtype=torch.float32)
     kc._codebook_rerank_fwd[(triton.cdiv(N, rerank_m),)](
-        out_idx, *out_idx.stride(), out_val, *out_val.stride(), cand, *cand.stride(),
+        out_idx, *out_idx.stride(), out_val, *out_val.stride(), row_sq, cand, *cand.stride(),
         x, *x.stride(), codebook, *codebook.stride(), N, K, D, k,
         COSINE=cosine, R=total, BLOCK_M=rerank_m, BLOCK_D=rerank_d, num_warps=4)
-    return out_idx, out_val
+    return _apply_value_rules(x, codebook, metric, k, out_idx, out_val, row_sq, code_sq)
 
 
 # --- custom op, autograd, public function -----------------------------------------------------------
@@ -315,6 +567,7 @@ def codebook_search(x, codebook, *, metric="l2", k=1, return_distances=False):
     ``codebook``.
     """
     x, codebook = _check_search_args(x, codebook, metric, k)
+    _check_return_distances(return_distances)
     lead, D = x.shape[:-1], x.shape[-1]
     idx, dist = _codebook_search_op(x.reshape(-1, D), codebook, metric, k)
     shape = _output_shape(lead, k)

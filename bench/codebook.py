@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from vtok_fast.bench.harness import Case, Provider
-from vtok_fast.codebook import codebook_search, cpu_gemm_choices
+from vtok_fast.encode.codebook_search import codebook_search, cpu_gemm_choices
 
 OP = "codebook"
 MODES = ("forward",)

@@ -5,18 +5,14 @@ the returned object as ``.all_configs`` so ahead-of-time compile tests can check
 """
 from __future__ import annotations
 
-import os
-
 import triton
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from vtok_fast._launch import interpreting
 
 
 def autotune(configs: list, key: list[str], **kwargs):
     def decorate(fn):
-        chosen = configs[:1] if _interpreting() else configs
+        chosen = configs[:1] if interpreting() else configs
         tuned = triton.autotune(configs=chosen, key=key, **kwargs)(fn)
         tuned.all_configs = list(configs)
         return tuned

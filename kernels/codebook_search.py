@@ -1,4 +1,4 @@
-"""Triton kernels for nearest-codebook search (device code only; host side: vtok_fast/codebook.py).
+"""Triton kernels for nearest-codebook search (device code only; host side: vtok_fast/encode/codebook_search.py).
 
 The search minimizes a per-code *score* ``s = bias[c] + scale * (x . c)``:
 
@@ -12,10 +12,10 @@ Two stages, so that no N x K matrix is ever written:
    (k > 1) keeps the exact best R codes. The code range can be split over a second grid axis
    (``codes_per_split``) when there are too few row blocks to fill the GPU; each split writes its
    own candidates.
-2. ``_codebook_rerank_fwd`` re-scores every candidate exactly in fp32 (difference form
+2. ``codebook_rerank_fwd`` re-scores every candidate exactly in fp32 (difference form
    ``sum((x - c)^2)`` for l2, ``x.c / (|x| |c|)`` for cosine), and writes the best k sorted best
    first, ties to the lowest code index. It also writes each row's ``||x||^2`` for the host's
-   check of non-finite and huge rows (handled outside the kernels, see vtok_fast/codebook.py).
+   check of non-finite and huge rows (handled outside the kernels, see vtok_fast/encode/codebook_search.py).
 
 Candidate slots that never received a code hold ``-1 - slot``; the re-rank substitutes code
 ``slot`` for them (a real code scored exactly, so it can never make the answer worse), which also
@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from vtok_fast._launch import shared_memory_per_block
 from vtok_fast.kernels._autotune import autotune
 
 # --- tile configurations (all tile sizes live here) -------------------------------------------
@@ -81,14 +82,6 @@ def shared_memory_estimate(config, block_d: int, num_d: int, elem_bytes: int, to
     return tiles * block_d * elem_bytes + scratch
 
 
-def device_shared_memory(device) -> int:
-    """Opt-in shared memory per block of a CUDA device, in bytes."""
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
-
-
 def prune_for_shared_memory(budget: int | None = None):
     """An ``early_config_prune`` keeping configs whose estimate fits ``budget`` bytes (default:
     the launching device's limit; unlimited off-GPU). Always keeps at least the smallest one."""
@@ -98,7 +91,7 @@ def prune_for_shared_memory(budget: int | None = None):
         x = named_args["x_ptr"]
         limit = budget
         if limit is None:
-            limit = device_shared_memory(x.device) if x.device.type == "cuda" else 1 << 62
+            limit = shared_memory_per_block(x.device)
         topk = "R" in kwargs or "R" in named_args
         sized = [(shared_memory_estimate(c, block_d, num_d, x.element_size(), topk), c) for c in configs]
         kept = [c for size, c in sized if size <= limit]
@@ -265,7 +258,7 @@ def _codebook_topk_fwd(
 # --- stage 2: exact fp32 re-rank and sorted top-k --------------------------------------------------
 
 @triton.jit
-def _codebook_rerank_fwd(
+def codebook_rerank_fwd(
     idx_ptr, stride_in, stride_ik,    # (N, k) int64 out: code indices, best first
     dist_ptr, stride_dn, stride_dk,   # (N, k) fp32 out: squared distance (l2) / similarity (cosine)
     xx_ptr,                           # (N,) fp32 out: ||x||^2 (the host's overflow / non-finite check)

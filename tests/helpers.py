@@ -38,29 +38,13 @@ def assert_close(actual, expected, *, dtype=None, reduction: int = 1, msg: str =
 
 def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, arch: int, num_warps: int = 4,
                     num_stages: int = 3, divisible=()):
-    """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` without a GPU; returns the kernel.
+    """Compile a ``@triton.jit`` kernel for ``sm_<arch>`` without a GPU (the library's
+    :func:`vtok_fast._launch.aot_compile`); must run without ``TRITON_INTERPRET`` (see
+    :func:`aot_reports`)."""
+    from vtok_fast._launch import aot_compile
 
-    ``signature`` maps every non-constexpr argument name to a Triton type (``"*fp16"``,
-    ``"i32"``, ``"fp32"``); ``constexprs`` gives the constexpr values (a unit stride passed here
-    specializes like the JIT does for a stride of 1); ``divisible`` names the arguments the JIT
-    would mark 16-divisible (aligned pointers, sizes that are multiples of 16), which is what lets
-    loads vectorize. Must run without ``TRITON_INTERPRET`` (see :func:`aot_reports`).
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    fn = kernel
-    while not isinstance(fn, JITFunction):  # unwrap Autotuner / Heuristics down to the kernel
-        fn = fn.fn
-    names = fn.arg_names
-    sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible if n in names}
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    return aot_compile(kernel, signature, constexprs, arch=arch, num_warps=num_warps,
+                       num_stages=num_stages, divisible=divisible)
 
 
 def aot_reports(test_module: str, function: str = "aot_report", archs=(80, 90),

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 import vtok_fast
 from helpers import aot_reports, assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
-from vtok_fast import codebook as codebook_mod
-from vtok_fast.codebook import _search_torch, _search_triton, codebook_search, codebook_search_reference
-from vtok_fast.kernels import codebook as kc
+from vtok_fast.encode import codebook_search as codebook_mod
+from vtok_fast.encode.codebook_search import _search_torch, _search_triton, codebook_search, codebook_search_reference
+from vtok_fast.kernels import codebook_search as kc
 
 # Two fp32 distances closer than this (relative to the row's scale) are a near-tie: the contract
 # lets implementations that sum in a different order pick either code. fp32 expansion error is a
@@ -319,7 +319,7 @@ def float64_ranking_check(x, codebook, metric, k, idx, dist):
     of the float64 order's (fp32 rounding for the rows searched in fp32, float64 rounding for the
     rows the huge-value rule sends to float64) and its distance is the float64 value in fp32
     (``inf`` beyond the fp32 range)."""
-    safe = vtok_fast.codebook.SAFE_SQ_NORM
+    safe = vtok_fast.encode.codebook_search.SAFE_SQ_NORM
     exact = ~((x * x).sum(1) <= safe) | bool((~((codebook * codebook).sum(1) <= safe)).any())
     x64, c64 = x.double(), codebook.double()
     if metric == "cosine":
@@ -528,7 +528,7 @@ def aot_compile_all(arch: int) -> list[dict]:
         for cosine, r, bm in ((dtype != torch.float32, 64, 2),):
             rec = {"what": f"rerank cosine={cosine} R={r} {dtype}", "dtype": "rerank"}
             try:
-                compiled = compile_for_gpu(kc._codebook_rerank_fwd, signature,
+                compiled = compile_for_gpu(kc.codebook_rerank_fwd, signature,
                                            dict(COSINE=cosine, R=r, BLOCK_M=bm, BLOCK_D=64),
                                            arch=arch, num_warps=4)
                 rec.update(shared=compiled.metadata.shared)
@@ -540,7 +540,7 @@ def aot_compile_all(arch: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def aot_records():
-    return aot_reports("test_codebook", "aot_compile_all")
+    return aot_reports("test_codebook_search", "aot_compile_all")
 
 
 @pytest.mark.aot

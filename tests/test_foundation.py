@@ -154,7 +154,7 @@ def test_bf16_patch_embed_with_forced_triton_equals_torch_path(image_dtype, monk
 
 @pytest.mark.parametrize("k", [1, 4])
 def test_bf16_codebook_search_with_forced_triton_equals_reference(k, monkeypatch):
-    from vtok_fast.codebook import codebook_search, codebook_search_reference
+    from vtok_fast.encode.codebook_search import codebook_search, codebook_search_reference
 
     monkeypatch.setenv("VTOK_FAST_BACKEND", "triton")
     x = _small_ints(37, 16, dtype=torch.bfloat16, low=-4, high=5)   # squared distances <= 1024:

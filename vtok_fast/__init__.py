@@ -16,12 +16,18 @@ _EXPORTS = {
     "patch_embed_reference": "vtok_fast.encode.patch_embed",
     "PatchEmbed": "vtok_fast.encode.patch_embed",
     # nearest-codebook search and vector quantization
-    "codebook_search": "vtok_fast.codebook",
-    "codebook_search_reference": "vtok_fast.codebook",
+    "codebook_search": "vtok_fast.encode.codebook_search",
+    "codebook_search_reference": "vtok_fast.encode.codebook_search",
     "VectorQuantizer": "vtok_fast.encode.vq",
     "ResidualVQ": "vtok_fast.encode.residual_vq",
     "GroupedResidualVQ": "vtok_fast.encode.residual_vq",
     "LossBreakdown": "vtok_fast.encode.vq",
+    # adaptive, query-aware and pyramid tokens
+    "adaptive_tokenize": "vtok_fast.encode.adaptive",
+    "adaptive_tokenize_reference": "vtok_fast.encode.adaptive",
+    "PackedTokens": "vtok_fast.encode.packed",
+    "PackedViT": "vtok_fast.encode.packed_vit",
+    "pyramid_tokenize": "vtok_fast.encode.pyramid",
     # ToMe token merging
     "bipartite_soft_matching": "vtok_fast.reduce.tome_reference",
     "merge_wavg": "vtok_fast.reduce.tome_reference",

@@ -11,12 +11,9 @@ import os
 
 import torch
 
+from vtok_fast._launch import interpreting
+
 _CHOICES = ("triton", "torch")
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

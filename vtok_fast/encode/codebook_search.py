@@ -22,7 +22,7 @@ Contract (``x`` ``(..., D)``, ``codebook`` ``(K, D)``; fp32, fp16 or bf16; mixed
 - Memory: extra memory is O(N*k + K) (plus bounded tiles and a codebook-sized copy); no N x K
   matrix.
 
-Backends: CUDA tensors run the Triton kernels (``kernels/codebook.py``): a ``tl.dot`` stream
+Backends: CUDA tensors run the Triton kernels (``kernels/codebook_search.py``): a ``tl.dot`` stream
 keeping a few candidates per row (fp32 inputs: IEEE fp32 products; fp16/bf16: tensor cores with
 fp32 accumulation), then an exact fp32 re-rank of the candidates in difference form. CPU tensors
 run a chunked GEMM + ``min``/``topk`` in fp32, the GEMM by torch's or numpy's BLAS, whichever a
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_dense, check_same_device, check_tensor
+from vtok_fast._launch import cdiv, sm_count
 
 METRICS = ("l2", "cosine")
 MAX_K = 64
@@ -436,8 +437,8 @@ def _default_splits(N: int, K: int, device: torch.device) -> int:
     """Split the code range over a second grid axis when there are too few row blocks."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = -(-N // 128)
+    sms = sm_count(device)
+    row_blocks = cdiv(N, 128)
     if row_blocks >= 2 * sms:
         return 1
     want = (2 * sms) // max(row_blocks, 1)
@@ -451,7 +452,7 @@ def _default_splits(N: int, K: int, device: torch.device) -> int:
 def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int, splits: int | None = None):
     import triton
 
-    from vtok_fast.kernels import codebook as kc
+    from vtok_fast.kernels import codebook_search as kc
 
     N, D = x.shape
     K = codebook.shape[0]
@@ -473,12 +474,12 @@ def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int,
     block_d, num_d = kc.block_d_for(D, sixteen_bit)
     r = 2 if k == 1 else triton.next_power_of_2(k)
     splits = _default_splits(N, K, x.device) if splits is None else splits
-    codes_per_split = triton.cdiv(triton.cdiv(K, splits), kc.SPLIT_ALIGN) * kc.SPLIT_ALIGN
-    grid_splits = triton.next_power_of_2(triton.cdiv(K, codes_per_split))
+    codes_per_split = cdiv(cdiv(K, splits), kc.SPLIT_ALIGN) * kc.SPLIT_ALIGN
+    grid_splits = triton.next_power_of_2(cdiv(K, codes_per_split))
     cand = torch.empty((N, grid_splits * r), device=x.device, dtype=torch.int32)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]), grid_splits)
+        return (cdiv(N, meta["BLOCK_M"]), grid_splits)
 
     args = (cand, *cand.stride(), x, *x.stride(), search_codes, *search_codes.stride(), bias,
             -1.0 if cosine else -2.0, N, K, D, codes_per_split)
@@ -497,7 +498,7 @@ def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int,
     while rerank_m * 2 <= 64 and rerank_m * 2 * total * rerank_d <= 8192:
         rerank_m *= 2
     row_sq = torch.empty(N, device=x.device, dtype=torch.float32)
-    kc._codebook_rerank_fwd[(triton.cdiv(N, rerank_m),)](
+    kc.codebook_rerank_fwd[(cdiv(N, rerank_m),)](
         out_idx, *out_idx.stride(), out_val, *out_val.stride(), row_sq, cand, *cand.stride(),
         x, *x.stride(), codebook, *codebook.stride(), N, K, D, k,
         COSINE=cosine, R=total, BLOCK_M=rerank_m, BLOCK_D=rerank_d, num_warps=4)

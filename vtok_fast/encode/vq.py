@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtok_fast._checks import FLOAT_DTYPES
-from vtok_fast.codebook import MAX_K, METRICS, codebook_search
+from vtok_fast.encode.codebook_search import MAX_K, METRICS, codebook_search
 from vtok_fast.encode._vq_common import (  # noqa: F401  (re-exported: public helpers and test imports)
     INDEX_DTYPES, LossBreakdown, _all_reduce_, _check_choice, _check_flag, _check_indices, _check_input,
     _check_int, _check_number, _mse, _row_mask, _world, directional_reparam, gumbel_sample_codes,

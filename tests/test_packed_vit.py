@@ -119,3 +119,23 @@ def test_gradients_reach_the_model(torch_backend):
     F.cross_entropy(out, torch.tensor([1, 2])).backward()
     assert model.patch_embed.proj.weight.grad is not None and model.pos_embed.grad is not None
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_packed_vit(dtype):
+    # fp16: FlashAttention's varlen kernel (when this PyTorch has it); fp32: padded + key mask
+    model = tiny_vit().cuda().to(dtype)
+    wrapper = PackedViT(model)
+    images = _images(3, 64, seed=4).cuda()
+    images[1] = 30
+    packed = wrapper.tokenize(images, thresholds=[4.5], mean=MEAN, std=STD)
+    q = packed.tokens.new_empty(1, 3, 16)
+    assert attention_impl(q) in (("varlen", "padded") if dtype == torch.float16 else ("padded",))
+    with torch.no_grad():
+        features = wrapper.forward_features(packed).tokens
+        bounds = packed.cu_seqlens.tolist()
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=RTOL, atol=1e-4)
+        for b in range(3):
+            alone = model.norm(model.blocks(packed.tokens[None, bounds[b]: bounds[b + 1]]))[0]
+            torch.testing.assert_close(features[bounds[b]: bounds[b + 1]], alone, **tol)

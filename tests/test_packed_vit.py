@@ -135,6 +135,8 @@ def test_cuda_packed_vit(dtype):
     with torch.no_grad():
         features = wrapper.forward_features(packed).tokens
         bounds = packed.cu_seqlens.tolist()
+        # fp16 rounds every op to 2**-11 relative; two blocks chain ~20 of them on O(1) values.
+        # fp32 on a GPU may use TF32-free but differently ordered reductions: a few 1e-5.
         tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.float16 else dict(rtol=RTOL, atol=1e-4)
         for b in range(3):
             alone = model.norm(model.blocks(packed.tokens[None, bounds[b]: bounds[b + 1]]))[0]

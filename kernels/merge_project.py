@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from vtok_fast.kernels._autotune import autotune
+from vtok_fast.kernels._tiles import grouped_tile
 
 # Statistics pre-pass: BLOCK_M merged rows per program, BLOCK_C channels per step.
 STATS_BLOCK_M = 16
@@ -141,15 +142,7 @@ def _merge_project_fwd(
     ACTIVATION: tl.constexpr, SAVE_PRE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(D, BN)
-    # grouped order: GROUP_M row tiles share the weight columns while they are in L2
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, D, BM, BN, GROUP_M)
 
     rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)

@@ -12,4 +12,5 @@ OPS = {
     "merge": "vtok_fast.bench.merge",
     "compress": "vtok_fast.bench.compress",
     "fastv": "vtok_fast.bench.fastv",
+    "adaptive": "vtok_fast.bench.adaptive",
 }

@@ -25,6 +25,10 @@ _EXPORTS = {
     # adaptive, query-aware and pyramid tokens
     "adaptive_tokenize": "vtok_fast.encode.adaptive",
     "adaptive_tokenize_reference": "vtok_fast.encode.adaptive",
+    "patch_entropy": "vtok_fast.encode.adaptive",
+    "patch_entropy_reference": "vtok_fast.encode.adaptive",
+    "box_relevance": "vtok_fast.encode.adaptive",
+    "packed_attention": "vtok_fast.encode.packed_vit",
     "PackedTokens": "vtok_fast.encode.packed",
     "PackedViT": "vtok_fast.encode.packed_vit",
     "pyramid_tokenize": "vtok_fast.encode.pyramid",

@@ -232,7 +232,8 @@ def _attention_forward(attn: nn.Module, active: _ActiveRun, hidden_states: torch
     run = active.run
     if (run is not None and run.key_bias is not None and attention_mask is run.key_bias
             and not kwargs["is_causal"] and not (attn.training and attn.dropout > 0)
-            and (attn.config._attn_implementation or "eager") != "eager" and use_triton(queries)):
+            and (attn.config._attn_implementation or "eager") != "eager"
+            and hidden_states.numel() > 0 and use_triton(queries)):
         # merged tokens on the Triton path: flash attention with the per-key size bias
         out = attention(queries, keys, values, key_bias=run.key_bias[:, 0, 0, :], scale=attn.scale)
         attn_output = out.transpose(1, 2).reshape(*input_shape, attn.num_heads * attn.head_dim)

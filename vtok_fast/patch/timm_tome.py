@@ -155,7 +155,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, need
     if bias is not None:
         bias = bias.to(q.dtype)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if bias is not None and attn.fused_attn and dropout == 0.0 and use_triton(q):
+    if bias is not None and attn.fused_attn and dropout == 0.0 and B > 0 and use_triton(q):
         # merged tokens on the Triton path: flash attention with the per-key size bias
         out = attention(q, k, v, key_bias=bias[:, 0, 0, :], scale=attn.scale)
     elif attn.fused_attn:

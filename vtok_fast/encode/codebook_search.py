@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_dense, check_same_device, check_tensor
 from vtok_fast._launch import cdiv, sm_count
+from vtok_fast._op import define_op
 
 METRICS = ("l2", "cosine")
 MAX_K = 64
@@ -507,14 +508,12 @@ def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int,
 
 # --- custom op, autograd, public function -----------------------------------------------------------
 
-@torch.library.custom_op("vtok_fast::codebook_search", mutates_args=())
-def _codebook_search_op(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _codebook_search_impl(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x, codebook):
         return _search_triton(x, codebook, metric, k)
     return _search_torch(x, codebook, metric, k)
 
 
-@_codebook_search_op.register_fake
 def _codebook_search_fake(x, codebook, metric, k):
     n = x.shape[0]
     return x.new_empty((n, k), dtype=torch.int64), x.new_empty((n, k), dtype=torch.float32)
@@ -556,7 +555,8 @@ def _search_backward(ctx, grad_idx, grad_dist):
     return gx, gc, None, None
 
 
-_codebook_search_op.register_autograd(_search_backward, setup_context=_search_setup_context)
+_codebook_search_op = define_op("codebook_search", _codebook_search_impl, fake=_codebook_search_fake,
+                                setup_context=_search_setup_context, backward=_search_backward)
 
 
 def codebook_search(x, codebook, *, metric="l2", k=1, return_distances=False):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
 from vtok_fast._launch import cdiv, sm_count
+from vtok_fast._op import define_op
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
 IMAGE_DTYPES = (*FLOAT_DTYPES, torch.uint8)
@@ -388,8 +389,7 @@ def _autocast_off(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-@torch.library.custom_op("vtok_fast::patch_embed", mutates_args=())
-def _patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _patch_embed_impl(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     pos: Optional[torch.Tensor], prefix: Optional[torch.Tensor],
                     scale: Optional[torch.Tensor], shift: Optional[torch.Tensor],
                     pos_covers_prefix: bool, out_dtype: torch.dtype) -> torch.Tensor:
@@ -398,8 +398,7 @@ def _patch_embed_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         return forward(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype)
 
 
-@_patch_embed_op.register_fake
-def _(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype):
+def _patch_embed_fake(images, weight, bias, pos, prefix, scale, shift, pos_covers_prefix, out_dtype):
     D, _, ph, pw = weight.shape
     n = (images.shape[2] // ph) * (images.shape[3] // pw)
     p = 0 if prefix is None else prefix.shape[0]
@@ -443,7 +442,8 @@ def _backward_impl(ctx, grad):
     return d_images, d_weight, d_bias, d_pos, d_prefix, None, None, None, None
 
 
-_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+_patch_embed_op = define_op("patch_embed", _patch_embed_impl, fake=_patch_embed_fake,
+                            setup_context=_setup_context, backward=_backward)
 
 
 # --- public API --------------------------------------------------------------------------------

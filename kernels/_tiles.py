@@ -1,4 +1,4 @@
-"""Tile-order helpers shared by the GEMM kernels (device code only)."""
+"""Helpers shared by the GEMM kernels (device code only): tile order and the accumulate step."""
 import triton
 import triton.language as tl
 
@@ -13,3 +13,14 @@ def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.cons
     first_m = (pid // group) * GROUP_M
     group_m = min(num_m - first_m, GROUP_M)
     return first_m + (pid % group) % group_m, (pid % group) // group_m
+
+
+@triton.jit
+def dot_acc(a, b, acc, ALLOW_TF32: tl.constexpr):
+    """``acc + a @ b`` with TF32 tensor cores or IEEE fp32 products (16-bit inputs: tensor cores
+    either way), as the replaced module's fp32 matmul setting says."""
+    if ALLOW_TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from vtok_fast.kernels._autotune import autotune
-from vtok_fast.kernels._tiles import grouped_tile
+from vtok_fast.kernels._tiles import dot_acc, grouped_tile
 
 # Statistics pre-pass: BLOCK_M merged rows per program, BLOCK_C channels per step.
 STATS_BLOCK_M = 16
@@ -103,15 +103,6 @@ def _merge_project_stats(
 
 
 @triton.jit
-def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
-    if ALLOW_TF32:
-        acc = tl.dot(a, b, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
-
-
-@triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
     """fp32 activation of the epilogue (the formulas of torch.nn.functional)."""
     if ACTIVATION == "gelu":
@@ -175,7 +166,7 @@ def _merge_project_fwd(
                     a = a + tl.load(beta_ptr + k_norm, mask=c_in, other=0.0).to(tl.float32)[None, :]
             w = tl.load(w_ptr + cols[None, :] * stride_wd + (q * C + cs)[:, None] * stride_wk,
                         mask=c_in[:, None] & col_in[None, :], other=0.0)  # (BK, BN)
-            acc = _dot(a.to(dot_dtype), w, acc, ALLOW_TF32)
+            acc = dot_acc(a.to(dot_dtype), w, acc, ALLOW_TF32)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from vtok_fast.kernels._autotune import autotune
-from vtok_fast.kernels._tiles import grouped_tile
+from vtok_fast.kernels._tiles import dot_acc, grouped_tile
 
 # (BM, BN, BK, warps, stages): BM rows of tokens x BN embedding columns, BK steps of K. The
 # 64-row tiles keep small batches (B=1: 197 rows) spread over the SMs. fp32 tiles of the widest
@@ -52,15 +52,6 @@ def _k_offsets(ks, stride_c, stride_h, stride_w, PH: tl.constexpr, PW: tl.conste
     c = ks // (PH * PW)
     r = ks % (PH * PW)
     return c * stride_c + (r // PW) * stride_h + (r % PW) * stride_w, c
-
-
-@triton.jit
-def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
-    if ALLOW_TF32:
-        acc = tl.dot(a, b, acc, input_precision="tf32")
-    else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
 
 
 @triton.jit
@@ -115,7 +106,7 @@ def patch_embed_fwd(
                              scale_ptr, shift_ptr, PH, PW, HAS_NORM, dot_dtype)
         w = tl.load(w_ptr + cols[None, :] * stride_wd + ks[:, None] * stride_wk,
                     mask=(ks < K)[:, None] & col_in[None, :], other=0)  # (BK, BN)
-        acc = _dot(a, w, acc, ALLOW_TF32)
+        acc = dot_acc(a, w, acc, ALLOW_TF32)
 
     # epilogue: bias on patch rows, prefix token on prefix rows, position row on both
     if HAS_BIAS:
@@ -169,7 +160,7 @@ def patch_embed_bwd_dw(
                              scale_ptr, shift_ptr, PH, PW, HAS_NORM, DOT_DTYPE)  # (BM, BK)
         g = tl.load(g_ptr + (b * stride_gb + (n + P) * stride_gl)[None, :] + ds[:, None] * stride_gd,
                     mask=d_in[:, None] & m_in[None, :], other=0)  # (BD, BM)
-        acc = _dot(g.to(DOT_DTYPE), a, acc, ALLOW_TF32)
+        acc = dot_acc(g.to(DOT_DTYPE), a, acc, ALLOW_TF32)
 
     out = dw_ptr + split.to(tl.int64) * stride_ws + ds[:, None] * stride_wd + ks[None, :] * stride_wk
     tl.store(out, acc, mask=d_in[:, None] & (ks < K)[None, :])
@@ -206,7 +197,7 @@ def patch_embed_bwd_dx(
                     mask=m_in[:, None] & d_in[None, :], other=0)  # (BM, BD)
         w = tl.load(w_ptr + ds[:, None] * stride_wd + ks[None, :] * stride_wk,
                     mask=d_in[:, None] & k_in[None, :], other=0)  # (BD, BK)
-        acc = _dot(g.to(dot_dtype), w, acc, ALLOW_TF32)
+        acc = dot_acc(g.to(dot_dtype), w, acc, ALLOW_TF32)
 
     if HAS_NORM:
         acc *= tl.load(scale_ptr + c, mask=k_in, other=0.0)[None, :]

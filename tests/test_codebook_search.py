@@ -226,6 +226,7 @@ def test_cpu_gemm_providers(gemm, metric, monkeypatch):
     # and fp16 queries, several code blocks and a ragged last row tile
     monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", gemm)
     monkeypatch.setattr(codebook_mod, "_CPU_K_BLOCK", 64)
+    monkeypatch.setattr(codebook_mod, "_CPU_ARGMIN_K_BLOCK", 64)
     monkeypatch.setattr(codebook_mod, "_CPU_TILE_ELEMS", 64 * 16)
     monkeypatch.setattr(codebook_mod, "_CPU_TOPK_TILE_ELEMS", 64 * 8)
     x = torch.randn(45, 40)[:, ::2]

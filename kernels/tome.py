@@ -293,7 +293,6 @@ def tome_merge_fwd(
 ):
     pid = tl.program_id(0).to(tl.int64)
     batch = pid // num_out
-    slot = pid % num_out
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cs < channels
     x_row = x_ptr + batch * stride_xb + cs * stride_xc

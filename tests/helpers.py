@@ -47,7 +47,7 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, arch: int, num
                        num_stages=num_stages, divisible=divisible)
 
 
-def aot_reports(test_module: str, function: str = "aot_report", archs=(80, 90),
+def aot_reports(test_module: str, function: str = "aot_compile_all", archs=(80, 90),
                 timeout: float = 900) -> dict:
     """``{arch: tests/<test_module>.py's function(arch)}``, each computed in a fresh Python.
 

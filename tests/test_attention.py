@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import aot_reports, assert_close, config_constexprs, tensor_core_instructions
+from helpers import assert_close, config_constexprs, tensor_core_instructions
 from vtok_fast.kernels import attention as ka
 from vtok_fast.reduce.attention import SUPPORTED_HEAD_DIMS, attention, attention_reference
 
@@ -380,27 +380,6 @@ def aot_compile_all(arch: int) -> list[dict]:
             rec["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
         records.append(rec)
     return records
-
-
-@pytest.fixture(scope="module")
-def aot_records():
-    return aot_reports("test_attention", "aot_compile_all")
-
-
-@pytest.mark.aot
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_for_gpu(arch, aot_records):
-    records = aot_records[arch]
-    assert len(records) == len(aot_jobs())
-    for rec in records:
-        assert "error" not in rec, f"{rec['what']}: {rec.get('error')}"
-        assert rec["shared"] <= rec["estimate"], f"{rec['what']}: {rec['shared']} > {rec['estimate']}"
-        if not rec["dot"]:
-            continue
-        if rec["dtype"] == str(torch.float32):  # IEEE fp32 products, no TF32 mma
-            assert not rec["any_mma"], rec["what"]
-        else:
-            assert rec["tensor_cores"], f"{rec['what']} does not use tensor cores"
 
 
 @pytest.mark.parametrize("kind, configs16, configs32", [

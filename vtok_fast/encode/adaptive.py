@@ -390,7 +390,7 @@ class _Setup:
 
 def _pack(setup: _Setup, masks: list[torch.Tensor], prefix_rows, parts, device) -> PackedTokens:
     """Assemble per-scale tokens (``parts[s]``: ``(n_s, D)`` in ``masks[s].nonzero()`` order)."""
-    B, P, S = setup.B, setup.P, setup.S
+    B, P = setup.B, setup.P
     counts = torch.stack([m.flatten(1).sum(1) for m in masks], dim=1)  # (B, S)
     lengths = P + counts.sum(1)
     cu = torch.zeros(B + 1, dtype=torch.int64, device=device)

@@ -195,7 +195,7 @@ class PackedViT(nn.Module):
     def pool(self, features: PackedTokens) -> torch.Tensor:
         """The model's global pool per sequence, ``(B, D)``."""
         m = self.model
-        x, P = features.tokens, features.num_prefix_tokens
+        x = features.tokens
         starts = features.cu_seqlens.long()[:-1]
         if m.global_pool == "token":
             return x[starts]

@@ -14,6 +14,7 @@ so tables and plots come from one place.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -64,14 +65,22 @@ class Result:
 
 # --- machine description ---------------------------------------------------------------------
 
-def cpu_model() -> str:
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict:
+    """The first value of each key of /proc/cpuinfo (one core's entry); empty off Linux."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 _CPU_VENDORS = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}
@@ -83,17 +92,9 @@ def cpu_features() -> dict:
     """CPU vendor and vector / matrix ISA extensions (BLAS speed depends on both). Linux: read
     from /proc/cpuinfo; elsewhere the vendor is ``platform.processor()`` and the ISA list empty.
     ``torch_cpu_capability`` is the ISA torch's kernels dispatch to, on any OS."""
-    vendor, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "vendor_id" and vendor is None:
-                vendor = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
+    info = _cpuinfo()
+    vendor = info.get("vendor_id")
+    flags = set((info.get("flags") or info.get("Features") or "").split())
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:

@@ -16,6 +16,11 @@ probability ``exp2(s' - lse)`` zero in the backward, so its gradients are zero t
    ``dV_j``, ``dK_j`` and the per-head bias gradient ``sum_i dS_ij`` (summed over heads on the host).
 4. ``attn_bwd_dq``: one program per (query tile, batch * head), looping over KV tiles.
 No atomics: every output element is written by one program, so results are deterministic.
+
+The three tiled kernels take their operands in one order (outputs, then q, k, v[, dO], bias, the
+scales, ``heads, seq_q, seq_k, seq_bucket`` and the constexprs), so their signatures are parallel
+on purpose: Triton has no struct arguments, and the host packs that one tuple once
+(``vtok_fast/reduce/attention.py``: ``_launch_args``, ``inputs``) for every launch.
 """
 from __future__ import annotations
 

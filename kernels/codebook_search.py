@@ -125,10 +125,13 @@ def _load_code_tile(c_ptr, stride_ck, stride_cd, cols, col_mask, d0, D,
 
 @triton.jit
 def _score_tile(x_tile, x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, bias_ptr, scale,
-                rows, row_mask, cols, col_mask, D,
+                rows, row_mask, n0, k_end, D,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 NUM_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr):
-    """Scores (BLOCK_M, BLOCK_N) fp32 of one code tile; +inf for columns past K and for NaN."""
+    """Scores (BLOCK_M, BLOCK_N) fp32 of codes ``n0 .. n0 + BLOCK_N``; +inf for codes at or past
+    ``k_end`` and for NaN."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < k_end
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NUM_D == 1:
         c = _load_code_tile(c_ptr, stride_ck, stride_cd, cols, col_mask, 0, D, BLOCK_D, EVEN_D)
@@ -189,10 +192,8 @@ def _codebook_argmin_fwd(
     idx1 = tl.full((BLOCK_M,), -1, tl.int32)
     idx2 = tl.full((BLOCK_M,), -2, tl.int32)
     for n0 in range(k_start, k_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < k_end
         s = _score_tile(x_tile, x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, bias_ptr, scale,
-                        rows, row_mask, cols, col_mask, D,
+                        rows, row_mask, n0, k_end, D,
                         BLOCK_M, BLOCK_N, BLOCK_D, NUM_D, EVEN_D, IEEE)
         m, j = tl.min(s, axis=1, return_indices=True)
         j = (j + n0).to(tl.int32)
@@ -233,10 +234,8 @@ def _codebook_topk_fwd(
     bidx = tl.zeros((BLOCK_M, R), dtype=tl.int32) - 1 - slots[None, :]
     worst = tl.full((BLOCK_M,), float("inf"), tl.float32)
     for n0 in range(k_start, k_end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < k_end
         s = _score_tile(x_tile, x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, bias_ptr, scale,
-                        rows, row_mask, cols, col_mask, D,
+                        rows, row_mask, n0, k_end, D,
                         BLOCK_M, BLOCK_N, BLOCK_D, NUM_D, EVEN_D, IEEE)
         m, j = tl.min(s, axis=1, return_indices=True)
         # pull this tile's codes in best-first order while any row still improves its list

@@ -86,12 +86,7 @@ def patch_embed_fwd(
     ALLOW_TF32: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, D, BM, BN, GROUP_M)
-
-    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
-    cols = pid_n * BN + tl.arange(0, BN)
-    row_in = rows < M
-    col_in = cols < D
+    rows, cols, row_in, col_in = grouped_tile(tl.program_id(0), M, D, BM, BN, GROUP_M)
     b = rows // L
     l = rows % L  # noqa: E741
     is_patch = row_in & (l >= P)

@@ -47,6 +47,30 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, arch: int, num
                        num_stages=num_stages, divisible=divisible)
 
 
+def compile_as_launched(kernel, pointers: dict, values: dict, constexprs: dict, *, arch: int,
+                        num_warps: int, num_stages: int, floats=()):
+    """Compile ``kernel`` for ``sm_<arch>`` as the JIT specializes a launch with these run-time
+    ``values``: ``pointers`` (name -> element type, 16-byte aligned as torch allocates), ``floats``
+    as fp32 scalars, an integer equal to 1 as a constant, one divisible by 16 with that hint."""
+    consts = dict(constexprs)
+    signature, divisible = {}, list(pointers)
+    for name in getattr(kernel, "arg_names", None) or kernel.fn.arg_names:
+        if name in consts:
+            continue
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+        elif name in floats:
+            signature[name] = "fp32"
+        elif values[name] == 1:
+            consts[name] = 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                divisible.append(name)
+    return compile_for_gpu(kernel, signature, consts, arch=arch, num_warps=num_warps,
+                           num_stages=num_stages, divisible=divisible)
+
+
 def aot_reports(test_module: str, function: str = "aot_compile_all", archs=(80, 90),
                 timeout: float = 900) -> dict:
     """``{arch: tests/<test_module>.py's function(arch)}``, each computed in a fresh Python.

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
+from helpers import assert_close, compile_as_launched, config_constexprs, tensor_core_instructions
 from vtok_fast.project.merge_project import merge_project, merge_project_reference, window_positions
 
 # (norm, norm_type) combinations of the real modules: none (LLaVA), Qwen2-VL / Qwen2.5-VL
@@ -304,25 +304,8 @@ def _values():
 
 
 def _compile(kernel, pointers, consts, arch, num_warps, num_stages, floats=()):
-    values = _values()
-    signature, divisible = {}, list(pointers)
-    for name in kernel.arg_names if hasattr(kernel, "arg_names") else kernel.fn.arg_names:
-        if name in consts:
-            continue
-        if name in pointers:
-            signature[name] = "*" + pointers[name]
-        elif name in floats:
-            signature[name] = "fp32"
-        elif values[name] == 1:
-            consts[name] = 1
-        elif values[name] == 0:
-            signature[name] = "i32"
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                divisible.append(name)
-    return compile_for_gpu(kernel, signature, consts, arch=arch, num_warps=num_warps,
-                           num_stages=num_stages, divisible=divisible)
+    return compile_as_launched(kernel, pointers, _values(), consts, arch=arch, num_warps=num_warps,
+                               num_stages=num_stages, floats=floats)
 
 
 def aot_compile_all(arch: int) -> list[dict]:

@@ -3,7 +3,7 @@ gradients, timm parity, bad inputs, the module and torch.compile."""
 import pytest
 import torch
 import torch.nn as nn
-from helpers import assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
+from helpers import assert_close, compile_as_launched, config_constexprs, tensor_core_instructions
 
 import vtok_fast
 from vtok_fast.encode.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
@@ -591,23 +591,9 @@ def _shape_values(p: int) -> dict:
 
 def compile_launch(kernel, pointers: dict, constexprs: dict, config, arch: int, p: int):
     """Compile ``kernel`` (autotuned) for ``sm_<arch>`` as a launch with ``config`` would."""
-    values = _shape_values(p)
     tuned, num_warps, num_stages = config_constexprs(config)
-    consts = dict(constexprs, **tuned, PH=p, PW=p)
-    signature, divisible = {}, list(pointers)  # torch allocations are 16-byte aligned
-    for name in kernel.fn.arg_names:
-        if name in consts:
-            continue
-        if name in pointers:
-            signature[name] = "*" + pointers[name]
-        elif values[name] == 1:
-            consts[name] = 1
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                divisible.append(name)
-    return compile_for_gpu(kernel, signature, consts, arch=arch, num_warps=num_warps,
-                           num_stages=num_stages, divisible=divisible)
+    return compile_as_launched(kernel, pointers, _shape_values(p), dict(constexprs, **tuned, PH=p, PW=p),
+                               arch=arch, num_warps=num_warps, num_stages=num_stages)
 
 
 # (images, weight, out) dtypes the host launches: matching floats, fp32 pixels into bf16 weights,

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import vtok_fast.patch
 import vtok_fast.patch.hf_project as hf_project
 import vtok_fast.patch.timm_swin as timm_swin
 from helpers import assert_close
@@ -214,3 +215,14 @@ def test_models_without_targets_warn_unless_missing_ok():
         timm_swin.apply(plain, missing_ok=True)
         hf_project.remove(plain)
         timm_swin.remove(plain)
+
+
+def test_not_applied_warnings_point_at_the_users_call():
+    # through the public patchers (two vtok_fast frames deep) and a feature module directly
+    plain = nn.Sequential(nn.Linear(4, 4))
+    with pytest.warns(RuntimeWarning, match="no CLIPVisionEmbeddings") as record:
+        vtok_fast.patch.hf(plain, fuse_project=False)
+    with pytest.warns(RuntimeWarning, match="no timm swin_transformer.PatchMerging") as direct:
+        timm_swin.apply(plain)
+    for w in (*record, *direct):
+        assert w.filename == __file__, (w.filename, str(w.message))

@@ -35,28 +35,31 @@ def check_tensor(
     return value
 
 
+def _first_mismatch(attr: str, tensors: dict):
+    """``(name, tensor, first_name, first)`` of the first tensor whose ``attr`` differs from the
+    first tensor's (non-tensors such as None are skipped), else None."""
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    for name, t in items[1:]:
+        if getattr(t, attr) != getattr(items[0][1], attr):
+            return name, t, *items[0]
+    return None
+
+
 def check_same_device(**tensors) -> None:
     """All non-None tensors live on one device."""
-    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
-    if not items:
-        return
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(
-                f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                "move them to one device"
-            )
+    bad = _first_mismatch("device", tensors)
+    if bad:
+        name, t, first_name, first = bad
+        raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                         "move them to one device")
 
 
 def check_same_dtype(**tensors) -> None:
-    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
-    if not items:
-        return
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+    """All non-None tensors have one dtype."""
+    bad = _first_mismatch("dtype", tensors)
+    if bad:
+        name, t, first_name, first = bad
+        raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}")
 
 
 def check_dense(name: str, value: torch.Tensor) -> None:

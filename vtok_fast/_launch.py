@@ -15,6 +15,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def tile_grid(rows: int, cols: int, row_block: str = "BM", col_block: str = "BN", *more: int):
+    """The launch grid of a kernel with one program per ``(row_block, col_block)`` tile of a
+    ``rows x cols`` output, the block sizes read from the autotuned config; ``more``: further
+    grid axes (e.g. a split-K count)."""
+    def grid(meta):
+        return (cdiv(rows, meta[row_block]) * cdiv(cols, meta[col_block]), *more)
+    return grid
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._launch import cdiv, sm_count
+from vtok_fast._launch import cdiv, sm_count, tile_grid
 from vtok_fast._op import define_op
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
 
@@ -280,11 +280,7 @@ def _forward_triton(images, weight, bias, pos, prefix, scale, shift, covers, out
     prefix_args = (weight, 0, 0) if prefix is None else (prefix, *prefix.stride())
     scale_t = weight if scale is None else scale
     shift_t = weight if shift is None else shift
-
-    def grid(meta):
-        return (cdiv(M, meta["BM"]) * cdiv(D, meta["BN"]),)
-
-    patch_embed_fwd[grid](
+    patch_embed_fwd[tile_grid(M, D)](
         out, *out.stride(),
         images, *images.stride(),
         w2, *w2.stride(),
@@ -324,11 +320,7 @@ def _weight_grad_triton(grad, images, weight, scale, shift, P):
     partial = torch.empty(split, D, K, dtype=torch.float32, device=images.device)
     scale_t = weight if scale is None else scale
     shift_t = weight if shift is None else shift
-
-    def grid(meta):
-        return (cdiv(D, meta["BD"]) * cdiv(K, meta["BK"]), split)
-
-    patch_embed_bwd_dw[grid](
+    patch_embed_bwd_dw[tile_grid(D, K, "BD", "BK", split)](
         partial, *partial.stride(),
         grad, *grad.stride(),
         images, *images.stride(),
@@ -355,11 +347,7 @@ def _input_grad_triton(grad, shape, dtype, weight, scale, P):
         return dx
     w2 = weight.reshape(D, K)
     scale_t = weight if scale is None else scale
-
-    def grid(meta):
-        return (cdiv(M, meta["BM"]) * cdiv(K, meta["BK"]),)
-
-    patch_embed_bwd_dx[grid](
+    patch_embed_bwd_dx[tile_grid(M, K, "BM", "BK")](
         dx, *dx.stride(),
         grad, *grad.stride(),
         w2, *w2.stride(),

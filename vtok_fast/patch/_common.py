@@ -6,9 +6,17 @@ changes as a whole (a timm VisionTransformer, a Hugging Face embeddings module).
 live in the anchor's ``_vtok_fast_patches`` dict, so they travel with ``copy.deepcopy`` and
 never reach ``state_dict``. ``restore(root, feature)`` undoes every anchor of that feature found
 in ``root.modules()``.
+
+Every patcher module is a pair: ``apply(model, ...)`` builds its replacements and calls
+:func:`patch` (or :func:`patch_every` for "each module of these classes"), and
+``remove(model)`` is ``restore(model, FEATURE)``; ``vtok_fast.patch.unpatch`` calls every
+``remove``. So the tails of the ``apply`` functions and the ``remove`` functions are alike on
+purpose.
 """
 from __future__ import annotations
 
+import os
+import sys
 import types
 import warnings
 from typing import Callable, Iterable
@@ -16,6 +24,7 @@ from typing import Callable, Iterable
 import torch.nn as nn
 
 _REGISTRY = "_vtok_fast_patches"
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def bind(fn: Callable, module: nn.Module) -> types.MethodType:
@@ -65,10 +74,56 @@ def restore(root: nn.Module, feature: str) -> int:
     return undone
 
 
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` (counted from the caller of this function) of the first frame outside
+    the vtok_fast package: the user's call, however many patcher layers lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_not_applied(patcher: str, model: nn.Module, reason: str) -> None:
-    """The one-line warning for a model a patcher leaves untouched."""
+    """The one-line warning for a model a patcher leaves untouched, attributed to the user's call."""
     warnings.warn(
         f"{patcher}: not applied to {type(model).__name__} ({reason}); it keeps its original forward.",
         RuntimeWarning,
-        stacklevel=4,  # warn_not_applied <- apply <- vtok_fast.patch.timm/hf <- the caller
+        stacklevel=_outside_stacklevel(),
     )
+
+
+def overridden(module: nn.Module, cls: type, method: str = "forward") -> str | None:
+    """Why ``module.method`` is not ``cls``'s own (a subclass override or another patch), else None."""
+    if getattr(type(module), method) is not getattr(cls, method):
+        return f"{type(module).__name__} overrides {method}"
+    if method in module.__dict__:
+        return f"{method} is already replaced by another patch"
+    return None
+
+
+def patch_every(model: nn.Module, feature: str, patcher: str, kinds, *, missing: str,
+                missing_ok: bool = False) -> nn.Module:
+    """Patch every module inside ``model`` that is an instance of one of ``kinds``.
+
+    ``kinds``: ``(class, plan)`` pairs; ``plan(module, cls)`` returns the ``patch`` replacements,
+    or a string saying why that module cannot be fused (it keeps its forward and gets one warning
+    line). Modules already carrying ``feature`` are skipped. ``missing`` is the warning when
+    ``model`` holds none of ``kinds``, unless ``missing_ok``.
+    """
+    found = False
+    for name, module in model.named_modules():
+        kind = next(((cls, plan) for cls, plan in kinds if isinstance(module, cls)), None)
+        if kind is None:
+            continue
+        found = True
+        if is_patched(module, feature):
+            continue
+        cls, plan = kind
+        replacements = plan(module, cls)
+        if isinstance(replacements, str):
+            warn_not_applied(patcher, model, f"{name or 'the model'}: {replacements}")
+            continue
+        patch(module, feature, replacements)
+    if not found and not missing_ok:
+        warn_not_applied(patcher, model, missing)
+    return model

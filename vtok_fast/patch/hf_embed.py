@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import bind, is_patched, patch, restore, warn_not_applied
+from vtok_fast.patch._common import bind, overridden, patch_every, restore
 from vtok_fast.patch.embed_common import conv_is_plain_patchify, embed_tokens
 
 FEATURE = "hf_embed"
@@ -27,25 +27,11 @@ _PATCHER = "vtok_fast.patch.hf fused patch embedding"
 
 def apply(model: nn.Module) -> nn.Module:
     """Fuse every supported vision embedding inside ``model``; warn about any left unfused."""
-    kinds = _supported_kinds()
-    found = False
-    for name, module in model.named_modules():
-        fused_forward = next((fwd for cls, fwd in kinds if isinstance(module, cls)), None)
-        if fused_forward is None:
-            continue
-        found = True
-        if is_patched(module, FEATURE):
-            continue
-        reason = _unfusable_reason(module, kinds)
-        if reason is not None:
-            warn_not_applied(_PATCHER, model, f"{name or 'the model'}: {reason}")
-            continue
-        patch(module, FEATURE, [(module, "forward", bind(fused_forward, module))])
-    if not found:
-        warn_not_applied(_PATCHER, model, "no CLIPVisionEmbeddings or SiglipVisionEmbeddings inside")
-    return model
+    return patch_every(model, FEATURE, _PATCHER, _supported_kinds(),
+                       missing="no CLIPVisionEmbeddings or SiglipVisionEmbeddings inside")
 
 
+# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Restore every embedding this feature patched inside ``model`` (no-op if none)."""
     restore(model, FEATURE)
@@ -53,21 +39,23 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def _supported_kinds():
-    """(embedding class, fused forward) pairs; transformers is imported only when patching."""
+    """(embedding class, plan) pairs; transformers is imported only when patching."""
     from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
     from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
-    return ((CLIPVisionEmbeddings, _clip_forward), (SiglipVisionEmbeddings, _siglip_forward))
+    return ((CLIPVisionEmbeddings, _plan(_clip_forward)), (SiglipVisionEmbeddings, _plan(_siglip_forward)))
 
 
-def _unfusable_reason(module: nn.Module, kinds) -> str | None:
-    base = next(cls for cls, _ in kinds if isinstance(module, cls))
-    if type(module).forward is not base.forward:
-        return f"{type(module).__name__} overrides forward"
-    if "forward" in module.__dict__:
-        return "forward is already replaced by another patch"
-    patch_size = module.patch_size
-    patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
-    return conv_is_plain_patchify(module.patch_embedding, patch_size)
+def _plan(fused_forward):
+    """A plan for one embedding class: the forward replacement, or why it cannot be fused."""
+    def plan(module: nn.Module, cls):
+        reason = overridden(module, cls)
+        if reason:
+            return reason
+        patch_size = module.patch_size
+        patch_size = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+        reason = conv_is_plain_patchify(module.patch_embedding, patch_size)
+        return reason or [(module, "forward", bind(fused_forward, module))]
+    return plan
 
 
 def _shape_only(like: torch.Tensor, num_tokens: int, dim: int) -> torch.Tensor:

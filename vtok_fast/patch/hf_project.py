@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import bind, is_patched, patch, restore, warn_not_applied
+from vtok_fast.patch._common import bind, overridden, patch_every, restore
 from vtok_fast.project.merge_project import merge_project
 from vtok_fast.project.modules import activation_of, mlp_project, norm_args
 
@@ -36,27 +36,12 @@ _PATCHER = "vtok_fast.patch.hf fused merger / projector"
 def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
     """Patch every supported merger / projector inside ``model``; warn about any left unfused
     and, unless ``missing_ok``, when there is none."""
-    kinds = _supported_kinds()
-    found = False
-    for name, module in model.named_modules():
-        kind = next(((cls, plan) for cls, plan in kinds if isinstance(module, cls)), None)
-        if kind is None:
-            continue
-        found = True
-        if is_patched(module, FEATURE):
-            continue
-        cls, plan = kind
-        replacements = plan(module, cls)
-        if isinstance(replacements, str):
-            warn_not_applied(_PATCHER, model, f"{name or 'the model'}: {replacements}")
-            continue
-        patch(module, FEATURE, replacements)
-    if not found and not missing_ok:
-        warn_not_applied(_PATCHER, model, "no Qwen2-VL / Qwen2.5-VL PatchMerger, InternVLModel or "
-                                          "LlavaMultiModalProjector inside")
-    return model
+    return patch_every(model, FEATURE, _PATCHER, _supported_kinds(), missing_ok=missing_ok,
+                       missing="no Qwen2-VL / Qwen2.5-VL PatchMerger, InternVLModel or "
+                               "LlavaMultiModalProjector inside")
 
 
+# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Restore every module this feature patched inside ``model`` (no-op if none)."""
     restore(model, FEATURE)
@@ -75,14 +60,6 @@ def _supported_kinds():
             (InternVLModel, _plan_internvl), (LlavaMultiModalProjector, _plan_llava))
 
 
-def _overridden(module: nn.Module, cls, method: str = "forward") -> str | None:
-    if getattr(type(module), method) is not getattr(cls, method):
-        return f"{type(module).__name__} overrides {method}"
-    if method in module.__dict__:
-        return f"{method} is already replaced by another patch"
-    return None
-
-
 def _activation_problem(act: nn.Module) -> str | None:
     if activation_of(act)[0]:
         return None
@@ -92,7 +69,7 @@ def _activation_problem(act: nn.Module) -> str | None:
 # --- Qwen2-VL / Qwen2.5-VL -------------------------------------------------------------------------
 
 def _plan_qwen_merger(merger: nn.Module, cls):
-    reason = _overridden(merger, cls)
+    reason = overridden(merger, cls)
     if reason:
         return reason
     mlp = merger.mlp
@@ -125,13 +102,13 @@ def _plan_qwen_merger(merger: nn.Module, cls):
 def _plan_internvl(model: nn.Module, cls):
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
-    reason = _overridden(model, cls, "pixel_shuffle")
+    reason = overridden(model, cls, "pixel_shuffle")
     if reason:
         return reason
     projector = model.multi_modal_projector
     if not isinstance(projector, InternVLMultiModalProjector):
         return f"multi_modal_projector is {type(projector).__name__}"
-    reason = _overridden(projector, InternVLMultiModalProjector)
+    reason = overridden(projector, InternVLMultiModalProjector)
     if reason:
         return f"multi_modal_projector: {reason}"
     if norm_args(projector.layer_norm) is None or norm_args(projector.layer_norm)["norm_type"] != "layernorm":
@@ -179,7 +156,7 @@ def _internvl_projector_forward(self, image_features: torch.Tensor) -> torch.Ten
 # --- LLaVA ---------------------------------------------------------------------------------------
 
 def _plan_llava(projector: nn.Module, cls):
-    reason = _overridden(projector, cls)
+    reason = overridden(projector, cls)
     if reason:
         return reason
     reason = _activation_problem(projector.act)

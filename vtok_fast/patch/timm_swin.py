@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import bind, is_patched, patch, restore, warn_not_applied
+from vtok_fast.patch._common import bind, overridden, patch_every, restore
 from vtok_fast.project.modules import norm_args, swin_merge
 
 FEATURE = "timm_swin"
@@ -25,40 +25,28 @@ def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
     unless ``missing_ok``, when there is none."""
     from timm.models.swin_transformer import PatchMerging
 
-    found = False
-    for name, module in model.named_modules():
-        if not isinstance(module, PatchMerging):
-            continue
-        found = True
-        if is_patched(module, FEATURE):
-            continue
-        reason = _unfusable_reason(module, PatchMerging)
-        if reason is not None:
-            warn_not_applied(_PATCHER, model, f"{name or 'the model'}: {reason}")
-            continue
-        patch(module, FEATURE, [(module, "forward", bind(_fused_forward, module))])
-    if not found and not missing_ok:
-        warn_not_applied(_PATCHER, model, "no timm swin_transformer.PatchMerging inside")
-    return model
+    return patch_every(model, FEATURE, _PATCHER, [(PatchMerging, _plan)], missing_ok=missing_ok,
+                       missing="no timm swin_transformer.PatchMerging inside")
 
 
+# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Restore every ``PatchMerging`` this feature patched inside ``model`` (no-op if none)."""
     restore(model, FEATURE)
     return model
 
 
-def _unfusable_reason(module: nn.Module, base) -> str | None:
-    if type(module).forward is not base.forward:
-        return f"{type(module).__name__} overrides forward"
-    if "forward" in module.__dict__:
-        return "forward is already replaced by another patch"
+def _plan(module: nn.Module, cls):
+    """The forward replacement, or why this ``PatchMerging`` cannot be fused."""
+    reason = overridden(module, cls)
+    if reason:
+        return reason
     args = norm_args(module.norm)
     if args is None or args["norm_type"] != "layernorm":
         return f"norm is {type(module.norm).__name__}, not nn.LayerNorm"
     if type(module.reduction) is not nn.Linear:
         return f"reduction is {type(module.reduction).__name__}, not nn.Linear"
-    return None
+    return [(module, "forward", bind(_fused_forward, module))]
 
 
 def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:

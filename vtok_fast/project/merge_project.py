@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from vtok_fast._launch import cdiv
+from vtok_fast._launch import cdiv, tile_grid
 from vtok_fast._op import define_op
 
 ORDERS = ("swin", "row_major", "contiguous")
@@ -214,11 +214,7 @@ def _forward_triton(tokens, norm_weight, norm_bias, weight, bias, h, w, s, order
             BLOCK_M=STATS_BLOCK_M, BLOCK_C=STATS_BLOCK_C, num_warps=STATS_NUM_WARPS)
     g = weight if norm_weight is None else norm_weight
     beta = weight if norm_bias is None else norm_bias
-
-    def grid(meta):
-        return (cdiv(M, meta["BM"]) * cdiv(D, meta["BN"]),)
-
-    _merge_project_fwd[grid](
+    _merge_project_fwd[tile_grid(M, D)](
         out, *out.stride(), pre, *pre.stride(), tokens, *tokens.stride(), mean, rstd, g, beta,
         weight, *weight.stride(), weight if bias is None else bias,
         M, R, D, C, prefix, w, ws,

@@ -14,7 +14,6 @@ so tables and plots come from one place.
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import math
 import os
@@ -65,7 +64,6 @@ class Result:
 
 # --- machine description ---------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
 def _cpuinfo() -> dict:
     """The first value of each key of /proc/cpuinfo (one core's entry); empty off Linux."""
     fields = {}

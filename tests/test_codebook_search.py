@@ -267,6 +267,26 @@ def test_cpu_gemm_choice_measured_once_per_shape_class(monkeypatch):
     assert len(calls) == 1 and len(choices) == 1
 
 
+
+@pytest.mark.parametrize("numpy_time, expected", [(0.95, "torch"), (0.85, "numpy")])
+def test_cpu_gemm_choice_needs_numpy_to_win_by_the_margin(numpy_time, expected, monkeypatch):
+    # numpy's GEMM is chosen only when its tile step is more than 10 % faster than torch's: its
+    # spinning OpenBLAS threads slow the torch ops after it, which the tile timing cannot see
+    clock = [0.0]
+    monkeypatch.setattr(codebook_mod.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", {})
+    monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
+    for name, cost in (("_torch", 1.0), ("_numpy", numpy_time)):
+        real = getattr(codebook_mod._TileSearch, name)
+
+        def timed(self, *a, real=real, cost=cost):
+            clock[0] += cost
+            return real(self, *a)
+        monkeypatch.setattr(codebook_mod._TileSearch, name, timed)
+    x, codebook = torch.randn(300, 32), torch.randn(200, 32)
+    _search_torch(x, codebook, "l2", 1)
+    assert list(codebook_mod.cpu_gemm_choices().values()) == [expected]
+
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
 PATHS = ["torch", "triton", "reference"]
 

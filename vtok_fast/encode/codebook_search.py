@@ -65,6 +65,7 @@ _CPU_ARGMIN_K_BLOCK = 1 << 10
 # there, and the measurement would cost more than it could save.
 _GEMM_CHOICE: dict[tuple, str] = {}
 _GEMM_MEASURE_FLOP = 1 << 27
+_NUMPY_MARGIN = 0.9
 _GEMM_FORCE: str | None = None  # tests: force one provider
 
 
@@ -310,11 +311,24 @@ class _TileSearch:
             torch.addmm(self.bias[c0:c0 + kb], self.xr, codes_t, alpha=-2.0, out=tile)
         if self.k > 1:
             return _topk_keys(tile, c0, min(self.k, kb))
+        if self.numpy_ok:  # numpy's argmin: single-threaded SIMD, 5x torch.min(dim=1) on a tile
+            return self._argmin(tile.numpy(), c0)
         v, i = torch.min(tile, dim=1)
         if torch.isnan(v).any():  # torch.min propagates NaN; rank NaN last instead
             tile.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
             v, i = torch.min(tile, dim=1)
         return v, i + c0
+
+    @staticmethod
+    def _argmin(t: np.ndarray, c0: int):
+        """Each row's lowest score and its code index (+ ``c0``), NaN ranked last."""
+        i = t.argmin(1)
+        v = np.take_along_axis(t, i[:, None], 1)[:, 0]
+        if np.isnan(v).any():  # NaN wins argmin; rank NaN last instead
+            np.nan_to_num(t, copy=False, nan=np.inf, posinf=np.inf, neginf=-np.inf)
+            i = t.argmin(1)
+            v = np.take_along_axis(t, i[:, None], 1)[:, 0]
+        return torch.from_numpy(v), torch.from_numpy(i) + c0
 
     def _numpy(self, c0, kb, tile):
         if self._aug is None:  # built on first use: a codebook-sized copy
@@ -335,13 +349,7 @@ class _TileSearch:
         np.matmul(self._a, self._aug[c0:c0 + kb].T, out=t)
         if self.k > 1:
             return _topk_keys(tile, c0, min(self.k, kb))
-        i = t.argmin(1)
-        v = np.take_along_axis(t, i[:, None], 1)[:, 0]
-        if np.isnan(v).any():  # NaN wins argmin; rank NaN last instead
-            np.nan_to_num(t, copy=False, nan=np.inf, posinf=np.inf, neginf=-np.inf)
-            i = t.argmin(1)
-            v = np.take_along_axis(t, i[:, None], 1)[:, 0]
-        return torch.from_numpy(v), torch.from_numpy(i) + c0
+        return self._argmin(t, c0)
 
     def __call__(self, c0, kb, tile):
         """The row tile's reduction over codes ``[c0, c0 + kb)``: ``(best score, code index)``
@@ -358,19 +366,23 @@ class _TileSearch:
         return self._torch(c0, kb, tile)
 
     def _measure(self, key, c0, kb, tile):
-        """Time both providers' whole tile step (three runs each, one provider after the other:
-        a numpy run right after torch ops pays for torch's spinning threads, which the steady
-        state does not), keep the faster one for the shape class and return its result."""
+        """Time both providers' whole tile step, alternating (four runs each, so each provider
+        also pays for the other's spinning threads, as in a loop of mixed torch and numpy work),
+        keep the faster one for the shape class and return its result."""
         runs = {"torch": self._torch, "numpy": self._numpy}
         best = dict.fromkeys(runs, float("inf"))
-        for name, run in runs.items():
-            for _ in range(3):
+        out = {}
+        for _ in range(4):
+            for name, run in runs.items():
                 t0 = time.perf_counter()
-                out = run(c0, kb, tile)
+                out[name] = run(c0, kb, tile)
                 best[name] = min(best[name], time.perf_counter() - t0)
-        choice = min(best, key=best.get)
+        # numpy must win by a margin: its OpenBLAS threads spin after each GEMM and slow the torch
+        # parallel regions that follow (this call's bookkeeping, the caller's next ops), a cost
+        # the tile timing does not fully see (measured: 0.3 ms torch ops take 4 ms after a GEMM)
+        choice = "numpy" if best["numpy"] < _NUMPY_MARGIN * best["torch"] else "torch"
         _GEMM_CHOICE[key] = choice
-        return out if choice == "numpy" else runs[choice](c0, kb, tile)  # numpy ran last
+        return out[choice]  # fresh tensors, not views of the shared tile
 
 
 def cpu_gemm_choices() -> dict[str, str]:
@@ -394,7 +406,10 @@ def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
     N, D = x.shape
     K = codebook.shape[0]
     cf = codebook.float()
+    # every whole-codebook torch op runs before the first GEMM: right after an OpenBLAS GEMM its
+    # spinning threads make a torch parallel region wait for a core (measured: 0.3 ms -> 4 ms)
     code_sq = (cf * cf).sum(1)
+    first = _duplicate_firsts(cf)
     cosine = metric == "cosine"
     k_block = min(K, _CPU_ARGMIN_K_BLOCK if k == 1 else _CPU_K_BLOCK)
     rows = max(1, min(N, (_CPU_TILE_ELEMS if k == 1 else _CPU_TOPK_TILE_ELEMS) // max(k_block, D + 1)))
@@ -438,7 +453,6 @@ def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
         out_idx[r0:r0 + nr] = best_i
         out_val[r0:r0 + nr] = dist
     out_idx, out_val = _apply_value_rules(x, codebook, metric, k, out_idx, out_val, row_sq, code_sq)
-    first = _duplicate_firsts(cf)
     if first is not None:
         out_idx = _lowest_duplicates(out_idx, first)
     return out_idx, out_val

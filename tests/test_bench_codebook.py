@@ -73,3 +73,9 @@ def test_machine_info_records_cpu_vendor_and_isa(cpuinfo, vendor, isa, monkeypat
     info = harness.machine_info(CPU)
     assert info["cpu_vendor"] == vendor and info["cpu_isa"] == isa
     assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_alternating_ratio_times_both_searches():
+    # side-by-side timing of the CPU target comparison, on a tiny shape
+    ratio = bench.alternating_ratio(64, 32, 8, reps=2)
+    assert ratio is not None and ratio > 0

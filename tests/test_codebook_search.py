@@ -247,6 +247,7 @@ def test_cpu_gemm_choice_measured_once_per_shape_class(monkeypatch):
     choices = {}
     monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", choices)
     monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
+    monkeypatch.setattr(codebook_mod, "_NUMPY_CALL_FLOP", 0)
     calls = []
     measure = codebook_mod._TileSearch._measure
     monkeypatch.setattr(codebook_mod._TileSearch, "_measure", lambda self, *a: calls.append(a[0]) or measure(self, *a))
@@ -268,6 +269,20 @@ def test_cpu_gemm_choice_measured_once_per_shape_class(monkeypatch):
 
 
 
+def test_small_calls_use_torch_gemm_without_measuring(monkeypatch):
+    # a call under _NUMPY_CALL_FLOP cannot earn back what numpy's spinning threads cost it
+    choices = {}
+    monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", choices)
+    monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
+    used = []
+    numpy_step = codebook_mod._TileSearch._numpy
+    monkeypatch.setattr(codebook_mod._TileSearch, "_numpy", lambda self, *a: used.append(1) or numpy_step(self, *a))
+    x, codebook = torch.randn(300, 32), torch.randn(200, 32)
+    assert 2 * 300 * 200 * 32 < codebook_mod._NUMPY_CALL_FLOP
+    idx, dist = _search_torch(x, codebook, "l2", 1)
+    check_search(x, codebook, "l2", 1, idx, dist)
+    assert not choices and not used
+
 @pytest.mark.parametrize("numpy_time, expected", [(0.95, "torch"), (0.85, "numpy")])
 def test_cpu_gemm_choice_needs_numpy_to_win_by_the_margin(numpy_time, expected, monkeypatch):
     # numpy's GEMM is chosen only when its tile step is more than 10 % faster than torch's: its
@@ -276,6 +291,7 @@ def test_cpu_gemm_choice_needs_numpy_to_win_by_the_margin(numpy_time, expected, 
     monkeypatch.setattr(codebook_mod.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", {})
     monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
+    monkeypatch.setattr(codebook_mod, "_NUMPY_CALL_FLOP", 0)
     for name, cost in (("_torch", 1.0), ("_numpy", numpy_time)):
         real = getattr(codebook_mod._TileSearch, name)
 

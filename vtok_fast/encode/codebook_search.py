@@ -66,6 +66,10 @@ _CPU_ARGMIN_K_BLOCK = 1 << 10
 _GEMM_CHOICE: dict[tuple, str] = {}
 _GEMM_MEASURE_FLOP = 1 << 27
 _NUMPY_MARGIN = 0.9
+# Calls under this many GEMM FLOPs (about 0.1-0.2 s here) always use torch's GEMM: numpy's
+# spinning threads cost the torch ops around it a few ms per call (measured: 0.3 ms -> 4 ms), more
+# than a 10 % faster GEMM saves on a small call (at N=16384, K=1024, D=64: 54 ms vs 20 ms).
+_NUMPY_CALL_FLOP = 1 << 34
 _GEMM_FORCE: str | None = None  # tests: force one provider
 
 
@@ -294,9 +298,13 @@ class _TileSearch:
     OpenBLAS GEMM leaves OpenMP threads spinning on the cores OpenBLAS needs (measured: the GEMM
     takes ~1.8x as long)."""
 
-    def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k: int):
+    def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k: int,
+                 call_flop: float = 0.0):
         self.codes, self.bias, self.rows, self.k = codes, bias, rows, k
         self.numpy_ok = codes.device.type == "cpu"
+        # numpy's GEMM costs this call's torch work (and the caller's next ops) a few ms through
+        # its spinning threads, whatever the call's size; only a large call can earn that back
+        self.numpy_gemm_ok = self.numpy_ok and call_flop >= _NUMPY_CALL_FLOP
         self._aug = self._xa = self.xr = None
 
     def start_rows(self, xr: torch.Tensor) -> None:
@@ -356,14 +364,15 @@ class _TileSearch:
         for k == 1, else the best sort keys."""
         nr, D = self.xr.shape
         key = (self.bias is not None, self.k > 1, nr.bit_length(), kb.bit_length(), D.bit_length())
-        choice = _GEMM_FORCE or _GEMM_CHOICE.get(key)
-        if choice is None and (not self.numpy_ok or 2 * nr * kb * D < _GEMM_MEASURE_FLOP):
+        if _GEMM_FORCE:
+            choice = _GEMM_FORCE if self.numpy_ok else "torch"
+        elif not self.numpy_gemm_ok or 2 * nr * kb * D < _GEMM_MEASURE_FLOP:
             choice = "torch"
-        if choice is None:
-            return self._measure(key, c0, kb, tile)
-        if choice == "numpy" and self.numpy_ok:
-            return self._numpy(c0, kb, tile)
-        return self._torch(c0, kb, tile)
+        else:
+            choice = _GEMM_CHOICE.get(key)
+            if choice is None:
+                return self._measure(key, c0, kb, tile)
+        return self._numpy(c0, kb, tile) if choice == "numpy" else self._torch(c0, kb, tile)
 
     def _measure(self, key, c0, kb, tile):
         """Time both providers' whole tile step, alternating (four runs each, so each provider
@@ -411,12 +420,13 @@ def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
     code_sq = (cf * cf).sum(1)
     first = _duplicate_firsts(cf)
     cosine = metric == "cosine"
+    call_flop = 2.0 * N * K * D
     k_block = min(K, _CPU_ARGMIN_K_BLOCK if k == 1 else _CPU_K_BLOCK)
     rows = max(1, min(N, (_CPU_TILE_ELEMS if k == 1 else _CPU_TOPK_TILE_ELEMS) // max(k_block, D + 1)))
     if cosine:  # scores = -(x . c_hat): the argmin of this is the argmax of the cosine similarity
-        search = _TileSearch(-F.normalize(cf, dim=1, eps=COSINE_EPS), None, rows, k)
+        search = _TileSearch(-F.normalize(cf, dim=1, eps=COSINE_EPS), None, rows, k, call_flop)
     else:
-        search = _TileSearch(cf, code_sq, rows, k)
+        search = _TileSearch(cf, code_sq, rows, k, call_flop)
     buf = torch.empty(rows * k_block, device=x.device, dtype=torch.float32)
     out_idx = torch.empty((N, k), device=x.device, dtype=torch.int64)
     out_val = torch.empty((N, k), device=x.device, dtype=torch.float32)

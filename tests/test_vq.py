@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import vtok_fast
-from helpers import assert_close
+from helpers import assert_close, import_peer
 from vtok_fast.encode.vq import ResidualVQ, VectorQuantizer, rotation_trick, straight_through
 
-vqtorch = pytest.importorskip("vector_quantize_pytorch")
+vqtorch = import_peer("vector_quantize_pytorch")
 
 
 def nearest(z, codebook):

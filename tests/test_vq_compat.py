@@ -11,13 +11,14 @@ import inspect
 
 import pytest
 import torch
+from helpers import import_peer
 
 from vtok_fast.compat import vector_quantize_pytorch as compat
 from vtok_fast.encode.residual_vq import GroupedResidualVQ as NativeGrouped
 from vtok_fast.encode.residual_vq import ResidualVQ as NativeRVQ
 from vtok_fast.encode.vq import VectorQuantizer
 
-vqp = pytest.importorskip("vector_quantize_pytorch")
+vqp = import_peer("vector_quantize_pytorch")
 
 
 def small_ints(*shape, high=3):

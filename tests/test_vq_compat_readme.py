@@ -20,11 +20,12 @@ import re
 
 import pytest
 import torch
+from helpers import import_peer
 
 from vtok_fast.compat import vector_quantize_pytorch as compat
 from vtok_fast.encode.vq import VectorQuantizer
 
-vqp = pytest.importorskip("vector_quantize_pytorch")
+vqp = import_peer("vector_quantize_pytorch")
 
 CLASSES = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ")
 IMPORT = re.compile(r"^from vector_quantize_pytorch import (\w+)\s*$", re.M)

@@ -13,13 +13,14 @@ import math
 
 import pytest
 import torch
+from helpers import import_peer
 
 from vtok_fast.compat import vector_quantize_pytorch as compat
 from vtok_fast.encode._vq_common import gumbel_sample_codes, orthogonal_loss
 from vtok_fast.encode.residual_vq import GroupedResidualVQ, ResidualVQ
 from vtok_fast.encode.vq import VectorQuantizer
 
-vqp = pytest.importorskip("vector_quantize_pytorch")
+vqp = import_peer("vector_quantize_pytorch")
 
 
 def small_ints(*shape, high=3, generator=None):

@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vtok_fast.cli import _error
+
 SAMPLE = "astronaut.png"
 SAMPLE_FOCUS = (150, 20, 300, 190)  # the face, in the sample's 512 x 512 pixels
 VIT_B = (224, 16, 768)  # side, patch, width
@@ -383,11 +385,6 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"shrink larger images to this longer side first (default {MAX_SIDE})")
     parser.add_argument("--no-progress", action="store_true")
     return parser
-
-
-def _error(message: str) -> int:
-    print(f"vtok-fast: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _panel_path(out: str, index: int, count: int) -> Path:

@@ -78,9 +78,5 @@ def hf(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo every vtok_fast patch on ``model`` (a no-op for an unpatched model)."""
     for name in (*_HF_ONLY, *(mod for pair in _FEATURES.values() for mod in pair)):
-        try:
-            mod = _module(name)
-        except ModuleNotFoundError:
-            continue
-        mod.remove(model)
+        _module(name).remove(model)
     return model

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 
 from vtok_fast.patch._common import is_patched, patch, restore
+from vtok_fast.patch.hf_tome import encoder_of, num_prefix_tokens, tower_classes
 from vtok_fast.reduce.attention_scores import attention_scores
 from vtok_fast.reduce.compress import METHODS, compress as run_compress
 
@@ -130,7 +131,7 @@ def image_token_count(model: nn.Module, image_size: int | tuple[int, int] | None
     vision = config.vision_config
     height, width = _pair(image_size or vision.image_size, "image_size")
     grid = (height // vision.patch_size, width // vision.patch_size)
-    cls = _num_cls(llava.vision_tower)
+    cls = num_prefix_tokens(llava.vision_tower)
     prefix = cls if config.vision_feature_select_strategy == "full" else 0
     if is_patched(llava, FEATURE):
         return _probe(llava._compress_plan, grid, prefix).positions.shape[1]
@@ -178,20 +179,8 @@ def _pair(size, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _tower_classes() -> tuple[type, ...]:
-    from transformers.models.clip.modeling_clip import CLIPVisionModel
-    from transformers.models.siglip.modeling_siglip import SiglipVisionModel
-    return CLIPVisionModel, SiglipVisionModel
-
-
-def _num_cls(tower: nn.Module) -> int:
-    from transformers.models.clip.modeling_clip import CLIPVisionModel
-    return 1 if isinstance(tower, CLIPVisionModel) else 0
-
-
 def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    encoder = tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder  # 5.x / older layout
-    return encoder.layers
+    return encoder_of(tower).layers
 
 
 def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
@@ -201,7 +190,7 @@ def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
     tower, config = llava.vision_tower, llava.config
     if type(llava).get_image_features is not LlavaModel.get_image_features:
         raise ValueError(f"{type(llava).__name__} overrides get_image_features; only LlavaModel's is supported")
-    if not isinstance(tower, _tower_classes()):
+    if not isinstance(tower, tower_classes()):
         raise ValueError(f"the vision tower is {type(tower).__name__}; supported: CLIPVisionModel, SiglipVisionModel")
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer={config.vision_feature_layer!r} concatenates several layers; "
@@ -215,7 +204,7 @@ def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
                         "model")
     attn_layer = budget.pop("attn_layer", None)
     num_layers = len(_encoder_layers(tower))
-    cls = _num_cls(tower)
+    cls = num_prefix_tokens(tower)
     if method in ATTENTION_METHODS:
         if not cls:
             raise ValueError(f"{method} ranks tokens by the CLS token's attention, but {type(tower).__name__} has no "

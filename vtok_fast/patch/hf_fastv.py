@@ -53,13 +53,14 @@ import sys
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import patch, restore
+from vtok_fast.measure.budget import FASTV_DEFAULT_LAYER as DEFAULT_LAYER
+from vtok_fast.patch._common import overridden, patch, restore
 from vtok_fast.patch.hf_compress import find_llava, parse_spec
 from vtok_fast.reduce.attention_scores import attention_scores
 from vtok_fast.reduce.compress import compress as run_compress
 
 FEATURE = "hf_fastv"
-DEFAULT_LAYER, DEFAULT_RATIO = 2, 0.5
+DEFAULT_RATIO = 0.5
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 CACHE_STATE = "_vtok_fast_fastv"  # on a pruned DynamicCache: {"columns": (B, L'), "length": L}
 
@@ -134,7 +135,7 @@ def _supported_layers(llava: nn.Module) -> nn.ModuleList:
     from transformers.models.llava.modeling_llava import LlavaModel
 
     _check_signatures(LlavaModel)
-    if type(llava).forward is not LlavaModel.forward or "forward" in llava.__dict__:
+    if overridden(llava, LlavaModel):
         raise ValueError(f"{type(llava).__name__}.forward is not LlavaModel's (overridden or already patched)")
     lm = llava.language_model
     if "forward" in lm.__dict__:

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from vtok_fast._backend import use_triton
-from vtok_fast.patch._common import is_patched, patch, restore, warn_not_applied
+from vtok_fast.patch._common import is_patched, overridden, patch, restore, warn_not_applied
 from vtok_fast.patch.tome_common import (STATE_ATTR, MergeRun, ToMeState, reapply, schedule, size_bias,
                                          tokens_after)
 from vtok_fast.reduce.attention import attention
@@ -58,7 +58,7 @@ def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = 
     """Patch every CLIP / SigLIP vision tower in ``model`` for ToMe merging with schedule ``r``."""
     if reapply(model, FEATURE, r, prop_attn=prop_attn, trace_source=trace_source):
         return model
-    towers = [m for m in model.modules() if isinstance(m, _tower_classes())]
+    towers = [m for m in model.modules() if isinstance(m, tower_classes())]
     if not towers:
         warn_not_applied(_PATCHER, model, "no CLIPVisionModel or SiglipVisionModel inside")
         return model
@@ -92,15 +92,15 @@ def llava_image_token_count(model: nn.Module, image_size: int | tuple[int, int] 
     if not is_patched(model, FEATURE):
         raise ValueError("model is not patched with vtok_fast.patch.hf(model, tome_r=...)")
     config = getattr(model, "config", None)
-    towers = [m for m in model.modules() if isinstance(m, _tower_classes())]
+    towers = [m for m in model.modules() if isinstance(m, tower_classes())]
     if len(towers) != 1 or not hasattr(config, "vision_feature_layer"):
         raise ValueError(f"model must be a LLaVA model with one vision tower, got {type(model).__name__}")
     vision = config.vision_config
     height, width = (image_size, image_size) if isinstance(image_size, int) else (
         image_size or (vision.image_size, vision.image_size))
-    prefix = _num_prefix(towers[0])
+    prefix = num_prefix_tokens(towers[0])
     num_tokens = (height // vision.patch_size) * (width // vision.patch_size) + prefix
-    num_layers = len(_encoder_of(towers[0]).layers)
+    num_layers = len(encoder_of(towers[0]).layers)
     sched = schedule(model.r, num_layers)
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
@@ -114,7 +114,8 @@ def llava_image_token_count(model: nn.Module, image_size: int | tuple[int, int] 
 
 # ---------------------------------------------------------------------------------------------
 
-def _tower_classes() -> tuple[type, ...]:
+def tower_classes() -> tuple[type, ...]:
+    """The vision towers the HF patchers support (transformers is imported only when patching)."""
     from transformers.models.clip.modeling_clip import CLIPVisionModel
     from transformers.models.siglip.modeling_siglip import SiglipVisionModel
     return CLIPVisionModel, SiglipVisionModel
@@ -132,24 +133,26 @@ def _attention_classes() -> tuple[type, ...]:
     return CLIPAttention, SiglipAttention
 
 
-def _encoder_of(tower: nn.Module) -> nn.Module:
+def encoder_of(tower: nn.Module) -> nn.Module:
+    """A CLIP/SigLIP vision tower's encoder (transformers 5.x layout, or the older one)."""
     return tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder
 
 
-def _num_prefix(tower: nn.Module) -> int:
+def num_prefix_tokens(tower: nn.Module) -> int:
+    """1 for CLIP (its class token), 0 for SigLIP."""
     from transformers.models.clip.modeling_clip import CLIPVisionModel
     return 1 if isinstance(tower, CLIPVisionModel) else 0
 
 
 def _unsupported_reason(tower: nn.Module) -> str | None:
-    encoder = _encoder_of(tower)
+    encoder = encoder_of(tower)
     if "forward" in encoder.__dict__:
         return "the encoder forward is already replaced by another patch"
     layer_classes = _layer_classes()
     attention_forwards = tuple(c.forward for c in _attention_classes())
     for i, layer in enumerate(encoder.layers):
         base = next((c for c in layer_classes if isinstance(layer, c)), None)
-        if base is None or type(layer).forward is not base.forward or "forward" in layer.__dict__:
+        if base is None or overridden(layer, base):
             return f"encoder.layers[{i}] is {type(layer).__name__}, not a CLIP/SigLIP encoder layer"
         attn = layer.self_attn
         if type(attn).forward not in attention_forwards or "forward" in attn.__dict__:
@@ -158,9 +161,9 @@ def _unsupported_reason(tower: nn.Module) -> str | None:
 
 
 def _tower_replacements(root: nn.Module, tower: nn.Module) -> list:
-    encoder = _encoder_of(tower)
+    encoder = encoder_of(tower)
     run = _ActiveRun()
-    merge_kwargs = {"class_token": _num_prefix(tower) == 1}
+    merge_kwargs = {"class_token": num_prefix_tokens(tower) == 1}
     replacements = [(encoder, "forward", functools.partial(_encoder_forward, root, encoder, run, merge_kwargs))]
     for index, layer in enumerate(encoder.layers):
         replacements.append((layer, "forward", functools.partial(_layer_forward, layer, run, index)))
@@ -212,25 +215,25 @@ def _layer_forward(layer: nn.Module, active: _ActiveRun, index: int, hidden_stat
     hidden_states, _ = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states),
                                        attention_mask=attention_mask, **kwargs)
     hidden_states = residual + hidden_states
+    keys, run.metric = run.metric, None
     if r > 0:
-        metric, run.metric = run.metric, None
-        hidden_states = run.merge(hidden_states, metric, r)
+        hidden_states = run.merge(hidden_states, keys.mean(dim=1), r)
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))
 
 
 def _attention_forward(attn: nn.Module, active: _ActiveRun, hidden_states: torch.Tensor,
                        attention_mask: torch.Tensor | None = None, **kwargs):
     """Patched CLIP/SigLIP attention ``forward``: the original computation, and inside the
-    patched encoder it leaves the ToMe metric (keys averaged over heads) in the merge run."""
+    patched encoder it leaves the keys (the ToMe metric, once averaged over heads) in the merge run."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, attn.num_heads, attn.head_dim)  # no -1: the batch may be empty
     queries = attn.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     keys = attn.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     values = attn.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    if active.run is not None:
-        active.run.metric = keys.mean(dim=1)
-    kwargs.setdefault("is_causal", getattr(attn, "is_causal", False))
     run = active.run
+    if run is not None:  # the layer averages them over heads only where it merges
+        run.metric = keys
+    kwargs.setdefault("is_causal", getattr(attn, "is_causal", False))
     if (run is not None and run.key_bias is not None and attention_mask is run.key_bias
             and not kwargs["is_causal"] and not (attn.training and attn.dropout > 0)
             and (attn.config._attn_implementation or "eager") != "eager"

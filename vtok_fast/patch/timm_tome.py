@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast.patch._common import bind, patch, restore, warn_not_applied
+from vtok_fast.patch._common import bind, overridden, patch, restore, warn_not_applied
 from vtok_fast.patch.tome_common import STATE_ATTR, MergeRun, ToMeState, reapply, size_bias
 from vtok_fast.reduce.attention import attention
 
@@ -93,7 +93,7 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     if not hasattr(type(model), "pool"):
         return "this timm version has no VisionTransformer.pool (a newer timm 1.0.x is needed)"
     for i, blk in enumerate(model.blocks):
-        if type(blk).forward is not Block.forward or "forward" in blk.__dict__:
+        if overridden(blk, Block):
             return f"blocks[{i}] is {type(blk).__name__}, not timm's Block"
         if type(blk.attn).forward is not Attention.forward:
             return f"blocks[{i}].attn is {type(blk.attn).__name__}, not timm's Attention"

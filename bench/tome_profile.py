@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from vtok_fast.bench.harness import results_path
+
 BUCKETS = ("attention", "linear", "merge", "norm", "other")
 # substrings of profiler op names (lower case), first match wins
 _RULES = (
@@ -88,8 +90,7 @@ def run(device, out_dir: str = "bench/results", quick: bool = False) -> Path:
     result = profile(device, batch=2 if quick else None)
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(format_profile(result))
-    kind = "gpu" if torch.device(device).type == "cuda" else "cpu"
-    path = Path(out_dir) / f"tome_profile_{kind}{'_quick' if quick else ''}.json"
+    path = results_path("tome_profile", torch.device(device), out_dir, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"profile written to {path}")

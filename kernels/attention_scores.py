@@ -30,11 +30,7 @@ LSE_CONFIGS = [
     triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
 ]
-SCORE_CONFIGS = [
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=2),
-]
+SCORE_CONFIGS = list(LSE_CONFIGS)  # the same key tiles, tuned separately per pass
 MAX_BLOCK_N = 128  # key splits are multiples of this, so no tile straddles two splits
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 MAX_BLOCK_Q = 64

@@ -201,10 +201,10 @@ class PackedViT(nn.Module):
             return x[starts]
         if not m.global_pool:
             raise ValueError("the model has no global pool (global_pool=''): use forward_features")
-        image = features.seq_index()
-        keep = torch.ones_like(image, dtype=torch.bool) if getattr(m, "pool_include_prefix", False) \
-            else features.scale >= 0
-        image, rows = image[keep], x[keep]
+        image, rows = features.seq_index(), x
+        if not getattr(m, "pool_include_prefix", False):  # patch tokens only
+            keep = features.scale >= 0
+            image, rows = image[keep], x[keep]
         shape = (features.batch_size, x.shape[1])
         index = image[:, None].expand_as(rows)
         pooled = {}

@@ -340,15 +340,19 @@ class GroupedResidualVQ(nn.Module):
         """``(groups, num_quantizers, K, codebook_dim)``."""
         return torch.stack([rvq.codebooks for rvq in self.rvqs])
 
-    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``(groups, num_quantizers, ..., codebook_dim)`` codes of ``indices`` ``(groups, ..., num_quantizers)``."""
+    def _check_groups(self, indices) -> None:
+        """One index block per group (each group's ResidualVQ checks its own block)."""
         if not isinstance(indices, torch.Tensor) or indices.dim() < 1 or indices.shape[0] != self.groups:
             raise ValueError(f"indices must have shape (groups, ..., num_quantizers) with groups = {self.groups}, "
                              f"got {getattr(indices, 'shape', type(indices).__name__)}")
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(groups, num_quantizers, ..., codebook_dim)`` codes of ``indices`` ``(groups, ..., num_quantizers)``."""
+        self._check_groups(indices)
         return torch.stack([rvq.get_codes_from_indices(part) for rvq, part in zip(self.rvqs, indices)])
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        self.get_codes_from_indices(indices)  # validation
+        self._check_groups(indices)
         return torch.cat([rvq.get_output_from_indices(part) for rvq, part in zip(self.rvqs, indices)],
                          dim=self._split_dim)
 

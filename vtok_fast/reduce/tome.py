@@ -167,7 +167,7 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor
         return x, size, MergeInfo(dest, dest, new_map, 0)
 
     sort_kept = class_token or protected_prefix is not None  # kept A in original order
-    x, size, order, dest = torch.ops.vtok_fast.tome_merge(
+    x, size, order, dest = _tome_merge_op(
         x, metric.detach(), size, r, class_token, distill_token, prefix, sort_kept)
     new_map = dest if source_map is None else dest.gather(1, source_map)
     return x, size, MergeInfo(dest, order, new_map, r)

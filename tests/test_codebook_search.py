@@ -174,7 +174,7 @@ def test_ties_go_to_lowest_index(backend):
     assert idx.reshape(-1).tolist() == [0, 1, 2, 3, 4] and dist.eq(0).all()
 
 
-@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+@pytest.mark.parametrize("gemm", ["torch", "onednn"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_duplicate_codes_resolve_low_with_any_rounding(gemm, k, monkeypatch):
     # random-valued copies: a BLAS may round the copies' columns differently (OpenBLAS does,
@@ -219,11 +219,12 @@ def test_nan_behaviour(backend, metric):
     assert (idx % 2 == 1).all() and not torch.isnan(dist).any()
 
 
-@pytest.mark.parametrize("gemm", ["torch", "numpy"])
+@pytest.mark.parametrize("gemm", ["torch", "onednn"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_cpu_gemm_providers(gemm, metric, monkeypatch):
-    # both CPU GEMM providers (torch addmm, numpy GEMM of [x, 1] and [-2c, ||c||^2]) on strided
-    # and fp16 queries, several code blocks and a ragged last row tile
+    # both CPU GEMM providers (torch addmm, oneDNN linear of x with packed -2c and bias ||c||^2)
+    # on strided and fp16 queries, several code blocks and a ragged last row tile
+    assert codebook_mod._ONEDNN, "this torch build has no oneDNN: only torch's GEMM is tested"
     monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", gemm)
     monkeypatch.setattr(codebook_mod, "_CPU_K_BLOCK", 64)
     monkeypatch.setattr(codebook_mod, "_CPU_ARGMIN_K_BLOCK", 64)
@@ -236,7 +237,7 @@ def test_cpu_gemm_providers(gemm, metric, monkeypatch):
         check_search(x, codebook, metric, k, idx, dist)
     idx, dist = _search_torch(x.half(), codebook.half(), metric, 3)
     check_search(x.half(), codebook.half(), metric, 3, idx, dist)
-    # inputs that require grad (numpy needs detached arrays)
+    # inputs that require grad (the numpy argmin needs detached arrays)
     xg, cg = x.clone().requires_grad_(), codebook.clone().requires_grad_()
     _, dist = codebook_search(xg, cg, metric=metric, k=2, return_distances=True)
     dist.sum().backward()
@@ -247,13 +248,12 @@ def test_cpu_gemm_choice_measured_once_per_shape_class(monkeypatch):
     choices = {}
     monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", choices)
     monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
-    monkeypatch.setattr(codebook_mod, "_NUMPY_CALL_FLOP", 0)
     calls = []
     measure = codebook_mod._TileSearch._measure
     monkeypatch.setattr(codebook_mod._TileSearch, "_measure", lambda self, *a: calls.append(a[0]) or measure(self, *a))
     x, codebook = torch.randn(300, 32), torch.randn(200, 32)
     idx, dist = _search_torch(x, codebook, "l2", 1)
-    assert len(calls) == 1 and set(choices.values()) <= {"torch", "numpy"}
+    assert len(calls) == 1 and set(choices.values()) <= {"torch", "onednn"}
     [(name, choice)] = codebook_mod.cpu_gemm_choices().items()
     assert name == "l2 k=1 rows~256 codes~128 D~32"
     # the measuring call returns exactly what the chosen provider returns from then on
@@ -268,31 +268,13 @@ def test_cpu_gemm_choice_measured_once_per_shape_class(monkeypatch):
     assert len(calls) == 1 and len(choices) == 1
 
 
-
-def test_small_calls_use_torch_gemm_without_measuring(monkeypatch):
-    # a call under _NUMPY_CALL_FLOP cannot earn back what numpy's spinning threads cost it
-    choices = {}
-    monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", choices)
-    monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
-    used = []
-    numpy_step = codebook_mod._TileSearch._numpy
-    monkeypatch.setattr(codebook_mod._TileSearch, "_numpy", lambda self, *a: used.append(1) or numpy_step(self, *a))
-    x, codebook = torch.randn(300, 32), torch.randn(200, 32)
-    assert 2 * 300 * 200 * 32 < codebook_mod._NUMPY_CALL_FLOP
-    idx, dist = _search_torch(x, codebook, "l2", 1)
-    check_search(x, codebook, "l2", 1, idx, dist)
-    assert not choices and not used
-
-@pytest.mark.parametrize("numpy_time, expected", [(0.95, "torch"), (0.85, "numpy")])
-def test_cpu_gemm_choice_needs_numpy_to_win_by_the_margin(numpy_time, expected, monkeypatch):
-    # numpy's GEMM is chosen only when its tile step is more than 10 % faster than torch's: its
-    # spinning OpenBLAS threads slow the torch ops after it, which the tile timing cannot see
+@pytest.mark.parametrize("onednn_time, expected", [(1.05, "torch"), (0.95, "onednn")])
+def test_cpu_gemm_choice_takes_the_faster_provider(onednn_time, expected, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(codebook_mod.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", {})
     monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
-    monkeypatch.setattr(codebook_mod, "_NUMPY_CALL_FLOP", 0)
-    for name, cost in (("_torch", 1.0), ("_numpy", numpy_time)):
+    for name, cost in (("_torch", 1.0), ("_onednn", onednn_time)):
         real = getattr(codebook_mod._TileSearch, name)
 
         def timed(self, *a, real=real, cost=cost):
@@ -302,6 +284,21 @@ def test_cpu_gemm_choice_needs_numpy_to_win_by_the_margin(numpy_time, expected, 
     x, codebook = torch.randn(300, 32), torch.randn(200, 32)
     _search_torch(x, codebook, "l2", 1)
     assert list(codebook_mod.cpu_gemm_choices().values()) == [expected]
+
+
+def test_cpu_search_without_onednn_uses_torch_gemm(monkeypatch):
+    # a torch build without oneDNN: torch's GEMM, never measured, even when oneDNN is forced
+    monkeypatch.setattr(codebook_mod, "_ONEDNN", False)
+    monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", {})
+    monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
+    monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", "onednn")
+    used = []
+    step = codebook_mod._TileSearch._onednn
+    monkeypatch.setattr(codebook_mod._TileSearch, "_onednn", lambda self, *a: used.append(1) or step(self, *a))
+    x, codebook = torch.randn(300, 32), torch.randn(200, 32)
+    idx, dist = _search_torch(x, codebook, "l2", 1)
+    check_search(x, codebook, "l2", 1, idx, dist)
+    assert not used and not codebook_mod.cpu_gemm_choices()
 
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
 PATHS = ["torch", "triton", "reference"]

@@ -25,9 +25,9 @@ Contract (``x`` ``(..., D)``, ``codebook`` ``(K, D)``; fp32, fp16 or bf16; mixed
 Backends: CUDA tensors run the Triton kernels (``kernels/codebook_search.py``): a ``tl.dot`` stream
 keeping a few candidates per row (fp32 inputs: IEEE fp32 products; fp16/bf16: tensor cores with
 fp32 accumulation), then an exact fp32 re-rank of the candidates in difference form. CPU tensors
-run a chunked GEMM + ``min``/``topk`` in fp32, the GEMM by torch's or numpy's BLAS, whichever a
-one-time measurement per process and tile shape class finds faster (torch's MKL is slow on AMD
-CPUs, numpy's OpenBLAS may be slower on Intel). Both agree with the reference except where the
+run a chunked GEMM + ``argmin``/``topk`` in fp32, the GEMM by torch's MKL or by the oneDNN
+inside torch, whichever a one-time measurement per process and tile shape class finds faster
+(MKL takes a slow path on AMD CPUs). Both agree with the reference except where the
 best two fp32 distances are within rounding of each other (~1e-5 relative). The non-finite and
 huge-value rules are applied after the fast search, to the few rows that need them, behind one
 cheap check (a single host sync on CUDA).
@@ -52,24 +52,18 @@ COSINE_EPS = 1e-12  # F.normalize's default
 # |cc - 2 x.c| <= cc + 2 sqrt(xx * cc) <= 3 * 2**125. Rows/codes above it are searched in float64.
 SAFE_SQ_NORM = 2.0 ** 125
 
-# CPU distance tiles: rows * K_block fp32 scores per tile (16 MiB for k == 1; k > 1 also builds
-# int64 sort keys, so its tile is smaller). Codes are processed in blocks of at most _CPU_K_BLOCK
-# (k > 1) or _CPU_ARGMIN_K_BLOCK (k == 1: tall tiles, 4096 x 1024 at most, run the GEMM 10-20 %
-# faster than wide ones with torch's MKL and numpy's OpenBLAS alike; FAISS uses the same block).
-_CPU_TILE_ELEMS = 1 << 22
+# CPU distance tiles: rows * K_block fp32 scores per tile (4 MiB for k == 1; k > 1 also builds
+# int64 sort keys). Codes are processed in blocks of at most _CPU_K_BLOCK (k > 1) or
+# _CPU_ARGMIN_K_BLOCK (k == 1), so a k == 1 tile is 1024 x 1024 at most: measured on Zen 4, both
+# GEMMs run it 10-20 % faster than a 4096 x 1024 tile (it stays in cache for the argmin).
+_CPU_TILE_ELEMS = 1 << 20
 _CPU_TOPK_TILE_ELEMS = 1 << 20
 _CPU_K_BLOCK = 1 << 16
 _CPU_ARGMIN_K_BLOCK = 1 << 10
-# CPU GEMM provider ("torch" or "numpy") per tile shape class, measured once per process.
-# Tiles under _GEMM_MEASURE_FLOP (about a millisecond) always use torch: call overhead dominates
-# there, and the measurement would cost more than it could save.
+# CPU GEMM provider ("torch" or "onednn") per tile shape class, measured once per process.
+# Tiles under _GEMM_MEASURE_FLOP (about 0.1 ms) always use torch: call overhead dominates there.
 _GEMM_CHOICE: dict[tuple, str] = {}
-_GEMM_MEASURE_FLOP = 1 << 27
-_NUMPY_MARGIN = 0.9
-# Calls under this many GEMM FLOPs (about 0.1-0.2 s here) always use torch's GEMM: numpy's
-# spinning threads cost the torch ops around it a few ms per call (measured: 0.3 ms -> 4 ms), more
-# than a 10 % faster GEMM saves on a small call (at N=16384, K=1024, D=64: 54 ms vs 20 ms).
-_NUMPY_CALL_FLOP = 1 << 34
+_GEMM_MEASURE_FLOP = 1 << 24
 _GEMM_FORCE: str | None = None  # tests: force one provider
 
 
@@ -289,27 +283,46 @@ def _topk_keys(tile: torch.Tensor, col0: int, k: int) -> torch.Tensor:
     return torch.topk(keys, k, dim=1, largest=False, sorted=True).values
 
 
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN = _onednn_available()
+
+
 class _TileSearch:
-    """One call's score tiles and their per-row reduction, by torch (``addmm``, ``min``/``topk``
-    keys) or by numpy (one GEMM of ``[x, 1]`` with ``[-2c, ||c||^2]``, the bias riding in the
-    GEMM, then ``argmin``), whichever was measured faster for the tile's shape class.
+    """One call's score tiles and their per-row reduction. Each tile's GEMM is torch's
+    (``addmm``, MKL on x86) or oneDNN's (``mkldnn._linear_pointwise`` on prepacked code blocks,
+    the bias fused), whichever was measured faster for the tile's shape class: MKL takes a slower
+    path on AMD CPUs, oneDNN does not. Both run on torch's OpenMP threads; a second thread pool
+    (numpy's OpenBLAS) was tried and dropped: its threads spin after each GEMM and slow torch's
+    next parallel region (measured: 0.3 ms -> 4 ms). k == 1 tiles are reduced by numpy's argmin,
+    single-threaded SIMD and 5x ``torch.min(dim=1)`` on a tile."""
 
-    The numpy step runs no torch op on a whole tile: a torch parallel region just before an
-    OpenBLAS GEMM leaves OpenMP threads spinning on the cores OpenBLAS needs (measured: the GEMM
-    takes ~1.8x as long)."""
-
-    def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k: int,
-                 call_flop: float = 0.0):
+    def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k: int):
         self.codes, self.bias, self.rows, self.k = codes, bias, rows, k
-        self.numpy_ok = codes.device.type == "cpu"
-        # numpy's GEMM costs this call's torch work (and the caller's next ops) a few ms through
-        # its spinning threads, whatever the call's size; only a large call can earn that back
-        self.numpy_gemm_ok = self.numpy_ok and call_flop >= _NUMPY_CALL_FLOP
-        self._aug = self._xa = self.xr = None
+        self.cpu = codes.device.type == "cpu"
+        self.onednn_ok = self.cpu and _ONEDNN
+        self._packed: dict[int, tuple] = {}  # code block start -> (oneDNN weights, bias)
+        self.xr = None
 
     def start_rows(self, xr: torch.Tensor) -> None:
         """The row tile that the following calls score (against code blocks)."""
-        self.xr, self._a = xr, None
+        self.xr = xr
+
+    def _reduce(self, scores, c0, kb):
+        if self.k > 1:
+            return _topk_keys(scores, c0, min(self.k, kb))
+        if self.cpu:
+            return self._argmin(scores.numpy(), c0)
+        v, i = torch.min(scores, dim=1)
+        if torch.isnan(v).any():  # torch.min propagates NaN; rank NaN last instead
+            scores.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+            v, i = torch.min(scores, dim=1)
+        return v, i + c0
 
     def _torch(self, c0, kb, tile):
         codes_t = self.codes[c0:c0 + kb].T
@@ -317,15 +330,19 @@ class _TileSearch:
             torch.mm(self.xr, codes_t, out=tile)
         else:
             torch.addmm(self.bias[c0:c0 + kb], self.xr, codes_t, alpha=-2.0, out=tile)
-        if self.k > 1:
-            return _topk_keys(tile, c0, min(self.k, kb))
-        if self.numpy_ok:  # numpy's argmin: single-threaded SIMD, 5x torch.min(dim=1) on a tile
-            return self._argmin(tile.numpy(), c0)
-        v, i = torch.min(tile, dim=1)
-        if torch.isnan(v).any():  # torch.min propagates NaN; rank NaN last instead
-            tile.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
-            v, i = torch.min(tile, dim=1)
-        return v, i + c0
+        return self._reduce(tile, c0, kb)
+
+    def _onednn(self, c0, kb, tile):
+        block = self._packed.get(c0)
+        if block is None:  # packed on first use: the call holds one codebook-sized copy
+            w = self.codes[c0:c0 + kb].detach()
+            bias = None
+            if self.bias is not None:  # x . (-2c) + ||c||^2; the factor -2 is exact in fp32
+                w, bias = w * -2.0, self.bias[c0:c0 + kb].detach().contiguous()
+            block = (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.rows), bias)
+            self._packed[c0] = block
+        scores = torch.ops.mkldnn._linear_pointwise(self.xr.detach(), block[0], block[1], "none", [], "")
+        return self._reduce(scores, c0, kb)
 
     @staticmethod
     def _argmin(t: np.ndarray, c0: int):
@@ -338,47 +355,27 @@ class _TileSearch:
             v = np.take_along_axis(t, i[:, None], 1)[:, 0]
         return torch.from_numpy(v), torch.from_numpy(i) + c0
 
-    def _numpy(self, c0, kb, tile):
-        if self._aug is None:  # built on first use: a codebook-sized copy
-            if self.bias is None:
-                self._aug = self.codes.detach().numpy()
-            else:
-                K, D = self.codes.shape
-                self._aug = np.empty((K, D + 1), dtype=np.float32)
-                np.multiply(self.codes.detach().numpy(), -2.0, out=self._aug[:, :D])
-                self._aug[:, D] = self.bias.detach().numpy()
-                self._xa = np.ones((self.rows, D + 1), dtype=np.float32)
-        if self._a is None:  # once per row tile: [x, 1] (l2) or x (cosine)
-            self._a = self.xr.detach().numpy()
-            if self._xa is not None:
-                self._xa[:len(self._a), :-1] = self._a
-                self._a = self._xa[:len(self._a)]
-        t = tile.numpy()
-        np.matmul(self._a, self._aug[c0:c0 + kb].T, out=t)
-        if self.k > 1:
-            return _topk_keys(tile, c0, min(self.k, kb))
-        return self._argmin(t, c0)
-
     def __call__(self, c0, kb, tile):
         """The row tile's reduction over codes ``[c0, c0 + kb)``: ``(best score, code index)``
         for k == 1, else the best sort keys."""
         nr, D = self.xr.shape
         key = (self.bias is not None, self.k > 1, nr.bit_length(), kb.bit_length(), D.bit_length())
-        if _GEMM_FORCE:
-            choice = _GEMM_FORCE if self.numpy_ok else "torch"
-        elif not self.numpy_gemm_ok or 2 * nr * kb * D < _GEMM_MEASURE_FLOP:
+        if not self.onednn_ok:
+            choice = "torch"
+        elif _GEMM_FORCE:
+            choice = _GEMM_FORCE
+        elif 2 * nr * kb * D < _GEMM_MEASURE_FLOP:
             choice = "torch"
         else:
             choice = _GEMM_CHOICE.get(key)
             if choice is None:
                 return self._measure(key, c0, kb, tile)
-        return self._numpy(c0, kb, tile) if choice == "numpy" else self._torch(c0, kb, tile)
+        return self._onednn(c0, kb, tile) if choice == "onednn" else self._torch(c0, kb, tile)
 
     def _measure(self, key, c0, kb, tile):
-        """Time both providers' whole tile step, alternating (four runs each, so each provider
-        also pays for the other's spinning threads, as in a loop of mixed torch and numpy work),
-        keep the faster one for the shape class and return its result."""
-        runs = {"torch": self._torch, "numpy": self._numpy}
+        """Time both providers' whole tile step, alternating (four runs each: the machine's speed
+        drifts), keep the faster one for the shape class and return its result."""
+        runs = {"torch": self._torch, "onednn": self._onednn}
         best = dict.fromkeys(runs, float("inf"))
         out = {}
         for _ in range(4):
@@ -386,24 +383,21 @@ class _TileSearch:
                 t0 = time.perf_counter()
                 out[name] = run(c0, kb, tile)
                 best[name] = min(best[name], time.perf_counter() - t0)
-        # numpy must win by a margin: its OpenBLAS threads spin after each GEMM and slow the torch
-        # parallel regions that follow (this call's bookkeeping, the caller's next ops), a cost
-        # the tile timing does not fully see (measured: 0.3 ms torch ops take 4 ms after a GEMM)
-        choice = "numpy" if best["numpy"] < _NUMPY_MARGIN * best["torch"] else "torch"
+        choice = "onednn" if best["onednn"] < best["torch"] else "torch"
         _GEMM_CHOICE[key] = choice
         return out[choice]  # fresh tensors, not views of the shared tile
 
 
 def cpu_gemm_choices() -> dict[str, str]:
     """The CPU provider measured for each tile shape class so far in this process
-    (``"l2|cosine k=1|k>1 rows~R codes~C D~E"`` -> ``"torch"`` | ``"numpy"``; powers of two)."""
+    (``"l2|cosine k=1|k>1 rows~R codes~C D~E"`` -> ``"torch"`` | ``"onednn"``; powers of two)."""
     return {f"{'l2' if l2 else 'cosine'} k{'>' if topk else '='}1 rows~{1 << (r - 1)} "
             f"codes~{1 << (c - 1)} D~{1 << (d - 1)}": v
             for (l2, topk, r, c, d), v in _GEMM_CHOICE.items()}
 
 
 def _row_sq(xr: torch.Tensor) -> torch.Tensor:
-    """fp32 ``||x||^2`` per row; on the CPU by numpy, single-threaded (see ``_TileSearch``)."""
+    """fp32 ``||x||^2`` per row; on the CPU by numpy's einsum (no tile-sized temporary)."""
     if xr.device.type == "cpu":
         a = xr.detach().numpy()
         return torch.from_numpy(np.einsum("ij,ij->i", a, a))
@@ -415,18 +409,15 @@ def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
     N, D = x.shape
     K = codebook.shape[0]
     cf = codebook.float()
-    # every whole-codebook torch op runs before the first GEMM: right after an OpenBLAS GEMM its
-    # spinning threads make a torch parallel region wait for a core (measured: 0.3 ms -> 4 ms)
     code_sq = (cf * cf).sum(1)
     first = _duplicate_firsts(cf)
     cosine = metric == "cosine"
-    call_flop = 2.0 * N * K * D
     k_block = min(K, _CPU_ARGMIN_K_BLOCK if k == 1 else _CPU_K_BLOCK)
     rows = max(1, min(N, (_CPU_TILE_ELEMS if k == 1 else _CPU_TOPK_TILE_ELEMS) // max(k_block, D + 1)))
     if cosine:  # scores = -(x . c_hat): the argmin of this is the argmax of the cosine similarity
-        search = _TileSearch(-F.normalize(cf, dim=1, eps=COSINE_EPS), None, rows, k, call_flop)
+        search = _TileSearch(-F.normalize(cf, dim=1, eps=COSINE_EPS), None, rows, k)
     else:
-        search = _TileSearch(cf, code_sq, rows, k, call_flop)
+        search = _TileSearch(cf, code_sq, rows, k)
     buf = torch.empty(rows * k_block, device=x.device, dtype=torch.float32)
     out_idx = torch.empty((N, k), device=x.device, dtype=torch.int64)
     out_val = torch.empty((N, k), device=x.device, dtype=torch.float32)

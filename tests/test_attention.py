@@ -118,6 +118,21 @@ def test_fully_masked_row_gives_zeros(backend, dtype):
     check_against_float64(out, grads, q, k, v, bias, grad_out)
 
 
+@pytest.mark.parametrize("batch, heads, m, n", [(0, 2, 5, 7), (2, 0, 5, 7), (2, 2, 0, 7), (2, 2, 5, 0)])
+def test_empty_inputs(backend, batch, heads, m, n):
+    """Empty B, H or M: an empty output and empty gradients; no keys (N = 0): zeros, as for a
+    fully masked row, and zero gradients."""
+    q = torch.randn(batch, heads, m, 32, requires_grad=True)
+    k = torch.randn(batch, heads, n, 32, requires_grad=True)
+    v = torch.randn(batch, heads, n, 32, requires_grad=True)
+    bias = torch.zeros(batch, n, requires_grad=True)
+    out = attention(q, k, v, key_bias=bias)
+    assert out.shape == (batch, heads, m, 32) and torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    for t in (q, k, v, bias):
+        assert t.grad.shape == t.shape and not t.grad.any()
+
+
 class _Spy:
     """Wraps a kernel: records the data pointers of the tensors of each launch."""
 
@@ -284,8 +299,8 @@ def test_bad_input():
         attention(q, q, torch.randn(2, 3, 11, 32))
     with pytest.raises(ValueError, match="k and v must have shape"):
         attention(q, torch.randn(2, 4, 10, 32), torch.randn(2, 4, 10, 32))
-    with pytest.raises(ValueError, match=">= 1"):
-        attention(q[:, :, :0], q, q)
+    with pytest.raises(ValueError, match=r"head dim d >= 1, got q \(2, 3, 10, 0\)"):
+        attention(q[..., :0], q[..., :0], q[..., :0])
     with pytest.raises(ValueError, match=r"key_bias must have shape \(B, N\) = \(2, 10\), got \(2, 9\)"):
         attention(q, q, q, key_bias=torch.zeros(2, 9))
     with pytest.raises(ValueError, match="key_bias must be 2-D"):

@@ -280,8 +280,9 @@ def test_unsupported_models_and_arguments(monkeypatch):
         hf_fastv.apply(model, compress=("fastv", {"layer": 0}))
     with pytest.raises(ValueError, match="layer must be an int in \\[1, 3\\]"):
         hf_fastv.apply(model, compress=("fastv", {"layer": 4}))
-    with pytest.raises(ValueError, match="ratio must be the fraction of image tokens pruned"):
-        hf_fastv.apply(model, compress=("fastv", {"ratio": 1.5}))
+    for ratio in (1.5, 1, -0.1):  # [0, 1), as the budget counts it
+        with pytest.raises(ValueError, match=r"ratio must be the fraction of image tokens pruned, in \[0, 1\)"):
+            hf_fastv.apply(model, compress=("fastv", {"ratio": ratio}))
     with pytest.raises(TypeError, match="fastv takes layer= and ratio=, got keep"):
         hf_fastv.apply(model, compress=("fastv", {"keep": 3}))
     with pytest.raises(ValueError, match="hf_fastv handles"):

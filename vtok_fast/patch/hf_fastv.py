@@ -85,8 +85,9 @@ def apply(model: nn.Module, *, compress=("fastv", {})) -> nn.Module:
         raise ValueError(f"fastv layer must be an int in [1, {num_layers - 1}] (prune after layer K - 1 of the "
                          f"{num_layers} decoder layers), got {layer!r}")
     ratio = budget.get("ratio", DEFAULT_RATIO)
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
-        raise ValueError(f"fastv ratio must be the fraction of image tokens pruned, in [0, 1], got {ratio!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
+        # [0, 1), as vtok_fast.budget counts it: ratio 1 would prune every image token
+        raise ValueError(f"fastv ratio must be the fraction of image tokens pruned, in [0, 1), got {ratio!r}")
     remove(model)  # re-applying replaces the previous layer / ratio
     layers = _supported_layers(llava)
 

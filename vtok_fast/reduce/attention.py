@@ -224,9 +224,8 @@ def _check_args(q, k, v, key_bias, scale) -> float:
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != dim:
         raise ValueError("k and v must have shape (B, H, N, d) with q's B, H and d, got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if 0 in q.shape or k.shape[2] == 0:
-        raise ValueError(f"q, k and v must have B, H, M, N, d >= 1, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}")
+    if dim == 0:
+        raise ValueError(f"q, k and v must have head dim d >= 1, got q {tuple(q.shape)}")
     if key_bias is not None:
         check_tensor("key_bias", key_bias, ndim=2, dtypes=FLOAT_DTYPES, shape_doc="2-D (B, N)")
         if tuple(key_bias.shape) != (batch, k.shape[2]):
@@ -239,14 +238,26 @@ def _check_args(q, k, v, key_bias, scale) -> float:
     return float(scale)
 
 
+def _attention_empty(q, k, v, key_bias, scale):
+    """Attention when B, H, M or N is 0 (so the logits are empty): the plain formula, whose
+    gradients reach every input (SDPA's give none to the bias here). N == 0 sums no values: zeros."""
+    logits = scale * (q @ k.transpose(-1, -2))
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :].to(logits.dtype)
+    return (logits.softmax(dim=-1) @ v).to(q.dtype)
+
+
 def attention(q, k, v, *, key_bias=None, scale=None):
     """Attention with a per-key bias: ``softmax(scale * q k^T + key_bias[:, None, None, :]) v``.
 
     ``q`` ``(B, H, M, d)``, ``k``/``v`` ``(B, H, N, d)`` (any strides), ``key_bias`` ``(B, N)`` or
     None, ``scale`` default ``1 / sqrt(d)``. Returns ``(B, H, M, d)`` in q's dtype. A batch row
-    whose keys are all ``-inf`` gives zeros. See the module docstring.
+    whose keys are all ``-inf``, or that has no keys (``N == 0``), gives zeros; an empty ``B``,
+    ``H`` or ``M`` gives an empty output. See the module docstring.
     """
     scale = _check_args(q, k, v, key_bias, scale)
-    if not _runs_triton(q, k, v, key_bias):  # SDPA, with SDPA's backward
+    if q.numel() == 0 or k.shape[2] == 0:
+        return _attention_empty(q, k, v, key_bias, scale)
+    if not _runs_triton(q, k, v, key_bias):  # SDPA
         return attention_reference(q, k, v, key_bias, scale)
     return _attention_op(q, k, v, key_bias, scale)[0]

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from vtok_fast.bench.harness import Case, Provider
+from vtok_fast.bench.harness import Case, Provider, find_result
 from vtok_fast.encode.codebook_search import codebook_search, cpu_gemm_choices
 
 OP = "codebook"
@@ -143,13 +143,6 @@ def providers(device) -> list[Provider]:
 
 # --- summary -------------------------------------------------------------------------------------------
 
-def _find(results, case, provider):
-    for r in results:
-        if r.case == case and r.provider == provider and r.mode == "forward" and r.median_ms:
-            return r
-    return None
-
-
 def _ratio_line(label, value, target, higher_is_better):
     if value is None:
         return f"- {label}: not measured", None
@@ -214,18 +207,18 @@ def summarize(results, device):
 
     if device.type == "cpu":
         case = _case_name(*TARGET_CASE, torch.float32)
-        vt, fa, vq = (_find(results, case, p) for p in ("vtok_fast", "faiss_flat_l2", "vqtorch_eval"))
+        vt, fa, vq = (find_result(results, case, p) for p in ("vtok_fast", "faiss_flat_l2", "vqtorch_eval"))
         record("cpu_vs_faiss", f"{case}: vtok_fast time / FAISS time",
                vt.median_ms / fa.median_ms if vt and fa else None, FAISS_TARGET, False)
         # every shape again with the two searches alternated: this VM's speed drifts between the
         # table's timing windows (FAISS's own cells moved by 2x between runs), alternation doesn't
         alternated = {c: alternating_ratio(*shape) for c, shape in _cpu_shapes(results).items()
-                      if _find(results, c, "vtok_fast") and _find(results, c, "faiss_flat_l2")}
+                      if find_result(results, c, "vtok_fast") and find_result(results, c, "faiss_flat_l2")}
         data["alternated_vs_faiss"] = alternated
         record("cpu_vs_faiss_alternating", f"{case}, calls alternated: vtok_fast time / FAISS time",
                alternated.get(case), FAISS_TARGET, False)
         ratios = {c: v.median_ms / f.median_ms for c in dict.fromkeys(r.case for r in results)
-                  if (v := _find(results, c, "vtok_fast")) and (f := _find(results, c, "faiss_flat_l2"))}
+                  if (v := find_result(results, c, "vtok_fast")) and (f := find_result(results, c, "faiss_flat_l2"))}
         worst = max(ratios, key=ratios.get) if ratios else None
         record("cpu_vs_faiss_worst", f"every shape, worst ({worst}): vtok_fast time / FAISS time",
                ratios[worst] if worst else None, FAISS_TARGET, False)
@@ -237,14 +230,14 @@ def summarize(results, device):
                vq.median_ms / vt.median_ms if vt and vq else None, 3.0, True)
     else:
         case = _case_name(*GPU_TARGET_CASE, torch.bfloat16)
-        vt, vq = _find(results, case, "vtok_fast"), _find(results, case, "vqtorch_eval")
+        vt, vq = find_result(results, case, "vtok_fast"), find_result(results, case, "vqtorch_eval")
         peak = _peak_tflops(device)
         record("gpu_bf16_peak_fraction", f"{case}: vtok_fast TFLOP/s / bf16 peak ({peak} TFLOP/s)",
                vt.tflops / peak if vt and vt.tflops and peak else None, 0.5, True)
         record("gpu_vs_vqtorch", f"{case}: vector-quantize-pytorch eval time / vtok_fast time",
                vq.median_ms / vt.median_ms if vt and vq else None, 5.0, True)
     mem_case = _case_name(*MEMORY_CASE, torch.float32)
-    mem = _find(results, mem_case, "vtok_fast")
+    mem = find_result(results, mem_case, "vtok_fast")
     record("memory_case_peak_mib", f"{mem_case}: vtok_fast peak extra memory (MiB)",
            mem.peak_mem_mb if mem else None, MEMORY_LIMIT_MIB, False)
     skipped = {}

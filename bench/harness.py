@@ -317,6 +317,20 @@ def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, mode
     return results
 
 
+def find_result(results: list[Result], case: str, provider: str, mode: str = "forward") -> Result | None:
+    """The timed result of ``provider`` on ``case`` in ``mode``; None if absent or failed."""
+    for r in results:
+        if (r.case, r.provider, r.mode) == (case, provider, mode) and r.median_ms:
+            return r
+    return None
+
+
+def find_median(results: list[Result], case: str, provider: str, mode: str = "forward") -> float | None:
+    """``find_result(...).median_ms``, or None."""
+    r = find_result(results, case, provider, mode)
+    return None if r is None else r.median_ms
+
+
 def format_table(results: list[Result], baseline: str = "vtok_fast") -> str:
     """One row per (case, mode, provider): median [p20–p80] ms, peak MiB, and ``speedup`` =
     provider time / vtok_fast time (> 1 means vtok_fast is faster)."""

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from vtok_fast.bench.harness import Case, Provider
+from vtok_fast.bench.harness import Case, Provider, find_median
 
 OP = "merge"
 MODES = ("forward", "full")
@@ -173,13 +173,6 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def _median(results, case, provider, mode):
-    for r in results:
-        if (r.case, r.provider, r.mode) == (case, provider, mode) and r.median_ms:
-            return r.median_ms
-    return None
-
-
 def summarize(results, device, bandwidth_gbs: float | None = None) -> tuple[str, dict]:
     """Ratios against the issue's targets, and bytes moved against the bandwidth bound."""
     device = torch.device(device)
@@ -196,9 +189,9 @@ def summarize(results, device, bandwidth_gbs: float | None = None) -> tuple[str,
     params = {r.case: r.params for r in results}
     for case in dict.fromkeys(r.case for r in results):
         for mode in MODES:
-            ours = _median(results, case, "vtok_fast", mode)
-            eager = _median(results, case, "eager", mode)
-            compiled = _median(results, case, "torch.compile", mode)
+            ours = find_median(results, case, "vtok_fast", mode)
+            eager = find_median(results, case, "eager", mode)
+            compiled = find_median(results, case, "torch.compile", mode)
             if not (ours and eager):
                 continue
             key = f"{case}/{mode}"
@@ -220,7 +213,7 @@ def summarize(results, device, bandwidth_gbs: float | None = None) -> tuple[str,
     for case, p in params.items():
         moved = bytes_moved(p, element)
         bound_ms = moved["fused"] / (bandwidth_gbs * 1e9) * 1e3
-        ours = _median(results, case, "vtok_fast", "forward")
+        ours = find_median(results, case, "vtok_fast", "forward")
         summary[f"{case}/bytes"] = dict(moved, bound_ms=bound_ms, forward_ms=ours)
         share = f", vtok_fast forward {ours:.2f} ms = {bound_ms / ours:.0%} of it" if ours else ""
         lines.append(f"  {case:<16} fused {moved['fused'] / 2**20:7.1f} MiB, eager {moved['eager'] / 2**20:7.1f} MiB;"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from vtok_fast.bench.harness import Case, Provider
+from vtok_fast.bench.harness import Case, Provider, find_median, find_result
 
 OP = "patch-embed"
 MODES = ("forward", "backward", "full")
@@ -145,18 +145,6 @@ def providers(device) -> list[Provider]:
 
 # --- targets -------------------------------------------------------------------------------------
 
-def _result(results, case, provider, mode):
-    for r in results:
-        if (r.case, r.provider, r.mode) == (case, provider, mode) and r.median_ms:
-            return r
-    return None
-
-
-def _median(results, case, provider, mode):
-    r = _result(results, case, provider, mode)
-    return None if r is None else r.median_ms
-
-
 def summarize(results, device) -> tuple[str, dict]:
     """The issue's targets: CPU time ratio vs timm (<= 1.0); GPU bf16 forward speedup at
     ViT-B/16@224 B=256 vs eager (>= 2x) and torch.compile (>= 1.3x); TFLOP/s vs the bound."""
@@ -168,7 +156,7 @@ def summarize(results, device) -> tuple[str, dict]:
         ratios = {}
         for case in cases_seen:
             for mode in MODES:
-                ours, timm = _median(results, case, "vtok_fast", mode), _median(results, case, "timm", mode)
+                ours, timm = find_median(results, case, "vtok_fast", mode), find_median(results, case, "timm", mode)
                 if ours and timm:
                     ratios[f"{case}/{mode}"] = ours / timm
                     verdict = "ok" if ours / timm <= TARGETS["cpu_vs_timm"] else "MISSED"
@@ -176,12 +164,12 @@ def summarize(results, device) -> tuple[str, dict]:
         summary["cpu_ratio_vs_timm"] = ratios
         summary["cpu_target_met"] = bool(ratios) and all(v <= TARGETS["cpu_vs_timm"] for v in ratios.values())
         return "\n".join(lines), summary
-    vt = _result(results, TARGET_CASE, "vtok_fast", "forward")
+    vt = find_result(results, TARGET_CASE, "vtok_fast", "forward")
     if vt is None:
         return f"GPU targets: case {TARGET_CASE} did not run", summary
     ours, tflops = vt.median_ms, vt.tflops  # the harness derives TFLOP/s from the case's flops
-    eager = _median(results, TARGET_CASE, "eager", "forward")
-    compiled = _median(results, TARGET_CASE, "torch.compile", "forward")
+    eager = find_median(results, TARGET_CASE, "eager", "forward")
+    compiled = find_median(results, TARGET_CASE, "torch.compile", "forward")
     summary.update(target_case=TARGET_CASE, forward_ms=ours, tflops=tflops,
                    fraction_of_peak=tflops / BF16_PEAK_TFLOPS)
     lines.append(f"GPU targets at {TARGET_CASE} (bf16 forward): {ours:.3f} ms, {tflops:.0f} TFLOP/s "

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vtok_fast.kernels._autotune import autotune
+from vtok_fast.kernels._autotune import autotune, fitting_configs
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -84,9 +84,8 @@ def _prune_for_shared_memory(kind: str) -> dict:
         from vtok_fast._launch import shared_memory_per_block
 
         q = named_args["q_ptr"]
-        limit = shared_memory_per_block(q.device)
-        sized = [(shared_memory_estimate(kind, c, kwargs["BLOCK_D"], q.element_size()), c) for c in configs]
-        return [c for size, c in sized if size <= limit] or [min(sized, key=lambda t: t[0])[1]]
+        return fitting_configs(configs, lambda c: shared_memory_estimate(kind, c, kwargs["BLOCK_D"], q.element_size()),
+                               shared_memory_per_block(q.device))
 
     return {"early_config_prune": prune}
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from vtok_fast._launch import shared_memory_per_block
-from vtok_fast.kernels._autotune import autotune
+from vtok_fast.kernels._autotune import autotune, fitting_configs
 
 # --- tile configurations (all tile sizes live here) -------------------------------------------
 # Tensor-core configs for fp16/bf16. On sm_90, BLOCK_M >= 64 with 4 or 8 warps maps to wgmma.
@@ -89,13 +89,10 @@ def prune_for_shared_memory(budget: int | None = None):
     def prune(configs, named_args, **kwargs):
         block_d, num_d = kwargs["BLOCK_D"], kwargs["NUM_D"]
         x = named_args["x_ptr"]
-        limit = budget
-        if limit is None:
-            limit = shared_memory_per_block(x.device)
+        limit = shared_memory_per_block(x.device) if budget is None else budget
         topk = "R" in kwargs or "R" in named_args
-        sized = [(shared_memory_estimate(c, block_d, num_d, x.element_size(), topk), c) for c in configs]
-        kept = [c for size, c in sized if size <= limit]
-        return kept or [min(sized, key=lambda t: t[0])[1]]
+        return fitting_configs(configs, lambda c: shared_memory_estimate(c, block_d, num_d, x.element_size(), topk),
+                               limit)
 
     return prune
 

@@ -1,6 +1,7 @@
 """Argument validation with messages that name the argument, what was expected and what came."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 import torch
@@ -67,3 +68,23 @@ def check_dense(name: str, value: torch.Tensor) -> None:
     if value.is_nested or value.layout != torch.strided:
         kind = "nested" if value.is_nested else str(value.layout).replace("torch.", "")
         raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+
+
+def check_int(name: str, value, low: int, high: int | None = None, what: str = "") -> int:
+    """``value`` as an int in ``[low, high]``; the error names the bound and what it counts.
+    A bool is not an int here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}={value} is larger than {what or high} ({high})")
+    return value
+
+
+def check_choice(name: str, value, choices: tuple):
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value

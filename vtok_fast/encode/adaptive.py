@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from vtok_fast._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
 from vtok_fast._launch import interpreting
 from vtok_fast._op import define_op
 from vtok_fast.encode.packed import PackedTokens
@@ -160,14 +160,6 @@ def _entropy_fake(images, patch_size, num_scales):
 _patch_entropy_op = define_op("patch_entropy", _entropy_impl, fake=_entropy_fake)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_images(images, patch_size: int, num_scales: int) -> None:
     check_tensor("images", images, ndim=4, dtypes=IMAGE_DTYPES, shape_doc="(B, 3, H, W)")
     if images.shape[1] != 3:
@@ -183,8 +175,8 @@ def _check_images(images, patch_size: int, num_scales: int) -> None:
 def patch_entropy(images: torch.Tensor, patch_size: int, num_scales: int = 2) -> list[torch.Tensor]:
     """Entropy (bits) of every complete patch at every scale: ``[(B, gh_s, gw_s)] * num_scales``
     fp32 (module docstring, rule 2). One Triton launch for all scales on CUDA."""
-    patch_size = _check_int("patch_size", patch_size, 1)
-    num_scales = _check_int("num_scales", num_scales, 1)
+    patch_size = check_int("patch_size", patch_size, 1)
+    num_scales = check_int("num_scales", num_scales, 1)
     _check_images(images, patch_size, num_scales)
     flat = _patch_entropy_op(images, patch_size, num_scales)
     grids = scale_grids(images.shape[2], images.shape[3], patch_size, num_scales)
@@ -334,11 +326,11 @@ class _Setup:
             raise ValueError(f"weight must have a square patch (D, 3, p, p), got shape {tuple(weight.shape)}")
         if patch_size is None:
             patch_size = ph
-        self.p = _check_int("patch_size", patch_size, 1)
+        self.p = check_int("patch_size", patch_size, 1)
         if self.p != ph:
             raise ValueError(f"patch_size must be the weight's patch side {ph} (weight.shape[-1]), "
                              f"got {patch_size}")
-        self.S = _check_int("num_scales", num_scales, 1)
+        self.S = check_int("num_scales", num_scales, 1)
         _check_images(images, self.p, self.S)
         if c_w != 3:
             raise ValueError(f"weight must take 3 (RGB) channels, got shape {tuple(weight.shape)}")

@@ -64,6 +64,7 @@ _CPU_ARGMIN_K_BLOCK = 1 << 10
 # Tiles under _GEMM_MEASURE_FLOP (about 0.1 ms) always use torch: call overhead dominates there.
 _GEMM_CHOICE: dict[tuple, str] = {}
 _GEMM_MEASURE_FLOP = 1 << 24
+_MEASURE_WARMUP, _MEASURE_RUNS = 3, 6
 _GEMM_FORCE: str | None = None  # tests: force one provider
 
 
@@ -373,16 +374,19 @@ class _TileSearch:
         return self._onednn(c0, kb, tile) if choice == "onednn" else self._torch(c0, kb, tile)
 
     def _measure(self, key, c0, kb, tile):
-        """Time both providers' whole tile step, alternating (four runs each: the machine's speed
-        drifts), keep the faster one for the shape class and return its result."""
+        """Time both providers' whole tile step, alternating, keep the faster one for the shape
+        class and return its result. Each runs _MEASURE_WARMUP untimed steps first (oneDNN's
+        first calls pack the codes and build its kernel: measured 2x slower) and then
+        _MEASURE_RUNS timed ones, of which the fastest counts (the machine's speed drifts)."""
         runs = {"torch": self._torch, "onednn": self._onednn}
         best = dict.fromkeys(runs, float("inf"))
         out = {}
-        for _ in range(4):
+        for step in range(_MEASURE_WARMUP + _MEASURE_RUNS):
             for name, run in runs.items():
                 t0 = time.perf_counter()
                 out[name] = run(c0, kb, tile)
-                best[name] = min(best[name], time.perf_counter() - t0)
+                if step >= _MEASURE_WARMUP:
+                    best[name] = min(best[name], time.perf_counter() - t0)
         choice = "onednn" if best["onednn"] < best["torch"] else "torch"
         _GEMM_CHOICE[key] = choice
         return out[choice]  # fresh tensors, not views of the shared tile

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from vtok_fast._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
 from vtok_fast._launch import cdiv, tile_grid
 from vtok_fast._op import define_op
 
@@ -321,19 +321,6 @@ _merge_project_op = define_op("merge_project", _impl, fake=_fake, backward=_back
 
 # --- public API ------------------------------------------------------------------------------------
 
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_grid(grid, window, order, tokens_per_image):
     """(h, w) of the token grid. Without a grid ("contiguous" only) any (h, w) with h * w = N and
     both divisible by the window stands in: the contiguous order never reads them."""
@@ -386,17 +373,17 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
     check_tensor("tokens", tokens, ndim=(2, 3), dtypes=FLOAT_DTYPES, shape_doc="(B, L, C) or (L, C)")
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, shape_doc="(D, window**2 * C)")
     check_same_device(tokens=tokens, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias)
-    _check_int("window", window, 1)
-    _check_choice("order", order, ORDERS)
-    _check_choice("norm", norm, NORMS)
-    _check_choice("norm_type", norm_type, NORM_TYPES)
-    _check_choice("activation", activation, ACTIVATIONS)
+    check_int("window", window, 1)
+    check_choice("order", order, ORDERS)
+    check_choice("norm", norm, NORMS)
+    check_choice("norm_type", norm_type, NORM_TYPES)
+    check_choice("activation", activation, ACTIVATIONS)
     flat = tokens.dim() == 2
     x = tokens[None] if flat else tokens
     L, C = x.shape[1], x.shape[2]
     if C == 0:
         raise ValueError(f"tokens must have C >= 1 channels, got shape {tuple(tokens.shape)}")
-    _check_int("prefix", prefix, 0)
+    check_int("prefix", prefix, 0)
     if prefix > L:
         raise ValueError(f"prefix must be <= the sequence length {L}, got {prefix}")
     h, w = _check_grid(grid, window, order, L - prefix)

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from vtok_fast._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
 from vtok_fast.reduce.attention_scores import attention_scores
 from vtok_fast.reduce.compressed import Compressed
 
@@ -38,18 +38,6 @@ def resolve_grid(num_patches: int, grid, prefix: int) -> tuple[int, int]:
         raise ValueError(f"grid={grid!r} holds {h * w} tokens, but tokens has {num_patches} patch tokens "
                          f"(N - prefix, prefix = {prefix})")
     return h, w
-
-
-def check_int(name: str, value, low: int, high: int | None = None, what: str = "") -> int:
-    """``value`` as an int in ``[low, high]``; the error names the bound and what it counts."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name}={value} is larger than {what or high} ({high})")
-    return value
 
 
 def resolve_keep(keep, ratio, num_patches: int, *, low: int = 0, extra: dict | None = None) -> int:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 import vtok_fast
-from vtok_fast.reduce._common import check_int, check_metric, check_tokens, resolve_keep, sizes_from_source
+from vtok_fast._checks import check_int
+from vtok_fast.reduce._common import check_metric, check_tokens, resolve_keep, sizes_from_source
 from vtok_fast.reduce.compressed import Compressed
 
 

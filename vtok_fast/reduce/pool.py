@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtok_fast.reduce._common import check_int, check_tokens, resolve_grid, sizes_from_source
+from vtok_fast._checks import check_int
+from vtok_fast.reduce._common import check_tokens, resolve_grid, sizes_from_source
 from vtok_fast.reduce.compressed import Compressed
 
 POOL_MODES = ("avg", "max", "bilinear")

@@ -28,7 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vtok_fast.reduce._common import (arange_rows, check_int, check_keys, check_metric, check_tokens,
+from vtok_fast._checks import check_int
+from vtok_fast.reduce._common import (arange_rows, check_keys, check_metric, check_tokens,
                                       patch_scores, resolve_keep, sizes_from_source, top_indices)
 from vtok_fast.reduce.compressed import Compressed
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtok_fast.reduce._common import (arange_rows, check_int, check_keys, check_metric, check_tokens, kept,
+from vtok_fast._checks import check_int
+from vtok_fast.reduce._common import (arange_rows, check_keys, check_metric, check_tokens, kept,
                                       patch_scores, resolve_keep, sizes_from_source, top_indices)
 from vtok_fast.reduce.compressed import Compressed
 

@@ -96,9 +96,10 @@ def _check_indices(indices, codebook_size: int, *, min_dim: int, last: int | Non
     want = f"indices must have shape {shape_doc} and {values}"
     if indices.dim() < min_dim or (last is not None and indices.shape[-1] != last):
         raise ValueError(f"{want}, got shape {tuple(indices.shape)}")
-    if indices.numel() and (int(indices.min()) < low or int(indices.max()) >= codebook_size):
-        raise ValueError(f"{want}, got values from {int(indices.min())} to {int(indices.max())} "
-                         f"(shape {tuple(indices.shape)})")
+    if indices.numel():
+        lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one host sync
+        if lo < low or hi >= codebook_size:
+            raise ValueError(f"{want}, got values from {lo} to {hi} (shape {tuple(indices.shape)})")
     return indices.long()
 
 

@@ -35,7 +35,7 @@ def tome(tokens: torch.Tensor, keep: int | None = None, *, r: int | None = None,
         check_metric(tokens, metric, prefix)
         x = torch.cat([tokens, metric.to(tokens.dtype)], dim=-1)
     positions = torch.arange(num_tokens, device=tokens.device).expand(batch, num_tokens)
-    source = positions
+    source = None  # round 1's map is its own destinations
     size = torch.ones(batch, num_tokens, 1, dtype=torch.float32, device=tokens.device)
     current = num_patches
     while current > target:
@@ -46,4 +46,6 @@ def tome(tokens: torch.Tensor, keep: int | None = None, *, r: int | None = None,
         positions = positions.gather(1, info.order)
         current -= step
     out = x if metric is None else x[..., :dim]
+    if source is None:  # nothing merged
+        source = positions
     return Compressed(out, positions.clone(), sizes_from_source(source, prefix + current), source.clone())

@@ -132,9 +132,11 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor
         check_tensor("source_map", source_map, ndim=2, dtypes=(torch.int64,), shape_doc="(B, N0)")
         if source_map.shape[0] != batch:
             raise ValueError(f"source_map must be (B, N0) with B = {batch}, got shape {tuple(source_map.shape)}")
-        if not torch.compiler.is_compiling() and source_map.numel() and (
-                int(source_map.min()) < 0 or int(source_map.max()) >= num_tokens):
-            raise ValueError(f"source_map values must index the N = {num_tokens} current tokens")
+        if not torch.compiler.is_compiling() and source_map.numel():
+            lo, hi = torch.stack(torch.aminmax(source_map)).tolist()  # one host sync
+            if lo < 0 or hi >= num_tokens:
+                raise ValueError(f"source_map values must index the N = {num_tokens} current tokens, "
+                                 f"got values from {lo} to {hi}")
     check_same_device(x=x, metric=metric, size=size, source_map=source_map)
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
         raise TypeError(f"r must be an int, got {type(r).__name__}")

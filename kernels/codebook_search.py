@@ -30,6 +30,7 @@ import triton.language as tl
 
 from vtok_fast._launch import shared_memory_per_block
 from vtok_fast.kernels._autotune import autotune, fitting_configs
+from vtok_fast.kernels._tiles import dot_acc
 
 # --- tile configurations (all tile sizes live here) -------------------------------------------
 # Tensor-core configs for fp16/bf16. On sm_90, BLOCK_M >= 64 with 4 or 8 warps maps to wgmma.
@@ -132,18 +133,12 @@ def _score_tile(x_tile, x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if NUM_D == 1:
         c = _load_code_tile(c_ptr, stride_ck, stride_cd, cols, col_mask, 0, D, BLOCK_D, EVEN_D)
-        if IEEE:
-            acc = tl.dot(x_tile, c, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x_tile, c, acc)
+        acc = dot_acc(x_tile, c, acc, not IEEE)
     else:
         for d0 in range(0, NUM_D * BLOCK_D, BLOCK_D):
             xt = _load_query_tile(x_ptr, stride_xn, stride_xd, rows, row_mask, d0, D, BLOCK_D, EVEN_D)
             c = _load_code_tile(c_ptr, stride_ck, stride_cd, cols, col_mask, d0, D, BLOCK_D, EVEN_D)
-            if IEEE:
-                acc = tl.dot(xt, c, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xt, c, acc)
+            acc = dot_acc(xt, c, acc, not IEEE)
     bias = tl.load(bias_ptr + cols, mask=col_mask, other=float("inf"))
     # minimum without NaN propagation (minnum): NaN -> +inf, so NaN never wins a reduction
     return tl.minimum(bias[None, :] + scale * acc, float("inf"))

@@ -190,12 +190,6 @@ def alternating_ratio(n: int, k: int, d: int, reps: int = ALTERNATING_REPS,
     return statistics.median(times["vtok_fast"]) / statistics.median(times["faiss"])
 
 
-def _cpu_shapes(results) -> dict[str, tuple[int, int, int]]:
-    """Case name -> (N, K, D) of the fp32 cases in ``results``."""
-    return {r.case: (r.params["N"], r.params["K"], r.params["D"]) for r in results
-            if r.params.get("dtype") == "float32"}
-
-
 def summarize(results, device):
     device = torch.device(device)
     lines, data = ["", f"### {OP} targets ({device.type})"], {"targets": {}, "skipped": {}}
@@ -207,25 +201,23 @@ def summarize(results, device):
 
     if device.type == "cpu":
         case = _case_name(*TARGET_CASE, torch.float32)
-        vt, fa, vq = (find_result(results, case, p) for p in ("vtok_fast", "faiss_flat_l2", "vqtorch_eval"))
-        record("cpu_vs_faiss", f"{case}: vtok_fast time / FAISS time",
-               vt.median_ms / fa.median_ms if vt and fa else None, FAISS_TARGET, False)
+        vt, vq = find_result(results, case, "vtok_fast"), find_result(results, case, "vqtorch_eval")
+        pairs = {c: (v, f) for c in dict.fromkeys(r.case for r in results)
+                 if (v := find_result(results, c, "vtok_fast")) and (f := find_result(results, c, "faiss_flat_l2"))}
+        ratios = {c: v.median_ms / f.median_ms for c, (v, f) in pairs.items()}
+        record("cpu_vs_faiss", f"{case}: vtok_fast time / FAISS time", ratios.get(case), FAISS_TARGET, False)
         # every shape again with the two searches alternated: this VM's speed drifts between the
         # table's timing windows (FAISS's own cells moved by 2x between runs), alternation doesn't
-        alternated = {c: alternating_ratio(*shape) for c, shape in _cpu_shapes(results).items()
-                      if find_result(results, c, "vtok_fast") and find_result(results, c, "faiss_flat_l2")}
+        alternated = {c: alternating_ratio(v.params["N"], v.params["K"], v.params["D"])
+                      for c, (v, _) in pairs.items()}
         data["alternated_vs_faiss"] = alternated
         record("cpu_vs_faiss_alternating", f"{case}, calls alternated: vtok_fast time / FAISS time",
                alternated.get(case), FAISS_TARGET, False)
-        ratios = {c: v.median_ms / f.median_ms for c in dict.fromkeys(r.case for r in results)
-                  if (v := find_result(results, c, "vtok_fast")) and (f := find_result(results, c, "faiss_flat_l2"))}
-        worst = max(ratios, key=ratios.get) if ratios else None
-        record("cpu_vs_faiss_worst", f"every shape, worst ({worst}): vtok_fast time / FAISS time",
-               ratios[worst] if worst else None, FAISS_TARGET, False)
-        worst = max(alternated, key=alternated.get) if alternated else None
-        record("cpu_vs_faiss_worst_alternating",
-               f"every shape, calls alternated, worst ({worst}): vtok_fast time / FAISS time",
-               alternated[worst] if worst else None, FAISS_TARGET, False)
+        for key, how, by_case in (("cpu_vs_faiss_worst", "", ratios),
+                                  ("cpu_vs_faiss_worst_alternating", "calls alternated, ", alternated)):
+            worst = max(by_case, key=by_case.get) if by_case else None
+            record(key, f"every shape, {how}worst ({worst}): vtok_fast time / FAISS time",
+                   by_case.get(worst), FAISS_TARGET, False)
         record("cpu_vs_vqtorch_eval", f"{case}: vector-quantize-pytorch eval time / vtok_fast time",
                vq.median_ms / vt.median_ms if vt and vq else None, 3.0, True)
     else:

@@ -22,8 +22,8 @@ def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.cons
 
 @triton.jit
 def dot_acc(a, b, acc, ALLOW_TF32: tl.constexpr):
-    """``acc + a @ b`` with TF32 tensor cores or IEEE fp32 products (16-bit inputs: tensor cores
-    either way), as the replaced module's fp32 matmul setting says."""
+    """``acc + a @ b``: fp32 inputs on TF32 tensor cores (``ALLOW_TF32``) or with IEEE fp32
+    products; 16-bit inputs on tensor cores either way."""
     if ALLOW_TF32:
         acc = tl.dot(a, b, acc, input_precision="tf32")
     else:

@@ -65,12 +65,6 @@ def _check_flag(name: str, value, *, optional: bool = False) -> bool | None:
     return value
 
 
-def _check_choice(name: str, value, choices: tuple) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 def _check_input(x, dim: int, channel_last: bool) -> torch.Tensor:
     """``x`` in channel-last layout, after checking it is a float tensor with ``dim`` features."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():

@@ -303,11 +303,12 @@ class _TileSearch:
     next parallel region (measured: 0.3 ms -> 4 ms). k == 1 tiles are reduced by numpy's argmin,
     single-threaded SIMD and 5x ``torch.min(dim=1)`` on a tile."""
 
-    def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k: int):
-        self.codes, self.bias, self.rows, self.k = codes, bias, rows, k
+    def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k_block: int, k: int):
+        self.codes, self.bias, self.rows, self.k_block, self.k = codes, bias, rows, k_block, k
         self.cpu = codes.device.type == "cpu"
         self.onednn_ok = self.cpu and _ONEDNN
         self._packed: dict[int, tuple] = {}  # code block start -> (oneDNN weights, bias)
+        self._buf = None  # torch's GEMM output tile (oneDNN returns its own)
         self.xr = None
 
     def start_rows(self, xr: torch.Tensor) -> None:
@@ -325,7 +326,11 @@ class _TileSearch:
             v, i = torch.min(scores, dim=1)
         return v, i + c0
 
-    def _torch(self, c0, kb, tile):
+    def _torch(self, c0, kb):
+        if self._buf is None:
+            self._buf = torch.empty(self.rows * self.k_block, device=self.codes.device, dtype=torch.float32)
+        nr = self.xr.shape[0]
+        tile = self._buf[: nr * kb].view(nr, kb)
         codes_t = self.codes[c0:c0 + kb].T
         if self.bias is None:
             torch.mm(self.xr, codes_t, out=tile)
@@ -333,13 +338,13 @@ class _TileSearch:
             torch.addmm(self.bias[c0:c0 + kb], self.xr, codes_t, alpha=-2.0, out=tile)
         return self._reduce(tile, c0, kb)
 
-    def _onednn(self, c0, kb, tile):
+    def _onednn(self, c0, kb):
         block = self._packed.get(c0)
         if block is None:  # packed on first use: the call holds one codebook-sized copy
             w = self.codes[c0:c0 + kb].detach()
             bias = None
             if self.bias is not None:  # x . (-2c) + ||c||^2; the factor -2 is exact in fp32
-                w, bias = w * -2.0, self.bias[c0:c0 + kb].detach().contiguous()
+                w, bias = w * -2.0, self.bias[c0:c0 + kb].detach()
             block = (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.rows), bias)
             self._packed[c0] = block
         scores = torch.ops.mkldnn._linear_pointwise(self.xr.detach(), block[0], block[1], "none", [], "")
@@ -356,7 +361,7 @@ class _TileSearch:
             v = np.take_along_axis(t, i[:, None], 1)[:, 0]
         return torch.from_numpy(v), torch.from_numpy(i) + c0
 
-    def __call__(self, c0, kb, tile):
+    def __call__(self, c0, kb):
         """The row tile's reduction over codes ``[c0, c0 + kb)``: ``(best score, code index)``
         for k == 1, else the best sort keys."""
         nr, D = self.xr.shape
@@ -370,10 +375,10 @@ class _TileSearch:
         else:
             choice = _GEMM_CHOICE.get(key)
             if choice is None:
-                return self._measure(key, c0, kb, tile)
-        return self._onednn(c0, kb, tile) if choice == "onednn" else self._torch(c0, kb, tile)
+                return self._measure(key, c0, kb)
+        return self._onednn(c0, kb) if choice == "onednn" else self._torch(c0, kb)
 
-    def _measure(self, key, c0, kb, tile):
+    def _measure(self, key, c0, kb):
         """Time both providers' whole tile step, alternating, keep the faster one for the shape
         class and return its result. Each runs _MEASURE_WARMUP untimed steps first (oneDNN's
         first calls pack the codes and build its kernel: measured 2x slower) and then
@@ -384,7 +389,7 @@ class _TileSearch:
         for step in range(_MEASURE_WARMUP + _MEASURE_RUNS):
             for name, run in runs.items():
                 t0 = time.perf_counter()
-                out[name] = run(c0, kb, tile)
+                out[name] = run(c0, kb)
                 if step >= _MEASURE_WARMUP:
                     best[name] = min(best[name], time.perf_counter() - t0)
         choice = "onednn" if best["onednn"] < best["torch"] else "torch"
@@ -419,10 +424,9 @@ def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
     k_block = min(K, _CPU_ARGMIN_K_BLOCK if k == 1 else _CPU_K_BLOCK)
     rows = max(1, min(N, (_CPU_TILE_ELEMS if k == 1 else _CPU_TOPK_TILE_ELEMS) // max(k_block, D + 1)))
     if cosine:  # scores = -(x . c_hat): the argmin of this is the argmax of the cosine similarity
-        search = _TileSearch(-F.normalize(cf, dim=1, eps=COSINE_EPS), None, rows, k)
+        search = _TileSearch(-F.normalize(cf, dim=1, eps=COSINE_EPS), None, rows, k_block, k)
     else:
-        search = _TileSearch(cf, code_sq, rows, k)
-    buf = torch.empty(rows * k_block, device=x.device, dtype=torch.float32)
+        search = _TileSearch(cf, code_sq, rows, k_block, k)
     out_idx = torch.empty((N, k), device=x.device, dtype=torch.int64)
     out_val = torch.empty((N, k), device=x.device, dtype=torch.float32)
     row_sq = torch.empty(N, device=x.device, dtype=torch.float32)
@@ -433,7 +437,7 @@ def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
         best_v = best_i = best_keys = None
         for c0 in range(0, K, k_block):
             kb = min(k_block, K - c0)
-            found = search(c0, kb, buf[: nr * kb].view(nr, kb))
+            found = search(c0, kb)
             if k > 1:
                 if best_keys is not None:
                     found = torch.topk(torch.cat([best_keys, found], 1), k, dim=1, largest=False).values

@@ -10,8 +10,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from vtok_fast._checks import check_choice
 from vtok_fast.encode._vq_common import (
-    _all_reduce_, _check_choice, _check_flag, _check_indices, _check_input, _check_int, _check_number, _mse,
+    _all_reduce_, _check_flag, _check_indices, _check_input, _check_int, _check_number, _mse,
     _row_mask, directional_reparam, frac_gradient)
 from vtok_fast.encode.vq import MASKED_OUTPUTS, MAX_BEAM, VectorQuantizer
 
@@ -95,7 +96,7 @@ class ResidualVQ(nn.Module):
         self.channel_last = _check_flag("channel_last", channel_last)
         self.shared_codebook = _check_flag("shared_codebook", shared_codebook)
         self.diveq = _check_flag("diveq", diveq)
-        self.masked_output = _check_choice("masked_output", masked_output, MASKED_OUTPUTS)
+        self.masked_output = check_choice("masked_output", masked_output, MASKED_OUTPUTS)
         self.quant_grad_frac = _check_number("quant_grad_frac", quant_grad_frac, high=1.0, closed_high=True)
         self.quantize_dropout = _check_flag("quantize_dropout", quantize_dropout) and num_quantizers > 1
         self.quantize_dropout_cutoff_index = _check_int("quantize_dropout_cutoff_index",
@@ -118,7 +119,7 @@ class ResidualVQ(nn.Module):
             self.layers = nn.ModuleList([VectorQuantizer(inner, sizes[0], **vq_kwargs)] * num_quantizers)
         else:
             self.layers = nn.ModuleList(VectorQuantizer(inner, size, **vq_kwargs) for size in sizes)
-        self.beam_rank = _check_choice("beam_rank", beam_rank, BEAM_RANKS)
+        self.beam_rank = check_choice("beam_rank", beam_rank, BEAM_RANKS)
         if beam_score_weights is not None:
             if beam_rank != "vqp":
                 raise ValueError("beam_score_weights weigh beam_rank='vqp' scores; got beam_rank='error'")

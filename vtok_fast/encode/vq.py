@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtok_fast._checks import FLOAT_DTYPES
+from vtok_fast._checks import FLOAT_DTYPES, check_choice
 from vtok_fast.encode.codebook_search import MAX_K, METRICS, codebook_search
 from vtok_fast.encode._vq_common import (  # noqa: F401  (re-exported: public helpers and test imports)
-    INDEX_DTYPES, LossBreakdown, _all_reduce_, _check_choice, _check_flag, _check_indices, _check_input,
+    INDEX_DTYPES, LossBreakdown, _all_reduce_, _check_flag, _check_indices, _check_input,
     _check_int, _check_number, _mse, _row_mask, _world, directional_reparam, gumbel_sample_codes,
     load_vqp_keys, orthogonal_loss, rotation_trick, straight_through)
 
@@ -133,10 +133,10 @@ class VectorQuantizer(nn.Module):
                  stochastic_sample_codes: bool = False, sample_codebook_temp: float = 1.0,
                  masked_output: str = "zeros"):
         super().__init__()
-        self.metric = _check_choice("metric", metric, METRICS)
-        self.gradient = _check_choice("gradient", gradient, GRADIENTS)
-        self.codebook_loss = _check_choice("codebook_loss", codebook_loss, CODEBOOK_LOSSES)
-        self.masked_output = _check_choice("masked_output", masked_output, MASKED_OUTPUTS)
+        self.metric = check_choice("metric", metric, METRICS)
+        self.gradient = check_choice("gradient", gradient, GRADIENTS)
+        self.codebook_loss = check_choice("codebook_loss", codebook_loss, CODEBOOK_LOSSES)
+        self.masked_output = check_choice("masked_output", masked_output, MASKED_OUTPUTS)
         if search_dtype is not None and search_dtype not in FLOAT_DTYPES:
             raise TypeError(f"search_dtype must be one of {FLOAT_DTYPES} or None, got {search_dtype!r}")
         self.dim = dim = _check_int("dim", dim)

@@ -115,7 +115,6 @@ def apply(model: nn.Module, *, compress) -> nn.Module:
     return model
 
 
-# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply` (no-op if not patched)."""
     restore(model, FEATURE)

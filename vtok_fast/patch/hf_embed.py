@@ -31,7 +31,6 @@ def apply(model: nn.Module) -> nn.Module:
                        missing="no CLIPVisionEmbeddings or SiglipVisionEmbeddings inside")
 
 
-# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Restore every embedding this feature patched inside ``model`` (no-op if none)."""
     restore(model, FEATURE)

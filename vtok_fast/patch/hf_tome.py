@@ -74,7 +74,6 @@ def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = 
     return model
 
 
-# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Restore the original methods and drop ``r`` and the ToMe state (no-op if not patched)."""
     restore(model, FEATURE)

@@ -39,7 +39,6 @@ def apply(model: nn.Module) -> nn.Module:
     return model
 
 
-# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Restore the original methods (a no-op on a model this feature did not patch)."""
     restore(model, FEATURE)

@@ -29,7 +29,6 @@ def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
                        missing="no timm swin_transformer.PatchMerging inside")
 
 
-# every patcher module is an apply/remove pair (patch/_common.py); remove is always restore(FEATURE)
 def remove(model: nn.Module) -> nn.Module:
     """Restore every ``PatchMerging`` this feature patched inside ``model`` (no-op if none)."""
     restore(model, FEATURE)

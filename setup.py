@@ -7,8 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[*find_packages(include=["vtok_fast", "vtok_fast.*"]), "vtok_fast.kernels", "vtok_fast.bench"],
-    package_dir={"vtok_fast.kernels": "kernels", "vtok_fast.bench": "bench"},
+    packages=[*find_packages(include=["vtok_fast", "vtok_fast.*"]), "vtok_fast.bench"],
+    package_dir={"vtok_fast.bench": "bench"},
     package_data={"vtok_fast": ["data/*.png", "data/*.md"]},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={

@@ -21,9 +21,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# setup.py maps kernels/ and bench/ into the package; pip cannot build it offline there, so
-# link them in place and import from the source tree.
-ln -sfn ../kernels vtok_fast/kernels
+# setup.py maps bench/ into the package as vtok_fast.bench; pip cannot build it offline there, so
+# link it in place and import from the source tree.
 ln -sfn ../bench vtok_fast/bench
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -1,8 +1,8 @@
 """Launch helpers shared by every op's host code: ceiling division, device facts, interpreter
 detection and ahead-of-time compilation for GPUs (which works on a CPU-only machine).
 
-Kernel files (``kernels/``) hold only ``@triton.jit`` code and their configs; everything that
-sizes a launch from a tensor or a device lives here or in the op's host module.
+Kernel files (``vtok_fast/kernels/``) hold only ``@triton.jit`` code and their configs; everything
+that sizes a launch from a tensor or a device lives here or in the op's host module.
 """
 from __future__ import annotations
 

@@ -305,6 +305,49 @@ def test_packed_round_trips(torch_backend):
     assert torch.equal(packed.to_grid(packed.tokens * 2), grid * 2)
 
 
+def small_packed(**overrides):
+    """Two images on a 2x2 grid, one prefix token each: image 0 as four base tokens, image 1 as
+    one scale-1 token."""
+    fields = dict(tokens=torch.randn(7, 3), cu_seqlens=torch.tensor([0, 5, 7], dtype=torch.int32),
+                  scale=torch.tensor([-1, 0, 0, 0, 0, -1, 1]), row=torch.tensor([-1, 0, 0, 1, 1, -1, 0]),
+                  col=torch.tensor([-1, 0, 1, 0, 1, -1, 0]), grid_size=(2, 2), patch_size=4,
+                  num_prefix_tokens=1, num_scales=2)
+    fields.update({k: torch.tensor(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    return PackedTokens(**fields)
+
+
+@pytest.mark.parametrize("overrides, err, words", [
+    (dict(cu_seqlens=[0, 5, 6]), ValueError, "cu_seqlens must rise from 0 to the token count 7"),
+    (dict(cu_seqlens=[0, 5, 8]), ValueError, "token count 7"),
+    (dict(cu_seqlens=[1, 5, 7]), ValueError, "cu_seqlens must rise from 0"),
+    (dict(cu_seqlens=[0, 6, 5, 7]), ValueError, "without ever decreasing, got [0, 6, 5, 7]"),
+    (dict(cu_seqlens=[0.0, 5.0, 7.0]), TypeError, "cu_seqlens must have dtype"),
+    (dict(row=[-1, 0, 0, 2, 1, -1, 0]), ValueError, "inside the 2x2 grid; got token 3 with scale 0, row 2"),
+    (dict(col=[-1, 0, -1, 0, 1, -1, 0]), ValueError, "inside the 2x2 grid; got token 2"),
+    # a scale-1 square at col 1 would spill into the next row's cells (silently, before)
+    (dict(col=[-1, 0, 1, 0, 1, -1, 1]), ValueError, "inside the 2x2 grid; got token 6 with scale 1"),
+    (dict(scale=[-1, 0, 0, 0, 0, -1, 2]), ValueError, "scale must be -1 (prefix) or in [0, num_scales)"),
+    (dict(scale=[0, -1, 0, 0, 0, -1, 1]), ValueError, "first num_prefix_tokens = 1 tokens"),
+    (dict(row=[0, 0, 0, 1, 1, -1, 0]), ValueError, "prefix tokens must have row = col = -1"),
+    (dict(row=[-1, 0, 0, 0, 1, -1, 0]), ValueError, "image 0's cell (row 0, col 0) is covered 2 times"),
+    (dict(grid_size=(2, 3)), ValueError, "cell (row 0, col 2) is covered 0 times"),
+    (dict(grid_size=(2, 0)), ValueError, "grid_size[1] must be >= 1"),
+    (dict(num_scales=2.0), TypeError, "num_scales must be an int"),
+])
+def test_packed_tokens_checks_its_layout(overrides, err, words):
+    small_packed()  # the unchanged layout is valid
+    with pytest.raises(err) as info:
+        small_packed(**overrides)
+    assert words in str(info.value)
+
+
+def test_packed_tokens_with_tokens_checks_the_rows():
+    packed = small_packed()
+    assert torch.equal(packed.with_tokens(torch.ones(7, 5)).to_grid()[1], torch.ones(2, 2, 5))
+    with pytest.raises(ValueError, match=r"tokens must have one row per packed token \(7\)"):
+        packed.with_tokens(torch.ones(6, 5))
+
+
 def test_empty_batch(backend):
     weight, bias, draw = exact_weights(4, 4)
     for fn in (adaptive_tokenize, adaptive_tokenize_reference):
@@ -359,6 +402,22 @@ def test_box_relevance():
         box_relevance(4, 4, (3, 0, 1, 2))
     with pytest.raises(ValueError, match="4 numbers"):
         box_relevance(4, 4, (0, 0, 1))
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_box_relevance_refuses_non_finite_coordinates(value):
+    for i in range(4):
+        box = [0.0, 0.0, 3.0, 3.0]
+        box[i] = value
+        with pytest.raises(ValueError, match=r"box must be 4 finite numbers \(x0, y0, x1, y1\)"):
+            box_relevance(4, 4, box)
+
+
+def test_box_relevance_checks_its_size():
+    with pytest.raises(TypeError, match="height must be an int"):
+        box_relevance(4.0, 4, (0, 0, 1, 1))
+    with pytest.raises(ValueError, match="width must be >= 0"):
+        box_relevance(4, -1, (0, 0, 1, 1))
 
 
 def test_quadtree_select_needs_two_scales():

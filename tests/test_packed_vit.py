@@ -112,6 +112,27 @@ def test_bad_models_and_modes():
         no_pool(no_pool.tokenize(_images(1, 64), thresholds=[0.0]))
 
 
+def test_bad_images_and_tokens_get_named_errors():
+    wrapper = PackedViT(tiny_vit())
+    for shape in [(1, 3, 1, 1), (1, 3, 8, 64), (2, 3, 64, 31)]:  # under one 32-px patch (2 scales)
+        with pytest.raises(ValueError, match=r"images must be at least the largest patch \(32x32"):
+            wrapper.tokenize(torch.zeros(shape, dtype=torch.uint8), thresholds=[0.0])
+    with pytest.raises(ValueError, match=r"images must be at least the largest patch \(16x16"):
+        wrapper.tokenize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), num_scales=1, thresholds=[])
+    with pytest.raises(ValueError, match="images must be"):
+        wrapper.tokenize(torch.zeros(3, 64, 64, dtype=torch.uint8), thresholds=[0.0])
+    packed = wrapper.tokenize(_images(1, 64), thresholds=[0.0])
+    narrow = packed.with_tokens(torch.zeros(packed.tokens.shape[0], 5))
+    for call in (wrapper, wrapper.forward_features):
+        with pytest.raises(ValueError, match=r"packed.tokens must have width embed_dim = 48 \(the model's\), "
+                                             r"got shape \(17, 5\)"):
+            call(narrow)
+    with pytest.raises(ValueError, match="features.tokens must have width embed_dim = 48"):
+        wrapper.pool(narrow)
+    with pytest.raises(TypeError, match="packed must be a PackedTokens, got Tensor"):
+        wrapper(packed.tokens)
+
+
 def test_gradients_reach_the_model(torch_backend):
     model = tiny_vit().train()
     wrapper = PackedViT(model)

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from vtok_fast.encode.vq import ResidualVQ
+from vtok_fast.encode.residual_vq import ResidualVQ
 
 
 def squared_error(x, q):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import vtok_fast
 from helpers import assert_close, import_peer
-from vtok_fast.encode.vq import ResidualVQ, VectorQuantizer, rotation_trick, straight_through
+from vtok_fast.encode.residual_vq import ResidualVQ
+from vtok_fast.encode.vq import VectorQuantizer, rotation_trick, straight_through
 
 vqtorch = import_peer("vector_quantize_pytorch")
 

@@ -173,6 +173,42 @@ def test_their_assertions_are_value_errors(name, kwargs, match):
         getattr(compat, name)(dim=8, codebook_size=16, **kwargs)
 
 
+NATIVE_NAMES = ("ema_decay", "usage_decay", "dead_code_threshold", "diveq_variance", "beam_score_weights")
+
+
+@pytest.mark.parametrize("name, kwargs, err, words", [
+    ("VectorQuantize", dict(threshold_ema_dead_code=-1), ValueError, "threshold_ema_dead_code must be"),
+    ("VectorQuantize", dict(threshold_ema_dead_code="1"), TypeError, "threshold_ema_dead_code must be"),
+    ("VectorQuantize", dict(decay=1.5), ValueError, "decay must be a number in [0, 1), got 1.5"),
+    ("VectorQuantize", dict(decay=1.5, learnable_codebook=True, ema_update=False), ValueError, "decay must be"),
+    ("VectorQuantize", dict(decay="0.9"), TypeError, "decay must be"),
+    ("VectorQuantize", dict(directional_reparam=True, threshold_ema_dead_code=1, directional_reparam_variance=-1),
+     ValueError, "directional_reparam_variance must be"),
+    ("VectorQuantize", dict(dim="8"), TypeError, "dim must be a positive int, got '8'"),
+    ("ResidualVQ", dict(num_quantizers=2, decay=2), ValueError, "decay must be"),
+    ("ResidualVQ", dict(num_quantizers=2, threshold_ema_dead_code=-2), ValueError, "threshold_ema_dead_code must"),
+    ("ResidualVQ", dict(num_quantizers=2, codebook_dim="4"), TypeError, "codebook_dim must be a positive int"),
+    ("ResidualVQ", dict(num_quantizers=2, codebook_dim=0), ValueError, "codebook_dim must be a positive int"),
+    ("ResidualVQ", dict(num_quantizers=2, beam_size=2, beam_score_quantizer_weights=[1.0]), ValueError,
+     "beam_score_quantizer_weights must have one weight per layer (num_quantizers = 2), got 1"),
+    ("ResidualVQ", dict(num_quantizers=2, beam_size=2, beam_score_quantizer_weights=[1.0, -1]), ValueError,
+     "beam_score_quantizer_weights[1] must be"),
+    ("ResidualVQ", dict(num_quantizers=2, stochastic_sample_codes=True, beam_size="2"), ValueError,
+     "beam_size must be an int"),
+    ("GroupedResidualVQ", dict(num_quantizers=2, groups=2.0), TypeError, "groups must be a positive int, got 2.0"),
+    ("GroupedResidualVQ", dict(num_quantizers=2, groups=0), ValueError, "groups must be a positive int, got 0"),
+    ("GroupedResidualVQ", dict(num_quantizers=2, groups=2, dim="8"), TypeError, "dim must be a positive int"),
+    ("GroupedResidualVQ", dict(num_quantizers=2, groups=2, decay=-1), ValueError, "decay must be"),
+])
+def test_errors_name_their_argument(name, kwargs, err, words):
+    kwargs = dict(dict(dim=8, codebook_size=16), **kwargs)
+    with pytest.raises(err) as info:
+        getattr(compat, name)(**kwargs)
+    message = str(info.value)
+    assert words in message
+    assert not any(native in message for native in NATIVE_NAMES), message
+
+
 # --- conventions ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", [

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vtok_fast.encode.vq import ResidualVQ, VectorQuantizer
+from vtok_fast.encode.residual_vq import ResidualVQ
+from vtok_fast.encode.vq import VectorQuantizer
 
 
 def snapshot(module):

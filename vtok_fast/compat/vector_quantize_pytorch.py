@@ -13,6 +13,8 @@ summed commitment losses, k-means init also in eval); they add no computation of
   soon as it is given a value other than its default (whether or not the original would use it),
   so no argument is ever silently ignored.
 - The original's assertions on argument combinations raise ``ValueError`` naming the arguments.
+- Every other bad value raises ``TypeError`` / ``ValueError`` naming the argument as the user passed
+  it (``decay``, not the native ``ema_decay``).
 
 Deviations, all on purpose: search ties and near-ties go to the lowest index / the truly nearest
 code (exact fp32 search); dead codes are replaced from samples drawn by the layer's own synced
@@ -38,6 +40,7 @@ from torch import nn
 
 from vtok_fast.encode import residual_vq as _rvq
 from vtok_fast.encode import vq as _vq
+from vtok_fast.encode._vq_common import _check_int, _check_number
 
 __all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "LossBreakdown"]
 
@@ -73,6 +76,11 @@ def _native_vq_kwargs(a: dict) -> dict:
     """vtok_fast ``VectorQuantizer`` arguments for vector-quantize-pytorch ``VectorQuantize`` ones
     (all of them, defaults applied)."""
     _reject(a, _UNSUPPORTED_VQ, "VectorQuantize")
+    # arguments the native layer knows under another name (or not at all), checked under theirs
+    _check_int("dim", a["dim"])
+    _check_number("decay", a["decay"], high=1.0)
+    _check_number("threshold_ema_dead_code", a["threshold_ema_dead_code"])
+    _check_number("directional_reparam_variance", a["directional_reparam_variance"])
     directional = a["directional_reparam"]
     ema_update = not directional if a["ema_update"] is None else a["ema_update"]
     learnable = directional if a["learnable_codebook"] is None else a["learnable_codebook"]
@@ -186,7 +194,8 @@ class ResidualVQ(_rvq.ResidualVQ):
         if diveq:
             vq_kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
                              commitment_weight=0.0)
-        codebook_dim = dim if codebook_dim is None else codebook_dim
+        _check_int("dim", dim)  # the layers' dim is codebook_dim: check both under their own names
+        codebook_dim = dim if codebook_dim is None else _check_int("codebook_dim", codebook_dim)
         sizes = codebook_size if isinstance(codebook_size, tuple) else (codebook_size,)
         layer = _layer_kwargs(dim=codebook_dim, codebook_size=sizes[0], codebook_dim=codebook_dim,
                               accept_image_fmap=accept_image_fmap,
@@ -195,17 +204,19 @@ class ResidualVQ(_rvq.ResidualVQ):
         for name in ("dim", "codebook_size", "codebook_dim", "masked_output"):  # the residual VQ's own
             del layer[name]
         stochastic = layer["stochastic_sample_codes"]
-        if stochastic and beam_size is not None and beam_size > 1:
+        if stochastic and isinstance(beam_size, int) and beam_size > 1:
             raise NotImplementedError("ResidualVQ: stochastic_sample_codes=True with beam_size > 1 (beams "
                                       "perturbed by Gumbel noise) is not implemented in vtok_fast")
         super().__init__(num_quantizers, dim, codebook_size, codebook_dim=codebook_dim, channel_last=channel_last,
                          beam_size=beam_size, eval_beam_size=eval_beam_size, beam_rank="vqp",
-                         beam_score_weights=beam_score_quantizer_weights, shared_codebook=shared_codebook,
+                         shared_codebook=shared_codebook,
                          quantize_dropout=quantize_dropout,
                          quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
                          quantize_dropout_multiple_of=quantize_dropout_multiple_of,
                          quant_grad_frac=1.0 if diveq else quant_grad_frac, diveq=diveq,
                          masked_output="zeros" if return_zeros_for_masked_padding else "input", **layer)
+        self.beam_score_weights = _rvq._layer_weights(  # checked under their name
+            "beam_score_quantizer_weights", beam_score_quantizer_weights, self.num_quantizers)
 
     def forward(self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                 freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None):
@@ -227,8 +238,6 @@ class GroupedResidualVQ(_rvq.GroupedResidualVQ):
 
     def __init__(self, *, dim, groups=1, accept_image_fmap=False, **kwargs):
         nn.Module.__init__(self)
-        _require(isinstance(dim, int) and isinstance(groups, int) and groups > 0 and dim % groups == 0,
-                 f"dim must be divisible by groups, got dim={dim!r}, groups={groups!r}")
         self._build(dim, groups, not accept_image_fmap, lambda group_dim: ResidualVQ(
             dim=group_dim, accept_image_fmap=accept_image_fmap, **kwargs))
 

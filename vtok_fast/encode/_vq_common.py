@@ -15,6 +15,7 @@ from vtok_fast._checks import check_tensor
 
 _NORM_EPS = 1e-6  # vector-quantize-pytorch's safe_div / l2norm eps
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+MASKED_OUTPUTS = ("zeros", "input")  # what padded positions of the output get
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook", "orthogonal_reg"])
 LossBreakdown.__doc__ = """Unweighted loss terms of one ``VectorQuantizer`` step: ``commitment``
@@ -116,6 +117,13 @@ def _row_mask(mask, lens, lead: torch.Size, device) -> torch.Tensor | None:
         raise ValueError(f"mask must have the shape of x without its feature dim, {tuple(lead)}, "
                          f"got {tuple(mask.shape)}")
     return mask.to(device).reshape(-1)
+
+
+def _finite_rows(z: torch.Tensor) -> torch.Tensor | None:
+    """The rows of ``z`` ``(books, rows, d)`` with no NaN or inf in any book, as a bool ``(rows,)``
+    mask, or None when that is all of them (one host sync)."""
+    ok = torch.isfinite(z).all(-1).all(0)
+    return None if bool(ok.all()) else ok
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -511,9 +511,12 @@ def adaptive_tokenize_reference(images: torch.Tensor, weight: torch.Tensor,
 def box_relevance(height: int, width: int, box, *, device=None) -> torch.Tensor:
     """A ``(H, W)`` float relevance map: 1 inside ``box = (x0, y0, x1, y1)`` (pixels, ``x1``/``y1``
     exclusive, clipped to the image), 0 elsewhere."""
+    height, width = check_int("height", height, 0), check_int("width", width, 0)
     if not isinstance(box, Sequence) or len(box) != 4 or not all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box):
         raise ValueError(f"box must be 4 numbers (x0, y0, x1, y1) in pixels, got {box!r}")
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1) in pixels, got {tuple(box)}")
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     if not (x0 < x1 and y0 < y1):
         raise ValueError(f"box must have x0 < x1 and y0 < y1, got {tuple(box)}")

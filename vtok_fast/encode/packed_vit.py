@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vtok_fast.encode.adaptive import DEFAULT_RELEVANCE_WEIGHT, adaptive_tokenize
+from vtok_fast._checks import check_int
+from vtok_fast.encode.adaptive import DEFAULT_RELEVANCE_WEIGHT, _check_images, adaptive_tokenize
 from vtok_fast.encode.packed import PackedTokens
 
 IMPLS = ("varlen", "loop", "padded")
@@ -139,13 +140,15 @@ class PackedViT(nn.Module):
 
         ``images`` are raw pixels (uint8, or floats in [0, 1]); ``mean``/``std`` default to the
         model's ``pretrained_cfg`` ones (pass ``mean=0, std=1`` for none). A table for another
-        grid is resampled as timm does for dynamic image sizes."""
+        grid is resampled as timm does for dynamic image sizes. Images smaller than the largest
+        patch (``p * 2**(num_scales - 1)`` pixels a side) raise a ``ValueError``."""
         m = self.model
         cfg = getattr(m, "pretrained_cfg", None) or {}
         mean = cfg.get("mean") if mean is None else mean
         std = cfg.get("std") if std is None else std
         proj = m.patch_embed.proj
         p = proj.weight.shape[-1]
+        _check_images(images, p, check_int("num_scales", num_scales, 1))  # before the table's resampling
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         prefix = [t for t in (m.cls_token, m.reg_token) if t is not None]
         prefix = torch.cat(prefix, dim=1) if prefix else None
@@ -172,12 +175,21 @@ class PackedViT(nn.Module):
             o = o * gate
         return attn.proj_drop(attn.proj(o))
 
+    def _check_packed(self, name: str, packed) -> None:
+        if not isinstance(packed, PackedTokens):
+            raise TypeError(f"{name} must be a PackedTokens, got {type(packed).__name__}")
+        width = self.model.embed_dim
+        if packed.tokens.shape[1] != width:
+            raise ValueError(f"{name}.tokens must have width embed_dim = {width} (the model's), got "
+                             f"shape {tuple(packed.tokens.shape)}")
+
     def forward_features(self, packed: PackedTokens) -> PackedTokens:
         """The model's ``forward_features`` on packed tokens: ``(total, D)`` after the final norm,
         in the same layout."""
         from timm.layers import DropPath
 
         m = self.model
+        self._check_packed("packed", packed)
         if self.training and any(isinstance(mod, DropPath) and mod.drop_prob > 0 for mod in m.modules()):
             raise RuntimeError("stochastic depth (DropPath) drops whole samples and cannot run on packed "
                                "tokens; set drop_path_rate=0 or call .eval()")
@@ -195,6 +207,7 @@ class PackedViT(nn.Module):
     def pool(self, features: PackedTokens) -> torch.Tensor:
         """The model's global pool per sequence, ``(B, D)``."""
         m = self.model
+        self._check_packed("features", features)
         x = features.tokens
         starts = features.cu_seqlens.long()[:-1]
         if m.global_pool == "token":

@@ -8,11 +8,13 @@ patch embedding.
   its weight: one weight shared by every level (a ViT's patch embedding, the image resized per
   level) or one weight per level (e.g. patch sizes 32, 16, 8 of a 256-px image: grids 8, 16, 32,
   no resizing at all).
-- **One pass over the pixels**: the levels are resized finest first; a level whose size divides
-  an already resized (finer) level's by an integer factor is average-pooled from it (box filter =
-  ``area`` resampling, exact for nested grids), so the original pixels are read once. Other
-  sizes are resampled from the input (bilinear with antialiasing when shrinking). A level whose
-  size is the input's embeds the input itself (uint8 included).
+- **Each level on its own**: a level's pixels are resized from the input itself, never from
+  another level, so its tokens are the same (bitwise) whatever other levels are requested. A size
+  that divides the input's by integer factors is average-pooled (box filter = ``area``
+  resampling); other sizes are resampled bilinearly (with antialiasing when shrinking). A level
+  whose size is the input's embeds the input itself (uint8 included). (Pooling coarse levels from
+  a finer resized one would read the pixels once, but a coarse level would then change with the
+  finer levels requested: bilinear then box filter is not the bilinear filter of the input.)
 - **Position tables**: ``pos_embeds`` is one table per level (``(N_l, D)`` or ``(1, N_l, D)``),
   or a single table of a square grid, resampled to every level's grid (bicubic with
   antialiasing, as timm's ``resample_abs_pos_embed``). ``level_embed`` ``(L, D)`` adds row ``l``
@@ -86,6 +88,13 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
+def _level_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The input at ``size``: itself, or resized from it (uint8 as floats in [0, 1])."""
+    if size == tuple(images.shape[2:]):
+        return images
+    return _resize(images.to(torch.float32) / 255 if images.dtype == torch.uint8 else images, size)
+
+
 def _table(name: str, value, rows: Optional[int], D: int, weight: torch.Tensor) -> torch.Tensor:
     t = check_tensor(name, value, ndim=(2, 3), shape_doc="(N, D) or (1, N, D)")
     if t.dim() == 3:
@@ -145,21 +154,10 @@ def pyramid_tokenize(images: torch.Tensor, weights: Tensors, biases: Tensors = N
     check_same_device(images=images, weight=weights[0], prefix=prefix, level_embed=level_embed,
                       pos_embed=tables[0], bias=biases[0])
 
-    # pixels: finest level first, each coarser one pooled from a finer one when the sizes nest
+    # pixels: each level resized from the input itself, so its tokens never depend on the other
+    # levels requested (levels of one size share the result)
     sizes = [(gh * w.shape[2], gw * w.shape[3]) for (gh, gw), w in zip(grids, weights)]
-    source = images if images.dtype != torch.uint8 else None
-    resized: dict[tuple[int, int], torch.Tensor] = {}
-    for size in sorted(set(sizes), key=lambda s: -s[0] * s[1]):
-        if size == tuple(images.shape[2:]):
-            resized[size] = images
-            continue
-        if source is None:  # uint8 pixels are resampled as floats in [0, 1]
-            source = images.to(torch.float32) / 255
-        nested = [x for s, x in resized.items() if s[0] % size[0] == 0 and s[1] % size[1] == 0]
-        start = nested[-1] if nested else source
-        if start.dtype == torch.uint8:
-            start = source
-        resized[size] = _resize(start, size)
+    resized = {size: _level_pixels(images, size) for size in set(sizes)}
 
     out = []
     for i, (grid, size, w, b, table) in enumerate(zip(grids, sizes, weights, biases, tables)):
@@ -171,6 +169,10 @@ def pyramid_tokenize(images: torch.Tensor, weights: Tensors, biases: Tensors = N
         if level_embed is not None:
             row = level_embed[i].expand(n, D)
             pos = row if pos is None else pos + row
-        pre = prefix if (i == 0 or not concat) else None
-        out.append(patch_embed(resized[size], w, b, pos, pre, pos_covers_prefix=False, mean=mean, std=std))
-    return torch.cat(out, dim=1) if concat else out
+        out.append(patch_embed(resized[size], w, b, pos, prefix, pos_covers_prefix=False, mean=mean,
+                               std=std))
+    if not concat:
+        return out
+    # every level ran the same call, prefix included, whatever its place; the prefix leads once
+    P = out[0].shape[1] - grids[0][0] * grids[0][1]
+    return torch.cat([out[0], *(t[:, P:] for t in out[1:])], dim=1)

@@ -12,11 +12,24 @@ from torch import nn
 
 from vtok_fast._checks import check_choice
 from vtok_fast.encode._vq_common import (
-    _all_reduce_, _check_flag, _check_indices, _check_input, _check_int, _check_number, _mse,
-    _row_mask, directional_reparam, frac_gradient)
-from vtok_fast.encode.vq import MASKED_OUTPUTS, MAX_BEAM, VectorQuantizer
+    MASKED_OUTPUTS, _all_reduce_, _check_flag, _check_indices, _check_input, _check_int, _check_number,
+    _mse, _row_mask, directional_reparam, frac_gradient)
+from vtok_fast.encode.codebook_search import MAX_K
+from vtok_fast.encode.vq import VectorQuantizer
 
 BEAM_RANKS = ("error", "vqp")
+MAX_BEAM = MAX_K  # beams extend by codebook_search(k=beam_size)
+
+
+def _layer_weights(name: str, weights: Sequence[float] | None, num_quantizers: int) -> tuple[float, ...]:
+    """``weights`` (one number >= 0 per layer; None: all 1) as a tuple, checked under ``name``."""
+    if weights is None:
+        return (1.0,) * num_quantizers
+    weights = tuple(_check_number(f"{name}[{i}]", w) for i, w in enumerate(weights))
+    if len(weights) != num_quantizers:
+        raise ValueError(f"{name} must have one weight per layer (num_quantizers = {num_quantizers}), "
+                         f"got {len(weights)}")
+    return weights
 
 
 class ResidualVQ(nn.Module):
@@ -66,8 +79,10 @@ class ResidualVQ(nn.Module):
     greedily (each codebook is initialized on the greedy residuals its layer sees).
 
     ``mask`` / ``lens`` leave padded positions out of every layer (see ``VectorQuantizer``); their
-    indices are -1. ``get_codes_from_indices`` maps -1 ("no code") to zeros when ``quantize_dropout``
-    is on (``missing_ok=True`` always), and then also accepts fewer columns than layers.
+    indices are -1. A vector holding a NaN or inf stays out of every layer's statistics, k-means
+    init and dead-code samples (as in ``VectorQuantizer``). ``get_codes_from_indices`` maps -1
+    ("no code") to zeros when ``quantize_dropout`` is on (``missing_ok=True`` always), and then also
+    accepts fewer columns than layers.
     """
 
     def __init__(self, num_quantizers: int | None, dim: int, codebook_size: int | Sequence[int], *,
@@ -120,15 +135,9 @@ class ResidualVQ(nn.Module):
         else:
             self.layers = nn.ModuleList(VectorQuantizer(inner, size, **vq_kwargs) for size in sizes)
         self.beam_rank = check_choice("beam_rank", beam_rank, BEAM_RANKS)
-        if beam_score_weights is not None:
-            if beam_rank != "vqp":
-                raise ValueError("beam_score_weights weigh beam_rank='vqp' scores; got beam_rank='error'")
-            weights = tuple(_check_number(f"beam_score_weights[{i}]", w) for i, w in enumerate(beam_score_weights))
-            if len(weights) != num_quantizers:
-                raise ValueError(f"beam_score_weights must have one weight per layer (num_quantizers = "
-                                 f"{num_quantizers}), got {len(weights)}")
-            beam_score_weights = weights
-        self.beam_score_weights = beam_score_weights or (1.0,) * num_quantizers
+        if beam_score_weights is not None and beam_rank != "vqp":
+            raise ValueError("beam_score_weights weigh beam_rank='vqp' scores; got beam_rank='error'")
+        self.beam_score_weights = _layer_weights("beam_score_weights", beam_score_weights, num_quantizers)
         self.beam_size = self._check_beam(beam_size, "beam_size")
         self.eval_beam_size = self._check_beam(beam_size if eval_beam_size is None else eval_beam_size,
                                                "eval_beam_size")

@@ -1,5 +1,6 @@
 """Vector quantization layers built on ``codebook_search``: ``VectorQuantizer`` here,
-``ResidualVQ`` and ``GroupedResidualVQ`` in ``residual_vq.py`` (also importable from this module).
+``ResidualVQ`` and ``GroupedResidualVQ`` in ``residual_vq.py`` (which imports this module, never the
+reverse; helpers both use live in ``_vq_common.py``).
 
 Conventions follow vector-quantize-pytorch (argument names, EMA with Laplace smoothing, commitment
 loss, straight-through and rotation-trick gradients, k-means init, dead-code expiry), with:
@@ -26,16 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtok_fast._checks import FLOAT_DTYPES, check_choice
-from vtok_fast.encode.codebook_search import MAX_K, METRICS, codebook_search
+from vtok_fast.encode.codebook_search import METRICS, codebook_search
 from vtok_fast.encode._vq_common import (  # noqa: F401  (re-exported: public helpers and test imports)
-    INDEX_DTYPES, LossBreakdown, _all_reduce_, _check_flag, _check_indices, _check_input,
-    _check_int, _check_number, _mse, _row_mask, _world, directional_reparam, gumbel_sample_codes,
-    load_vqp_keys, orthogonal_loss, rotation_trick, straight_through)
+    INDEX_DTYPES, MASKED_OUTPUTS, LossBreakdown, _all_reduce_, _check_flag, _check_indices,
+    _check_input, _check_int, _check_number, _finite_rows, _mse, _row_mask, _world, directional_reparam,
+    gumbel_sample_codes, load_vqp_keys, orthogonal_loss, rotation_trick, straight_through)
 
 GRADIENTS = ("ste", "rotation", "diveq", "none")
 CODEBOOK_LOSSES = ("separate", "joint")
-MASKED_OUTPUTS = ("zeros", "input")
-MAX_BEAM = MAX_K  # beams extend by codebook_search(k=beam_size)
 
 
 class _Step(NamedTuple):
@@ -44,15 +43,8 @@ class _Step(NamedTuple):
     indices: torch.Tensor
     loss: torch.Tensor
     breakdown: LossBreakdown
-    rows: torch.Tensor      # (books, rows, codebook_dim): the quantized (unmasked) vectors, detached
+    rows: torch.Tensor      # (books, rows, codebook_dim): the (unmasked, finite) vectors the statistics saw
     tracked: bool           # a training step that updated the statistics
-
-
-def __getattr__(name: str):  # ResidualVQ lives in residual_vq.py, which imports this module
-    if name in ("ResidualVQ", "GroupedResidualVQ"):
-        from vtok_fast.encode import residual_vq
-        return getattr(residual_vq, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class VectorQuantizer(nn.Module):
@@ -112,6 +104,11 @@ class VectorQuantizer(nn.Module):
     positions out of everything: search, loss, statistics, k-means and dead-code samples; their
     indices are -1. In training mode it also updates the EMA codebook, expires dead codes and
     refreshes ``perplexity`` / ``usage``.
+    A vector holding a NaN or inf (after ``project_in``) is quantized like the others (its output
+    and the loss are then whatever NaN gives) but never reaches the EMA statistics, k-means init or
+    dead-code samples (with ``separate_codebook_per_head``, its whole row stays out of every head's):
+    the step changes the layer exactly as the same step without it, and a batch of only such
+    vectors is an empty batch.
     An empty batch gives a zero loss (still in the autograd graph) and, when no rank has any rows,
     changes no state at all (no EMA step, k-means init or sampler draw); a rank with no rows while
     others have some still joins every all-reduce.
@@ -458,13 +455,19 @@ class VectorQuantizer(nn.Module):
         if self.metric == "cosine":
             z = F.normalize(z, dim=-1)
         sync = self.training and self._sync_active()
+        zd = z.detach()
+        initting = indices is None and (self.training or self.kmeans_init_in_eval) and not bool(self.initted)
+        updating = self.training and not freeze
+        # a row with a NaN or inf is quantized, but never reaches the statistics, k-means or dead codes
+        finite = _finite_rows(zd) if initting or updating else None
+        seen = zd if finite is None else zd[:, finite]
 
         if indices is not None:
             idx = indices.reshape(-1) if keep is None else indices.reshape(-1)[keep]
             idx = idx.reshape(1, -1)
         else:
-            if (self.training or self.kmeans_init_in_eval) and not bool(self.initted):
-                self._kmeans_init(z.detach(), self._sync_active())
+            if initting:
+                self._kmeans_init(seen, self._sync_active())
             idx = self._codes(z, temperature)
         embed = self.embed if self.learnable_codebook else self.embed.detach()
         live = torch.stack([embed[b][idx[b]] for b in range(z.shape[0])])  # before any update
@@ -484,10 +487,10 @@ class VectorQuantizer(nn.Module):
             loss = commitment = codebook_term = torch.zeros((), device=x.device)
 
         tracked = False
-        if self.training and not freeze:
-            tracked = self._track(z.detach(), idx, sync)  # no rows anywhere: no step at all
+        if updating:  # no rows anywhere: no step at all
+            tracked = self._track(seen, idx if finite is None else idx[:, finite], sync)
             if tracked and not defer_refresh:
-                self._finish_step(z.detach(), sync)
+                self._finish_step(seen, sync)
 
         ortho = loss.new_zeros(())
         if self.orthogonal_reg_weight > 0 and (self.training or self.eval_loss):
@@ -518,7 +521,7 @@ class VectorQuantizer(nn.Module):
         if not self.channel_last:
             quantized = quantized.movedim(-1, 1)
         out_idx = idx_rows.reshape(*lead, self.heads) if self.heads > 1 else idx_rows.reshape(lead)
-        return _Step(quantized, out_idx, loss, breakdown, z.detach(), tracked)
+        return _Step(quantized, out_idx, loss, breakdown, seen, tracked)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "

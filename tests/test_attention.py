@@ -199,6 +199,25 @@ def test_fp32_bias_with_fp16_inputs(backend):
     check_against_float64(out, grads, q, k, v, bias, grad_out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float64_bias(backend, dtype):
+    """The docstring's "any float dtype" includes float64 (it used to raise a TypeError): the bias
+    is rounded to fp32, the logits' precision, and its gradient comes back in float64."""
+    q, k, v, _, leaves = make_inputs(2, 2, 40, 32, dtype, None)
+    bias = (2 * torch.rand(2, 40, dtype=torch.float64)).log()
+    bias[1, :7] = NEG_INF
+    bias.requires_grad_()
+    grad_out = torch.randn(q.shape).to(dtype)
+    out, grads = grads_of(lambda: attention(q, k, v, key_bias=bias), leaves + [bias], grad_out)
+    assert out.dtype == dtype and grads[3].dtype == torch.float64
+    check_against_float64(out, grads, q, k, v, bias, grad_out)
+    as_fp32 = bias.detach().float().requires_grad_()
+    out32, grads32 = grads_of(lambda: attention(q, k, v, key_bias=as_fp32), leaves + [as_fp32], grad_out)
+    assert torch.equal(out, out32)
+    for got, want in zip(grads, grads32):
+        assert torch.equal(got, want.to(got.dtype))
+
+
 def test_deterministic(triton_backend):
     q, k, v, bias, leaves = make_inputs(2, 2, 90, 32, torch.float32, "random")
     grad_out = torch.randn(q.shape)
@@ -305,8 +324,9 @@ def test_bad_input():
         attention(q, q, q, key_bias=torch.zeros(2, 9))
     with pytest.raises(ValueError, match="key_bias must be 2-D"):
         attention(q, q, q, key_bias=torch.zeros(2, 1, 1, 10))
-    with pytest.raises(TypeError, match="key_bias must have dtype"):
-        attention(q, q, q, key_bias=torch.zeros(2, 10, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"key_bias must have dtype in \(float32, float16, bfloat16, float64\), "
+                                         "got torch.int64"):
+        attention(q, q, q, key_bias=torch.zeros(2, 10, dtype=torch.int64))
     with pytest.raises(ValueError, match="key_bias is on meta but q is on cpu"):
         attention(q, q, q, key_bias=torch.zeros(2, 10, device="meta"))
     for scale in (True, "0.1", float("inf"), torch.tensor(0.1)):

@@ -89,6 +89,15 @@ def test_no_gradient_and_compile(backend):
     torch.testing.assert_close(compiled(queries.detach(), keys), 2 * out)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_batch(backend, masked):
+    """B = 0 gives a (0, N) fp32 result (it used to divide by zero on both paths)."""
+    queries, keys = _inputs(0, 4, 2, 3, 70, 16, torch.float16)
+    key_mask = torch.ones(0, 70, dtype=torch.bool) if masked else None
+    out = attention_scores(queries, keys, key_mask=key_mask)
+    assert out.shape == (0, 70) and out.dtype == torch.float32
+
+
 def test_bad_inputs_name_the_argument():
     q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 10, 8)
     with pytest.raises(ValueError, match=r"queries must be \(B, heads, Q, d\)"):

@@ -380,6 +380,33 @@ def test_prumerge_multi_head_keys_are_concatenated_and_fp16():
     assert_close(c.tokens, b.tokens, dtype=torch.float16, reduction=33)
 
 
+@pytest.mark.parametrize("budget", [{}, {"keep": 3}, {"keep": 15}])
+@pytest.mark.parametrize("plus", [False, True])
+def test_prumerge_nan_score_ranks_last(backend, plus, budget):
+    """A NaN score ranks last: never an IQR outlier (the quartiles are those of the other scores),
+    the last pick of a fixed budget, and no attention (weight 0) in the merge sums. One NaN score
+    used to make the adaptive selection keep nothing (prefix + one NaN token)."""
+    fn = prumerge_plus if plus else prumerge
+    tokens = torch.randn(2, 17, 8)
+    scores = 0.1 * torch.rand(2, 17)
+    scores[:, [3, 9, 14]] = 1.0  # three clear outliers per image (patches 2, 8, 13)
+    with_nan = scores.clone()
+    with_nan[0, 6] = float("nan")
+    c = fn(tokens, scores=with_nan, metric=tokens, prefix=1, **budget)
+    check_invariants(c, tokens, 1, sorted_positions=True)
+    assert torch.isfinite(c.tokens).all()
+    if not plus:  # (PruMerge+'s spatial samples go by position alone and may take it)
+        assert 6 not in c.positions[0].tolist()  # the NaN token is never selected (of 15/16: the one left)...
+    if not budget and not plus:
+        assert c.counts.tolist() == [5, 5] and torch.equal(c.positions[:, 1:4], torch.tensor([[3, 9, 14]] * 2))
+    # ... and merges like a token that received no attention
+    zero = scores.clone()
+    zero[0, 6] = 0.0
+    want = fn(tokens, scores=zero, metric=tokens, prefix=1, **budget)
+    assert torch.equal(c.positions, want.positions) and torch.equal(c.source, want.source)
+    torch.testing.assert_close(c.tokens, want.tokens)
+
+
 def test_prumerge_plus_spatial_samples():
     selected = torch.zeros(3, 64, dtype=torch.bool)
     selected[1, [3, 10]] = True  # k=2: step 32, spacing 10
@@ -417,6 +444,48 @@ def test_compress_dispatches_every_method():
         c = compress(x, method, prefix=prefix, grid=(4, 4), **budget, **attention)
         assert isinstance(c, Compressed)
         check_invariants(c, x, prefix, drops=method == "attn_topk")
+
+
+# (method, budget, output width M of 16 patch tokens after prefix 1: pixel_shuffle has prefix 0)
+EMPTY_BATCH_CASES = [
+    ("pool", {}, 1 + 4), ("pool", {"mode": "bilinear", "stride": 3}, 1 + 4), ("pixel_shuffle", {}, 4),
+    ("tome", {"keep": 4}, 1 + 4), ("tome", {"r": 5}, 1 + 11), ("attn_topk", {"keep": 4}, 1 + 4),
+    ("attn_topk", {"ratio": 0.5}, 1 + 8), ("visionzip", {"dominant": 3, "contextual": 2}, 1 + 3 + 2),
+    ("prumerge", {"keep": 4}, 1 + 4 + 1), ("prumerge", {"ratio": 0.25}, 1 + 4 + 1),
+    ("prumerge", {}, 1 + 0 + 1), ("prumerge_plus", {"keep": 4}, 1 + 4 + 1), ("prumerge_plus", {}, 1 + 0 + 1),
+]
+
+
+@pytest.mark.parametrize("given", ["queries", "scores"])
+@pytest.mark.parametrize("method, budget, width", EMPTY_BATCH_CASES, ids=str)
+def test_empty_batch_has_the_budget_width(backend, method, budget, width, given):
+    """B = 0: empty outputs of the width the budget gives (the adaptive PruMerge(+) selections:
+    nothing kept, prefix + the extra token). Fixed PruMerge budgets used to lose their k slots, the
+    adaptive ones failed in torch.quantile, attention_scores divided by zero."""
+    tokens = torch.randn(0, 17, 8)
+    heads = torch.randn(0, 2, 17, 4)
+    attention = {"queries": heads[:, :, :1], "keys": heads}
+    if given == "scores":
+        attention = {"scores": torch.rand(0, 17), **({} if method == "attn_topk" else {"metric": tokens})}
+    if method in ("pool", "pixel_shuffle", "tome"):
+        attention = {}
+    x, prefix = (tokens[:, 1:], 0) if method == "pixel_shuffle" else (tokens, 1)
+    c = compress(x, method, prefix=prefix, grid=(4, 4), **budget, **attention)
+    dim = 4 * 8 if method == "pixel_shuffle" else 8
+    assert c.tokens.shape == (0, width, dim) and c.tokens.dtype == torch.float32
+    assert c.positions.shape == c.sizes.shape == (0, width) and c.source.shape == (0, x.shape[1])
+    ragged = method == "prumerge_plus" or (method == "prumerge" and not budget)
+    assert (c.counts is not None) == ragged and (c.counts is None or c.counts.shape == (0,))
+    if not ragged:  # the width of a non-empty batch
+        one = torch.randn(1, *x.shape[1:])
+        full = compress(one, method, prefix=prefix, grid=(4, 4), **budget,
+                        **{k: torch.randn(1, *v.shape[1:]) for k, v in attention.items()})
+        assert full.tokens.shape[1] == width
+
+
+def test_compress_method_must_be_a_name():
+    with pytest.raises(ValueError, match=r"method must be one of .*, got \['pool'\]"):
+        compress(torch.randn(1, 16, 8), ["pool"])
 
 
 def test_bad_inputs_name_what_is_wrong():

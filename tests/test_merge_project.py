@@ -199,6 +199,18 @@ def test_empty_batch(backend):
     assert call(merge_project, p, (4, 4)).shape == (0, 4, 8)
 
 
+@pytest.mark.parametrize("grid", [(0, 4), (4, 0), (0, 0)])
+def test_empty_grid(backend, grid):
+    """A grid side of 0 (Swin's PatchMerging on a (B, 0, W, C) map): an empty result and zero
+    gradients, like the eager reference."""
+    p = make_inputs(2, *grid, 8, 6, 2, prefix=1)
+    check_against_float64(p, grid, torch.float32, prefix=1, activation="gelu")
+    out = call(merge_project, p, grid, prefix=1, activation="gelu")
+    assert out.shape == (2, 0, 6)
+    out.sum().backward()
+    assert all(not t.grad.any() for t in p.values() if t is not None)
+
+
 def test_autocast_matches_eager_modules():
     # LayerNorm in fp32, Linear in bf16: the dtype and values of nn.LayerNorm + nn.Linear
     ln, lin = torch.nn.LayerNorm(32), torch.nn.Linear(32, 16)
@@ -268,7 +280,14 @@ def _bad(**overrides):
     (_bad(tokens=torch.randn(16, 8, 1, 1)), ValueError, "tokens must be"),
     (_bad(weight=torch.randn(32)), ValueError, "weight must be"),
     (_bad(tokens=torch.randn(2, 16, 0), weight=torch.randn(6, 0)), ValueError, "C >= 1"),
-    (_bad(eps=-1.0), ValueError, "eps must be"),
+    (_bad(eps=-1.0), ValueError, r"eps must be a number in \(0, inf\), got -1.0"),
+    (_bad(eps=0.0), ValueError, r"eps must be a number in \(0, inf\), got 0.0"),
+    (_bad(eps=float("nan")), ValueError, r"eps must be a number in \(0, inf\), got nan"),
+    (_bad(eps=float("inf")), ValueError, r"eps must be a number in \(0, inf\), got inf"),
+    (_bad(eps=None), TypeError, "eps must be a real number, got NoneType None"),
+    (_bad(eps="1e-5"), TypeError, "eps must be a real number, got str '1e-5'"),
+    (_bad(eps=True), TypeError, "eps must be a real number, got bool True"),
+    (_bad(grid=(-2, 4)), TypeError, r"grid must be a pair of non-negative ints \(h, w\), got \(-2, 4\)"),
     (_bad(weight=torch.randn(6, 32, device="meta")), ValueError, "weight is on meta"),
     ([1.0], TypeError, "torch.Tensor"),
 ])

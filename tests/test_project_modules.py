@@ -63,8 +63,9 @@ class _InternVLShuffleProject(nn.Module):
     def forward(self, features):
         x = features[:, 1:]
         side = int(x.shape[1] ** 0.5)
-        x = self.shuffle(self, x.reshape(x.shape[0], side, side, -1), scale_factor=self.ratio)
-        return self.multi_modal_projector(x.reshape(x.shape[0], -1, x.shape[-1]))
+        # explicit sizes where InternVL writes -1, which an empty batch leaves ambiguous
+        x = self.shuffle(self, x.reshape(x.shape[0], side, side, x.shape[-1]), scale_factor=self.ratio)
+        return self.multi_modal_projector(x.reshape(x.shape[0], x.shape[1] * x.shape[2], x.shape[-1]))
 
 
 def internvl():
@@ -243,6 +244,26 @@ def test_keyword_construction_matches_config_construction():
     assert OpticalCompressor().conv2.weight.shape == (1024, 512, 3, 3)  # DeepSeek-OCR: 256 -> 512 -> 1024
 
 
+EMPTY_INPUTS = [(name, 0) for name in FUSED] + [("swin", 1), ("swin", 2), ("swin_odd", 2), ("llava", 1)]
+
+
+@pytest.mark.parametrize("name, dim", EMPTY_INPUTS, ids=str)
+def test_empty_inputs_match_the_originals(name, dim, backend):
+    """An input with a zero-size dim (``dim`` 0: the batch; Swin's H or W; LLaVA's token count)
+    gives what the original gives (shape and dtype; SwinPatchMerging and MLPProjector used to
+    fail in a reshape), and backward gives zero gradients of the right shapes."""
+    orig, ours, inputs, kw, _ = build(name)
+    shape = list(inputs[0].shape)
+    shape[dim] = 0
+    x = torch.randn(shape, requires_grad=True)
+    out, want = ours(x, **kw), orig(x)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for key, p in ours.named_parameters():
+        assert p.grad is not None and not p.grad.any(), key
+
+
 def test_pixel_shuffle_projector_takes_grids():
     _, ours, (x,), _, _ = build("internvl")
     with torch.no_grad():
@@ -275,6 +296,18 @@ def test_activation_names():
     (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, downsample_ratio=0.4), ValueError,
      "downsample_ratio must be 1/s"),
     (lambda: PixelShuffleProjector(vision_hidden_size=4), ValueError, "text_hidden_size"),
+    (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, downsample_ratio=0), ValueError,
+     r"downsample_ratio must be a number in \(0, inf\), got 0"),
+    (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, downsample_ratio=float("nan")),
+     ValueError, r"downsample_ratio must be a number in \(0, inf\), got nan"),
+    (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, downsample_ratio=-0.5), ValueError,
+     r"downsample_ratio must be a number in \(0, inf\), got -0.5"),
+    (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, downsample_ratio=1e-320), ValueError,
+     "downsample_ratio must be 1/s"),
+    (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, downsample_ratio="0.5"), TypeError,
+     "downsample_ratio must be a real number, got str '0.5'"),
+    (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, downsample_ratio=None), TypeError,
+     "downsample_ratio must be a real number, got NoneType None"),
     (lambda: PixelShuffleProjector(vision_hidden_size=4, text_hidden_size=8, projector_hidden_act="quick_gelu"),
      ValueError, "projector_hidden_act must be one of"),
     (lambda: MLPProjector(in_features=4), ValueError, "out_features"),

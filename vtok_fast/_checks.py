@@ -1,6 +1,7 @@
 """Argument validation with messages that name the argument, what was expected and what came."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable
 
@@ -88,3 +89,13 @@ def check_choice(name: str, value, choices: tuple):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_positive_real(name: str, value) -> float:
+    """``value`` as a float in ``(0, inf)``: TypeError for a non-number (bools included),
+    ValueError for zero, a negative number, inf or NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not 0 < float(value) < math.inf:
+        raise ValueError(f"{name} must be a number in (0, inf), got {value!r}")
+    return float(value)

@@ -47,14 +47,14 @@ activation needs it. A fused Triton backward is not written: its cost is two GEM
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
+from vtok_fast._checks import (FLOAT_DTYPES, check_choice, check_int, check_positive_real, check_same_device,
+                               check_tensor)
 from vtok_fast._launch import cdiv, tile_grid
 from vtok_fast._op import define_op
 
@@ -333,8 +333,8 @@ def _check_grid(grid, window, order, tokens_per_image):
                              f"after the prefix (order='contiguous'), got {tokens_per_image}")
         return tokens_per_image // s, s
     if (not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid)):
-        raise TypeError(f"grid must be a pair of positive ints (h, w), got {grid!r}")
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in grid)):
+        raise TypeError(f"grid must be a pair of non-negative ints (h, w), got {grid!r}")
     h, w = int(grid[0]), int(grid[1])
     if h % s or w % s:
         raise ValueError(f"grid sides must be divisible by window={s}, got grid ({h}, {w}) "
@@ -355,7 +355,8 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
     Args:
         tokens: ``(B, L, C)`` or ``(L, C)``, ``L = prefix + h*w``, row-major over the grid (any
             strides).
-        grid: ``(h, w)``, both divisible by ``window``; optional for ``order="contiguous"``.
+        grid: ``(h, w)``, both divisible by ``window`` (0 allowed: an empty result);
+            optional for ``order="contiguous"``.
         weight: ``(D, window**2 * C)`` weight of the first Linear; ``bias``: ``(D,)`` or None, in
             the weight's dtype.
         window: merge window side ``s`` (1: no merge, a plain norm + Linear, e.g. LLaVA).
@@ -363,7 +364,7 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
         norm: ``"pre_concat"`` (over ``C``), ``"post_concat"`` (over ``window**2 * C``) or None;
             ``norm_type``: ``"layernorm"`` or ``"rmsnorm"``; ``norm_weight`` / ``norm_bias``: the
             affine, ``(C,)`` for pre-concat, ``(window**2 * C,)`` for post-concat, or None.
-        eps: the norm's epsilon.
+        eps: the norm's epsilon, a real number in ``(0, inf)``.
         activation: None, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``"relu"``.
         prefix: leading tokens of every sequence that are not part of the grid (left out).
 
@@ -398,8 +399,7 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
             raise ValueError(f"bias must be (D,) with D={D} (weight.shape[0]), got shape {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
-    if eps < 0 or not math.isfinite(eps):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    eps = check_positive_real("eps", eps)
     if norm is None:
         if norm_weight is not None or norm_bias is not None:
             raise ValueError("norm_weight / norm_bias need norm='pre_concat' or 'post_concat', got norm=None")
@@ -429,7 +429,7 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
     needs_grad = any(t is not None and t.requires_grad for t in (x, weight, bias, norm_weight, norm_bias))
     save_preact = activation is not None and torch.is_grad_enabled() and needs_grad
     out, _ = _merge_project_op(x, norm_weight, norm_bias, weight, bias, h, w, window, order,
-                               norm or "none", norm_type == "rmsnorm", float(eps),
+                               norm or "none", norm_type == "rmsnorm", eps,
                                activation or "none", prefix, save_preact)
     out = out.view(x.shape[0], h * w // (window * window), D)
     return out[0] if flat else out

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vtok_fast._checks import check_positive_real
 from vtok_fast.project.merge_project import merge_project
 
 # Hugging Face activation names (``config.projector_hidden_act``) -> merge_project's activation
@@ -180,8 +181,9 @@ class PixelShuffleProjector(nn.Module):
             projector_hidden_act = config.projector_hidden_act
         if vision_hidden_size is None or text_hidden_size is None:
             raise ValueError("PixelShuffleProjector needs a config or vision_hidden_size and text_hidden_size")
-        window = int(1 / downsample_ratio)  # InternVL's own rounding
-        if window < 1 or abs(window * downsample_ratio - 1) > 1e-6:
+        ratio = check_positive_real("downsample_ratio", downsample_ratio)
+        window = int(min(1 / ratio, 2 ** 31))  # InternVL's rounding; a tiny ratio fails below, no overflow
+        if window < 1 or abs(window * ratio - 1) > 1e-6:
             raise ValueError(f"downsample_ratio must be 1/s for an integer s >= 1, got {downsample_ratio}")
         dd = {"device": device, "dtype": dtype}
         self.window = window
@@ -238,7 +240,7 @@ def swin_merge(x: torch.Tensor, norm: nn.Module, reduction: nn.Linear) -> torch.
         H, W = H + H % 2, W + W % 2
     y = merge_project(x.reshape(B, H * W, C), (H, W), window=2, order="swin", norm="post_concat",
                       **norm_args(norm), weight=reduction.weight, bias=reduction.bias)
-    return y.view(B, H // 2, W // 2, -1)
+    return y.view(B, H // 2, W // 2, y.shape[-1])  # not -1: B, H or W may be 0
 
 
 class MLPProjector(nn.Module):
@@ -274,7 +276,7 @@ def mlp_project(x: torch.Tensor, first: nn.Linear, activation: Optional[str], se
     """``second(activation(first(x)))`` with the activation in ``first``'s epilogue."""
     y = merge_project(x.reshape(-1, x.shape[-1]), None, window=1, order="contiguous", norm=None,
                       weight=first.weight, bias=first.bias, activation=activation)
-    return second(y.view(*x.shape[:-1], -1))
+    return second(y.view(*x.shape[:-1], y.shape[-1]))  # not -1: x may be empty
 
 
 class OpticalCompressor(nn.Module):

@@ -2,7 +2,8 @@
 
 Contract (``q`` ``(B, H, M, d)``, ``k`` and ``v`` ``(B, H, N, d)`` as
 ``F.scaled_dot_product_attention`` takes them; fp32, fp16 or bf16, one dtype; ``key_bias``
-``(B, N)`` in any float dtype):
+``(B, N)`` in any float dtype, float64 included: it is rounded to fp32, the precision of the
+logits, and its gradient comes back in its own dtype):
 
 - ``out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h, j] + key_bias[b, j]) v[b, h, j]``,
   ``scale`` defaulting to ``1 / sqrt(d)``. The bias of a key is added to every logit of that key,
@@ -41,6 +42,7 @@ from vtok_fast._op import define_op
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)  # Triton kernels; 80 and 96 run padded to 128
 LOG2E = math.log2(math.e)
+BIAS_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64 is rounded to fp32 (the logits' precision)
 
 
 # --- reference (the PyTorch path) -------------------------------------------------------------------
@@ -227,7 +229,7 @@ def _check_args(q, k, v, key_bias, scale) -> float:
     if dim == 0:
         raise ValueError(f"q, k and v must have head dim d >= 1, got q {tuple(q.shape)}")
     if key_bias is not None:
-        check_tensor("key_bias", key_bias, ndim=2, dtypes=FLOAT_DTYPES, shape_doc="2-D (B, N)")
+        check_tensor("key_bias", key_bias, ndim=2, dtypes=BIAS_DTYPES, shape_doc="2-D (B, N)")
         if tuple(key_bias.shape) != (batch, k.shape[2]):
             raise ValueError(f"key_bias must have shape (B, N) = {(batch, k.shape[2])}, got "
                              f"{tuple(key_bias.shape)}")
@@ -250,12 +252,14 @@ def _attention_empty(q, k, v, key_bias, scale):
 def attention(q, k, v, *, key_bias=None, scale=None):
     """Attention with a per-key bias: ``softmax(scale * q k^T + key_bias[:, None, None, :]) v``.
 
-    ``q`` ``(B, H, M, d)``, ``k``/``v`` ``(B, H, N, d)`` (any strides), ``key_bias`` ``(B, N)`` or
-    None, ``scale`` default ``1 / sqrt(d)``. Returns ``(B, H, M, d)`` in q's dtype. A batch row
-    whose keys are all ``-inf``, or that has no keys (``N == 0``), gives zeros; an empty ``B``,
-    ``H`` or ``M`` gives an empty output. See the module docstring.
+    ``q`` ``(B, H, M, d)``, ``k``/``v`` ``(B, H, N, d)`` (any strides), ``key_bias`` ``(B, N)``
+    (any float dtype) or None, ``scale`` default ``1 / sqrt(d)``. Returns ``(B, H, M, d)`` in q's
+    dtype. A batch row whose keys are all ``-inf``, or that has no keys (``N == 0``), gives zeros;
+    an empty ``B``, ``H`` or ``M`` gives an empty output. See the module docstring.
     """
     scale = _check_args(q, k, v, key_bias, scale)
+    if key_bias is not None and key_bias.dtype == torch.float64:
+        key_bias = key_bias.float()  # differentiable: the gradient returns in float64
     if q.numel() == 0 or k.shape[2] == 0:
         return _attention_empty(q, k, v, key_bias, scale)
     if not _runs_triton(q, k, v, key_bias):  # SDPA

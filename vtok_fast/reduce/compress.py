@@ -47,7 +47,7 @@ GRID_METHODS = ("pool", "pixel_shuffle")
 def compress(tokens: torch.Tensor, method: str, *, grid=None, prefix: int = 0, **budget) -> Compressed:
     """Reduce ``tokens`` ``(B, prefix + h·w, D)`` with ``method`` (a name in ``METHODS``) and its
     ``budget`` arguments; see the module docstring."""
-    reducer = METHODS.get(method)
+    reducer = METHODS.get(method) if isinstance(method, str) else None
     if reducer is None:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if method in GRID_METHODS:

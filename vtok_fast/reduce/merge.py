@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-import vtok_fast
 from vtok_fast._checks import check_int
 from vtok_fast.reduce._common import check_metric, check_tokens, resolve_keep, sizes_from_source
 from vtok_fast.reduce.compressed import Compressed
+from vtok_fast.reduce.tome import tome_merge
 
 
 def tome(tokens: torch.Tensor, keep: int | None = None, *, r: int | None = None, ratio: float | None = None,
@@ -40,8 +40,8 @@ def tome(tokens: torch.Tensor, keep: int | None = None, *, r: int | None = None,
     current = num_patches
     while current > target:
         step = min(current - target, current // 2)
-        x, size, info = vtok_fast.tome_merge(x, x if metric is None else x[..., dim:], step, size,
-                                             protected_prefix=prefix, source_map=source)
+        x, size, info = tome_merge(x, x if metric is None else x[..., dim:], step, size,
+                                   protected_prefix=prefix, source_map=source)
         source = info.source_map
         positions = positions.gather(1, info.order)
         current -= step

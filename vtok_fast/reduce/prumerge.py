@@ -20,6 +20,12 @@ score), extra token]``; the kept tokens hold themselves (size 1), the extra toke
 token not kept (position ``-1``). Differences from the official code, all documented choices:
 quartiles per image (it pools the batch), exactly the outliers are kept (its ``int(N · ratio)``
 can lose one to rounding for some N, never for N = 576), ties rank to the lower index.
+
+A NaN score ranks last, as everywhere in ``vtok_fast.reduce``: it is kept only when a fixed budget
+reaches it, never as an IQR outlier (the quartiles are those of the image's other scores), and it
+weighs 0 in the merge sums (the token counts as receiving no attention). An empty batch returns
+``(0, prefix + k + 1, D)`` tokens for a budget of ``k`` (PruMerge+: the ``k`` every image keeps at
+least) and ``(0, prefix + 1, D)`` when adaptive.
 """
 from __future__ import annotations
 
@@ -37,8 +43,11 @@ NEIGHBOURS = 32
 
 
 def iqr_outliers(received: torch.Tensor) -> torch.Tensor:
-    """``(B, n)`` bool: scores above ``Q3 + 1.5 · IQR`` of their row."""
-    quartiles = torch.quantile(received, torch.tensor([0.25, 0.75], device=received.device), dim=1)
+    """``(B, n)`` bool: scores above ``Q3 + 1.5 · IQR`` of their row. NaN ranks last: it is never
+    an outlier and the quartiles are those of the row's other scores."""
+    if received.shape[0] == 0:  # quantile rejects an empty tensor
+        return torch.zeros_like(received, dtype=torch.bool)
+    quartiles = torch.nanquantile(received, torch.tensor([0.25, 0.75], device=received.device), dim=1)
     upper = quartiles[1] + 1.5 * (quartiles[1] - quartiles[0])
     return received > upper[:, None]
 
@@ -54,15 +63,16 @@ def spatial_samples(selected: torch.Tensor) -> torch.Tensor:
 
 
 def _merge(tokens: torch.Tensor, prefix: int, keep_mask: torch.Tensor, received: torch.Tensor,
-           similarity: torch.Tensor, neighbours: int, ragged: bool) -> Compressed:
+           similarity: torch.Tensor, neighbours: int, ragged: bool, empty_width: int) -> Compressed:
+    """``empty_width``: the kept-token slots of an empty batch (the fixed budget, 0 when adaptive)."""
     batch, _, dim = tokens.shape
     num_patches = keep_mask.shape[1]
     device = tokens.device
     acc = torch.promote_types(tokens.dtype, torch.float32)
     x = tokens[:, prefix:].to(acc)
-    weight = received.to(acc)
+    weight = received.masked_fill(received.isnan(), 0.0).to(acc)  # NaN: no attention
     count = keep_mask.sum(dim=1)
-    width = int(count.max()) if batch else 0
+    width = int(count.max()) if batch else empty_width
     kept_index = (~keep_mask).to(torch.int8).argsort(dim=1, stable=True)[:, :width]  # kept first, in order
     valid = arange_rows(batch, width, device) < count[:, None]
     merged = x.gather(1, kept_index.unsqueeze(-1).expand(-1, -1, dim))
@@ -106,13 +116,16 @@ def _prumerge(tokens, keep, ratio, queries, keys, scores, metric, scale, neighbo
         similarity = check_metric(tokens, metric, prefix)
     adaptive = keep is None and ratio is None
     if adaptive:
+        budget = 0
         keep_mask = iqr_outliers(received)
     else:
-        top = top_indices(received, resolve_keep(keep, ratio, num_patches))
+        budget = resolve_keep(keep, ratio, num_patches)
+        top = top_indices(received, budget)
         keep_mask = torch.zeros_like(received, dtype=torch.bool).scatter_(1, top, True)
     if plus:
         keep_mask = keep_mask | spatial_samples(keep_mask)
-    return _merge(tokens, prefix, keep_mask, received, similarity, neighbours, ragged=adaptive or plus)
+    return _merge(tokens, prefix, keep_mask, received, similarity, neighbours, ragged=adaptive or plus,
+                  empty_width=budget)
 
 
 def prumerge(tokens: torch.Tensor, keep: int | None = None, *, ratio: float | None = None,

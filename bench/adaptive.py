@@ -182,9 +182,10 @@ def providers(device=None) -> list[Provider]:
     ]
 
 
-def summarize(results, device) -> tuple[str, dict]:
+def summarize(results, device, quick: bool = False) -> tuple[str, dict]:
     """Token reduction on the sample image and the ratios of the run: ``reference`` (or
-    ``torch.compile``) time / ``vtok_fast`` time; for the ViT, images/s packed vs fixed grid."""
+    ``torch.compile``) time / ``vtok_fast`` time; for the ViT, images/s packed vs fixed grid. No
+    target, so no verdict, quick run or not."""
     times = {(r.case, r.provider): r.median_ms for r in results if r.median_ms}
     params = {r.case: r.params for r in results}
     lines, summary = ["Adaptive tokenization"], {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtok_fast.bench.harness import Case, Provider
+from vtok_fast.bench.harness import Case, Provider, verdict
 
 OP = "attention"
 MODES = ("forward", "full")
@@ -103,10 +103,10 @@ def providers(device=None) -> list[Provider]:
 
 # --- summary ----------------------------------------------------------------------------------------
 
-def summarize(results, device) -> tuple[str, dict]:
+def summarize(results, device, quick: bool = False) -> tuple[str, dict]:
     """Per case and mode: vtok_fast time / SDPA-flash without a bias (on CUDA the target, <= 1.15
     for the 16-bit forward) and SDPA-with-mask time / vtok_fast time (the speedup over the masked
-    SDPA ToMe used)."""
+    SDPA ToMe used). A quick run prints no verdict."""
     cuda = torch.device(device).type == "cuda"
     times = {(r.case, r.provider, r.mode): r.median_ms for r in results if r.median_ms}
     if cuda:
@@ -125,10 +125,10 @@ def summarize(results, device) -> tuple[str, dict]:
             if flash:
                 ratio = ours / flash
                 summary[f"{case}_{mode}_vs_flash_no_bias"] = ratio
-                verdict = ""
+                judged = ""
                 if cuda and mode == "forward" and not case.endswith("float32"):
-                    verdict = " ok" if ratio <= GPU_TARGET else " BELOW TARGET"
-                parts.append(f"{ratio:.2f}x the time of SDPA-flash without a bias{verdict}")
+                    judged = f" {verdict(ratio <= GPU_TARGET, quick)}"
+                parts.append(f"{ratio:.2f}x the time of SDPA-flash without a bias{judged}")
             if mask:
                 summary[f"{case}_{mode}_speedup_vs_mask"] = mask / ours
                 parts.append(f"speedup {mask / ours:.2f}x over SDPA with the mask")

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from vtok_fast.bench.harness import Case, Provider, find_result
+from vtok_fast.bench.harness import Case, Provider, find_result, verdict
 from vtok_fast.encode.codebook_search import codebook_search, cpu_gemm_choices
 
 OP = "codebook"
@@ -143,12 +143,14 @@ def providers(device) -> list[Provider]:
 
 # --- summary -------------------------------------------------------------------------------------------
 
-def _ratio_line(label, value, target, higher_is_better):
+def _ratio_line(label, value, target, higher_is_better, quick=False):
+    """``(line, ok)``: the value against its target; ``ok`` None when not measured or quick."""
     if value is None:
         return f"- {label}: not measured", None
     ok = value >= target if higher_is_better else value <= target
     sign = ">=" if higher_is_better else "<="
-    return f"- {label}: {value:.2f} (target {sign} {target}) {'PASS' if ok else 'FAIL'}", ok
+    return (f"- {label}: {value:.2f} (target {sign} {target}) {verdict(ok, quick, 'PASS', 'FAIL')}",
+            None if quick else ok)
 
 
 def _peak_tflops(device) -> float | None:
@@ -190,12 +192,14 @@ def alternating_ratio(n: int, k: int, d: int, reps: int = ALTERNATING_REPS,
     return statistics.median(times["vtok_fast"]) / statistics.median(times["faiss"])
 
 
-def summarize(results, device):
+def summarize(results, device, quick: bool = False):
+    """The targets (PASS/FAIL; a quick run: no verdict, ``pass`` None), skipped providers and
+    the CPU GEMM choice."""
     device = torch.device(device)
     lines, data = ["", f"### {OP} targets ({device.type})"], {"targets": {}, "skipped": {}}
 
     def record(key, label, value, target, higher):
-        line, ok = _ratio_line(label, value, target, higher)
+        line, ok = _ratio_line(label, value, target, higher, quick)
         lines.append(line)
         data["targets"][key] = {"value": value, "target": target, "pass": ok}
 

@@ -130,8 +130,9 @@ def providers(device=None) -> list[Provider]:
     ]
 
 
-def summarize(results, device) -> tuple[str, dict]:
-    """Generated tokens per second of every provider and the speedups of pruning, per case."""
+def summarize(results, device, quick: bool = False) -> tuple[str, dict]:
+    """Generated tokens per second of every provider and the speedups of pruning, per case. No target, so no
+    verdict, quick run or not."""
     times = {(r.case, r.provider): r.median_ms for r in results if r.median_ms and r.mode == "forward"}
     params = {r.case: r.params for r in results}
     lines, summary = [f"FastV (layer={LAYER}, ratio={RATIO}) generate throughput on {torch.device(device).type}"], {}

@@ -9,7 +9,12 @@ harness derives the three modes from that closure:
 - ``full``: forward then backward.
 
 Records share one shape (op, case, provider, mode, params, times, peak memory, device, versions)
-so tables and plots come from one place.
+so tables and plots come from one place. A case may name the implementation its ``baseline``
+provider runs in ``params["baseline"]``; the table prints it on that provider's rows.
+
+Summaries print each target's number followed by a verdict (``verdict``); a quick run (small
+shapes, a smoke test) prints ``QUICK_NO_VERDICT`` instead, since its numbers say nothing about
+the targets. Without ``--out`` results go to ``default_out_dir()``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from typing import Any, Callable
 import torch
 
 MODES = ("forward", "backward", "full")
+QUICK_NO_VERDICT = "quick run: no verdict"
+FALLBACK_OUT_DIR = "vtok_fast_bench_results"  # default --out outside the checkout
 
 
 @dataclass
@@ -104,12 +111,32 @@ def cpu_features() -> dict:
     }
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warning() -> str | None:
+    """A warning when the 1-minute load average exceeds the core count (other processes share
+    the cores, so timings are inflated and ratios noisy); None otherwise."""
+    load, cores = load_average(), os.cpu_count()
+    if load is None or not cores or load <= cores:
+        return None
+    return (f"the load average ({load:.1f}) exceeds the {cores} cores: other processes share them, so these "
+            "timings are inflated and their ratios noisy; run on a quiet machine for figures to report")
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": str(device),
         "cpu": cpu_model(),
         **cpu_features(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+        "load_average": load_average(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -331,18 +358,31 @@ def find_median(results: list[Result], case: str, provider: str, mode: str = "fo
     return None if r is None else r.median_ms
 
 
+def verdict(ok: bool, quick: bool, passed: str = "ok", failed: str = "BELOW TARGET") -> str:
+    """What a summary prints after a target's number: ``passed`` or ``failed``; in a quick run
+    ``QUICK_NO_VERDICT`` (its shapes are too small to judge a target by)."""
+    return QUICK_NO_VERDICT if quick else (passed if ok else failed)
+
+
+def provider_label(result: Result) -> str:
+    """The provider's name; ``baseline (<implementation>)`` when the case names it."""
+    implementation = result.params.get("baseline") if result.provider == "baseline" else None
+    return f"baseline ({implementation})" if implementation else result.provider
+
+
 def format_table(results: list[Result], baseline: str = "vtok_fast") -> str:
     """One row per (case, mode, provider): median [p20–p80] ms, peak MiB, and ``speedup`` =
-    provider time / vtok_fast time (> 1 means vtok_fast is faster)."""
+    provider time / vtok_fast time (> 1 means vtok_fast is faster). A ``baseline`` provider's
+    row names its implementation when the case gives one (``params["baseline"]``)."""
     base = {(r.case, r.mode): r.median_ms for r in results if r.provider == baseline and r.median_ms}
     rows = [("case", "mode", "provider", "median ms", "p20-p80 ms", "peak MiB", "TFLOP/s", "vtok speedup")]
     for r in results:
         if r.error:
-            rows.append((r.case, r.mode, r.provider, "error", r.error[:60], "", "", ""))
+            rows.append((r.case, r.mode, provider_label(r), "error", r.error[:60], "", "", ""))
             continue
         b = base.get((r.case, r.mode))
         rows.append((
-            r.case, r.mode, r.provider,
+            r.case, r.mode, provider_label(r),
             f"{r.median_ms:.3f}", f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
             "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}",
             "" if r.tflops is None else f"{r.tflops:.1f}",
@@ -352,6 +392,19 @@ def format_table(results: list[Result], baseline: str = "vtok_fast") -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def default_out_dir(cwd: str | os.PathLike | None = None) -> Path:
+    """Where ``vtok-fast bench`` writes without ``--out``: ``bench/results`` when ``cwd`` (default:
+    the current directory) is the source checkout this package runs from (an editable install),
+    else ``./vtok_fast_bench_results`` (a directory that merely holds a ``bench/results`` is not
+    the checkout)."""
+    here = Path(__file__).resolve().parent  # <checkout>/bench, or site-packages/vtok_fast/bench
+    checkout = here.parent
+    in_checkout = here.name == "bench" and (checkout / "setup.py").is_file() and (checkout / "vtok_fast").is_dir()
+    if in_checkout and Path(cwd if cwd is not None else Path.cwd()).resolve() == checkout:
+        return Path("bench") / "results"
+    return Path(FALLBACK_OUT_DIR)
 
 
 def results_path(op: str, device: torch.device, out_dir: str | os.PathLike, quick: bool = False) -> Path:

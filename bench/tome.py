@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vtok_fast.bench.harness import Case, Provider
+from vtok_fast.bench.harness import Case, Provider, verdict
 
 OP = "tome"
 MODES = ("forward", "full")
@@ -136,9 +136,9 @@ def flop_ceiling(r, *, num_tokens: int = 197, dim: int = 768, depth: int = 12, p
     return forward_flops((0,) * depth) / forward_flops(schedule(r, depth))
 
 
-def summarize(results, device) -> tuple[str, dict]:
+def summarize(results, device, quick: bool = False) -> tuple[str, dict]:
     """Speedups against the issue's targets: op level (reference / vtok_fast, forward) and model
-    level (unpatched timm / patched, images/s ratio)."""
+    level (unpatched timm / patched, images/s ratio); a quick run: no verdict."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
     op_target, model_target = TARGETS[kind]
     times = {(r.case, r.provider, r.mode): r.median_ms for r in results if r.median_ms}
@@ -150,8 +150,8 @@ def summarize(results, device) -> tuple[str, dict]:
             if ours and ref:
                 ratio = ref / ours
                 summary[f"{case}_{mode}_speedup"] = ratio
-                verdict = "" if mode != "forward" else (" ok" if ratio >= op_target else " BELOW TARGET")
-                lines.append(f"  op {case} {mode}: {ratio:.2f}x vs reference{verdict}")
+                judged = "" if mode != "forward" else f" {verdict(ratio >= op_target, quick)}"
+                lines.append(f"  op {case} {mode}: {ratio:.2f}x vs reference{judged}")
 
     batch = next((r.params["B"] for r in results if r.case == "vit_b16_model"), None)
     base = times.get(("vit_b16_model", "timm", "forward"))
@@ -166,8 +166,8 @@ def summarize(results, device) -> tuple[str, dict]:
         summary[f"model_{label}_images_per_s"] = batch / ours * 1e3
         summary[f"model_{label}_flop_ceiling"] = ceiling
         summary[f"model_{label}_fraction_of_ceiling"] = ratio / ceiling
-        verdict = "" if target is None else (" ok" if ratio >= target else " BELOW TARGET")
+        judged = "" if target is None else f" {verdict(ratio >= target, quick)}"
         lines.append(f"  model ViT-B/16 B={batch} {label}: {batch / ours * 1e3:.1f} img/s vs "
-                     f"{batch / base * 1e3:.1f} unpatched = {ratio:.2f}x{verdict}; FLOP ceiling "
+                     f"{batch / base * 1e3:.1f} unpatched = {ratio:.2f}x{judged}; FLOP ceiling "
                      f"{ceiling:.2f}x, {100 * ratio / ceiling:.0f} % of it reached")
     return "\n".join(lines), {"summary": summary}

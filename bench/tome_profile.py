@@ -3,7 +3,8 @@
 One forward of a random-init timm ViT-B/16 (eval, fp16 on CUDA at B=256, fp32 on CPU at B=8)
 under ``torch.profiler``, unpatched and patched at r=16. Every profiled op's self time is put in
 one bucket (attention, linear layers, merge ops: ToMe's score / plan / merge, norms, the rest);
-the shares are printed and saved to ``bench/results/tome_profile_<cpu|gpu>.json``.
+the shares are printed and saved to ``tome_profile_<cpu|gpu>.json`` in ``--out`` (default
+``harness.default_out_dir()``: ``bench/results`` from the checkout).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vtok_fast.bench.harness import results_path
+from vtok_fast.bench.harness import default_out_dir, results_path
 
 BUCKETS = ("attention", "linear", "merge", "norm", "other")
 # substrings of profiler op names (lower case), first match wins
@@ -85,8 +86,10 @@ def format_profile(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(device, out_dir: str = "bench/results", quick: bool = False) -> Path:
-    """Profile, print, and write ``tome_profile_<cpu|gpu>[_quick].json``; returns its path."""
+def run(device, out_dir: str | None = None, quick: bool = False) -> Path:
+    """Profile, print, and write ``tome_profile_<cpu|gpu>[_quick].json`` in ``out_dir`` (default
+    ``harness.default_out_dir()``); returns its path."""
+    out_dir = default_out_dir() if out_dir is None else out_dir
     result = profile(device, batch=2 if quick else None)
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print(format_profile(result))

@@ -1,6 +1,7 @@
 """Token budgets: the published counts, transformers' own arithmetic over random sizes, the CLI."""
 import argparse
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,8 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, i
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from vtok_fast.measure import budget_cli
-from vtok_fast.measure.budget import LLAVA_NEXT_PINPOINTS, count_tokens, parse_compress
+from vtok_fast.measure.budget import (FASTV_DEFAULT_RATIO, LLAVA_NEXT_PINPOINTS, MAX_IMAGE_SIDE, count_tokens,
+                                     parse_compress)
 
 
 def _row(budget, prefix):
@@ -409,12 +411,19 @@ def test_cli_options_and_json(capsys):
     (["budget", "llava-1.5", "336x", "--compress", "pool:stride=2"], "size must be HxW (e.g. 672x1008)"),
     (["budget", "llava-1.5", "336", "--compress", "tome:keep=1000"], "1000 tokens is more than the 576"),
     (["budget", "llava-2", "336"], "invalid choice: 'llava-2'"),
+    (["budget", "qwen2-vl", "1" + "0" * 155], "image_size sides must be at most 2147483647 pixels (MAX_IMAGE_SIDE), "
+                                              "got ~1e155x~1e155"),
+    (["budget", "qwen2-vl", "336", "--min-pixels", "1" + "0" * 400], "min_pixels must be a positive integer <="),
 ])
 def test_cli_errors_exit_2(argv, message, capsys):
-    with pytest.raises(SystemExit) as info:
-        budget_cli.main(argv)
-    assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    """Bad values and argparse's own errors alike: one line on stderr, exit status 2."""
+    try:
+        status = budget_cli.main(argv)
+    except SystemExit as exc:  # argparse's own checks (choices) exit from parse_args
+        status = exc.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("vtok-fast: error: ") and err.count("\n") == 1, err
 
 
 def test_cli_plugs_into_a_parent_parser(capsys):
@@ -435,3 +444,77 @@ def test_parse_size():
     assert budget_cli.parse_size(" 336 ") == (336, 336)
     with pytest.raises(ValueError, match="size must be HxW"):
         budget_cli.parse_size("a x b")
+
+
+# --- sizes past any float: a named error ------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["vit-b/16", "vit", "llava-1.5", "llava-next", "llava-uhd", "qwen2-vl",
+                                   "deepseek-ocr"])
+@pytest.mark.parametrize("size", [(10**155, 336), (336, 10**155), (10**400, 10**400), (MAX_IMAGE_SIDE + 1, 1)])
+def test_huge_sides_are_a_named_error(model, size):
+    """Sides up to MAX_IMAGE_SIDE count; a larger one is a ValueError naming image_size (it was an
+    OverflowError from the float arithmetic at ~1e155)."""
+    options = {"patch_size": 14} if model == "vit" else {}
+    with pytest.raises(ValueError, match=r"image_size sides must be at most 2147483647 pixels \(MAX_IMAGE_SIDE\), got"):
+        count_tokens(model, size, **options)
+
+
+@pytest.mark.parametrize("model", ["vit-b/16", "llava-1.5", "llava-next", "llava-uhd", "deepseek-ocr"])
+@pytest.mark.parametrize("compress", [None, "tome:keep=1", "fastv"])
+def test_the_largest_sides_count(model, compress):
+    for size in ((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), (MAX_IMAGE_SIDE, 336), (336, MAX_IMAGE_SIDE)):
+        budget = count_tokens(model, size, compress=compress)
+        assert budget.llm_tokens >= 1 and math.isfinite(budget.pixels_per_token)
+
+
+def test_huge_qwen2_vl_options_are_named_errors():
+    assert count_tokens("qwen2-vl", (MAX_IMAGE_SIDE // 100, MAX_IMAGE_SIDE // 100),
+                        max_pixels=MAX_IMAGE_SIDE**2).llm_tokens > 0
+    for name in ("min_pixels", "max_pixels"):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer <= {MAX_IMAGE_SIDE**2}, got ~1e400"):
+            count_tokens("qwen2-vl", (336, 336), **{name: 10**400})
+    with pytest.raises(ValueError, match="grid_pinpoints must be .* up to 2147483647"):
+        count_tokens("llava-next", (336, 336), grid_pinpoints=[(336 * 10**300, 336)])
+
+
+# --- FastV's default ratio and what the library can run ------------------------------------------------
+
+def test_fastv_ratio_defaults_to_half_as_the_patcher():
+    """``fastv`` alone counts R = 0.5, the default of vtok_fast.patch.hf(compress=("fastv", {}))."""
+    budget = count_tokens("llava-1.5", (336, 336), compress="fastv")
+    assert budget.llm_tokens == 288 and budget.compress == ("fastv", {"ratio": FASTV_DEFAULT_RATIO})
+    assert FASTV_DEFAULT_RATIO == 0.5
+    assert count_tokens("llava-1.5", (336, 336), compress=("fastv", {"layer": 3})).llm_tokens == 288
+    assert count_tokens("llava-1.5", (336, 336), compress="fastv:keep=100").compress == ("fastv", {"keep": 100})
+    with pytest.raises(ValueError, match="give exactly one of keep=, ratio=; got keep=, ratio="):
+        count_tokens("llava-1.5", (336, 336), compress="fastv:keep=100,ratio=0.5")
+
+
+@pytest.mark.parametrize("model, compress, words", [
+    ("qwen2-vl", "visionzip:dominant=54,contextual=10",
+     "runs visionzip inside LLaVA-1.5 models only, not in qwen2-vl: this count is arithmetic"),
+    ("qwen2-vl", "fastv", "runs fastv inside LLaVA-1.5 models only, not in qwen2-vl"),
+    ("llava-next", "pool:stride=2", "runs pool inside LLaVA-1.5 models only, not in llava-next"),
+    ("deepseek-ocr", "tome:keep=64", "runs tome inside LLaVA-1.5 models only, not in deepseek-ocr"),
+    ("llava-uhd", "attn_topk:keep=32", "runs attn_topk inside LLaVA-1.5 models only, not in llava-uhd"),
+    ("vit-b/16", "fastv", "fastv prunes inside a language model; vit-b/16 has none"),
+    ("llava-1.5", "pixel_shuffle", "pixel_shuffle makes tokens stride**2 times wider"),
+])
+def test_a_method_the_library_cannot_run_in_the_model_gets_a_note(model, compress, words, capsys):
+    budget = count_tokens(model, (672, 672), compress=compress)
+    assert len(budget.notes) == 1 and words in budget.notes[0]
+    assert f"\nnote: {budget.notes[0]}" in str(budget)
+    assert budget_cli.main(["budget", model, "672", "--compress", compress]) == 0  # counted, not refused
+    printed = capsys.readouterr().out
+    assert f"note: {budget.notes[0]}" in printed and "LLM tokens" in printed
+    assert budget_cli.main(["budget", model, "672", "--compress", compress, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == list(budget.notes)
+
+
+@pytest.mark.parametrize("model, compress", [
+    ("llava-1.5", "visionzip:dominant=54,contextual=10"), ("llava-1.5", "fastv:ratio=0.5"),
+    ("llava-1.5", "pool:stride=2"), ("vit-b/16", "tome:keep=49"), ("qwen2-vl", None),
+])
+def test_methods_the_library_runs_have_no_note(model, compress):
+    budget = count_tokens(model, (672, 672), compress=compress)
+    assert budget.notes == () and "note:" not in str(budget)

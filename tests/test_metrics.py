@@ -333,3 +333,75 @@ def test_image_metric_errors():
         ssim(x, x, 1.0, win_size=10)
     with pytest.raises(ValueError, match="pred and target must be \\(B, ...\\) with at least one value per image"):
         mse(torch.rand(4), torch.rand(4))
+
+
+# --- bad-input sweep ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("direction", ["image_to_text", "text_to_image"])
+@pytest.mark.parametrize("side", ["image_embeds", "text_embeds"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_retrieval_recall_nan_is_never_a_hit(direction, side, bad):
+    """A pair whose cosine is NaN (clip_score: NaN) is never found, whatever k; the other pairs
+    keep their ranks."""
+    image_embeds, text_embeds = torch.eye(3, 4), torch.eye(3, 4)
+    {"image_embeds": image_embeds, "text_embeds": text_embeds}[side][1, 2] = bad
+    assert torch.isnan(clip_score(image_embeds, text_embeds)[1])
+    for k in (1, 3):
+        got = retrieval_recall(image_embeds, text_embeds, k, direction=direction)
+        assert got.tolist() == [1.0, 0.0, 1.0], (k, got)
+
+
+@pytest.mark.parametrize("metric", [mse, psnr, ssim])
+def test_empty_batch_gives_empty_results(metric, device):
+    """B = 0 gives (0,), as pytorch-msssim (size_average=False) and torchmetrics (reduction="none")."""
+    empty = torch.rand(0, 3, 16, 16, device=device)
+    args = () if metric is mse else (1.0,)
+    got = metric(empty, empty, *args)
+    assert got.shape == (0,) and got.dtype == torch.float32 and got.device == empty.device
+    assert pytorch_msssim.ssim(empty.cpu(), empty.cpu(), data_range=1.0, size_average=False).shape == (0,)
+    if metric is not mse:
+        assert metric(empty, empty, torch.ones(0, device=device)).shape == (0,)
+    with pytest.raises(ValueError, match="at least one value per image"):
+        metric(torch.rand(0, 3, 0, 16), torch.rand(0, 3, 0, 16), *args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_psnr_of_a_tiny_or_huge_range_is_exact(dtype):
+    """psnr(data_range=1e-30) was -inf in float32 (data_range**2 underflows): it is the same PSNR
+    600 dB lower; scale-equivariant data in float64 gives the PSNR of the unscaled data."""
+    pred, target = _images("cpu", dtype)
+    base = psnr(pred, target, 1.0)
+    for data_range, shift in ((1e-30, -600.0), (1e-50, -1000.0), (1e30, 600.0)):
+        got = psnr(pred, target, data_range)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, base + shift, rtol=1e-6, atol=1e-3)
+        torch.testing.assert_close(psnr(pred, target, torch.full((3,), data_range, dtype=torch.float64)), got)
+    if dtype == torch.float64:
+        torch.testing.assert_close(psnr(pred * 1e-30, target * 1e-30, 1e-30), base, rtol=1e-9, atol=1e-9)
+
+
+def test_ssim_refuses_a_range_its_dtype_cannot_hold():
+    pred, target = _images("cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"data_range \[1e-30.*out of range for SSIM in torch.float32: the "
+                                         r"constant \(k1 \* data_range\)\*\*2 is not a normal torch.float32 "
+                                         r"number; pass float64"):
+        ssim(pred, target, 1e-30)
+    with pytest.raises(ValueError, match=r"\(k2 \* data_range\)\*\*2 is not a normal"):
+        ssim(pred, target, 1e21)  # (0.01e21)**2 fits float32, (0.03e21)**2 does not
+    wide = ssim(pred.double() * 1e-30, target.double() * 1e-30, 1e-30)
+    torch.testing.assert_close(wide, ssim(pred.double(), target.double(), 1.0), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("pixels, tokens", [
+    (100, torch.tensor([0, 2])),
+    (torch.tensor([100, 0]), 4),
+    (100, torch.tensor([2.0, float("nan")])),
+    (torch.zeros(2, 3, 0, 8), 4),
+    (100, torch.zeros(2, 0, 8)),
+    (100, SimpleNamespace(tokens=torch.zeros(2, 4, 8), counts=torch.tensor([4, 0]))),
+])
+def test_compression_ratio_refuses_zero_counts_as_an_int_zero(pixels, tokens):
+    """compression_ratio(100, tensor([0, 2])) returned inf where compression_ratio(100, 0) is refused."""
+    with pytest.raises(ValueError, match=r"(pixels|tokens) must count at least one per image \(positive, finite\), "
+                                         r"got counts \["):
+        compression_ratio(pixels, tokens)

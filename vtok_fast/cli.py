@@ -1,9 +1,14 @@
-"""``vtok-fast`` command line: ``demo``, ``info``, ``bench`` and ``budget``."""
+"""``vtok-fast`` command line: ``demo``, ``info``, ``bench`` and ``budget``.
+
+Also ``python -m vtok_fast ...``. Errors are one line on stderr (``vtok-fast: error: ...``) with
+exit status 2, checked (output paths included) before any work starts.
+"""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from vtok_fast._cli_errors import OneLineParser, error as _error, output_dir_problem, warn
 
 
 def _info(_args) -> int:
@@ -36,12 +41,6 @@ def _info(_args) -> int:
     return 0
 
 
-def _error(message: str) -> int:
-    """One line on stderr and exit status 2 (a usage error, as argparse's own)."""
-    print(f"vtok-fast: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _parse_modes(text: str | None, op_modes: dict[str, tuple[str, ...]]) -> dict | str:
     """``{op: modes to run}`` for ``--modes`` (None: each op's own), or an error message.
 
@@ -65,7 +64,8 @@ def _bench(args) -> int:
     import torch
 
     from vtok_fast.bench import OPS
-    from vtok_fast.bench.harness import format_table, run_benchmark, text_progress, write_json
+    from vtok_fast.bench.harness import (QUICK_NO_VERDICT, default_out_dir, format_table, load_warning,
+                                         run_benchmark, text_progress, write_json)
 
     names = list(OPS) if args.op == "all" else [args.op]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -73,18 +73,26 @@ def _bench(args) -> int:
                       "(torch.cuda.is_available() is False); use --device cpu")
     if not args.min_time >= 0:
         return _error(f"--min-time must be >= 0 seconds, got {args.min_time}")
+    if args.profile and args.op != "tome":
+        return _error(f"--profile is for the tome benchmark, got {args.op!r}")
+    out = default_out_dir() if args.out is None else args.out
+    problem = output_dir_problem("--out", out)
+    if problem:
+        return _error(problem)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.profile:
-        if args.op != "tome":
-            return _error(f"--profile is for the tome benchmark, got {args.op!r}")
-        from vtok_fast.bench.tome_profile import run
-
-        run(device, args.out, quick=args.quick)
-        return 0
-    mods = {name: importlib.import_module(OPS[name]) for name in names}
-    modes = _parse_modes(args.modes, {name: tuple(mod.MODES) for name, mod in mods.items()})
+    mods = {} if args.profile else {name: importlib.import_module(OPS[name]) for name in names}
+    modes = _parse_modes(args.modes, {name: tuple(mod.MODES) for name, mod in mods.items()}) if mods else {}
     if isinstance(modes, str):
         return _error(modes)
+    if args.quick:
+        print(f"{QUICK_NO_VERDICT} (small shapes: a smoke run, whose numbers judge no target)")
+    elif busy := load_warning():
+        warn(busy)
+    if args.profile:
+        from vtok_fast.bench.tome_profile import run
+
+        run(device, out, quick=args.quick)
+        return 0
     status = 0
     for name, mod in mods.items():
         if not modes[name]:
@@ -94,8 +102,7 @@ def _bench(args) -> int:
         results = run_benchmark(mod.OP, cases, mod.providers(device), modes=modes[name],
                                 device=device, progress=None if args.no_progress else text_progress,
                                 min_time_s=args.min_time,
-                                on_result=lambda rs: write_json(mod.OP, rs, device, args.out,
-                                                                quick=args.quick))
+                                on_result=lambda rs: write_json(mod.OP, rs, device, out, quick=args.quick))
         print(f"\n## {mod.OP} on {device}")
         if not results:
             print(f"vtok-fast: error: {mod.OP}: no provider ran on any case (nothing measured)",
@@ -106,15 +113,15 @@ def _bench(args) -> int:
         summary = getattr(mod, "summarize", None)
         extra = None
         if summary is not None:
-            text, extra = summary(results, device)
+            text, extra = summary(results, device, quick=args.quick)
             print(text)
-        path = write_json(mod.OP, results, device, args.out, extra=extra, quick=args.quick)
+        path = write_json(mod.OP, results, device, out, extra=extra, quick=args.quick)
         print(f"results written to {path}")
     return status
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vtok-fast", description=__doc__)
+    parser = OneLineParser(prog="vtok-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backend and device")
     from vtok_fast.bench import OPS
@@ -126,8 +133,9 @@ def main(argv=None) -> int:
                    help="small shapes (smoke run); writes <op>_<cpu|gpu>_quick.json")
     b.add_argument("--modes", help="comma-separated subset of the op's modes "
                                    "(of forward,backward,full; default: all it has)")
-    b.add_argument("--out", default="bench/results",
-                   help="folder for the JSON results, <op>_<cpu|gpu>.json (default: bench/results)")
+    b.add_argument("--out", help="folder for the JSON results, <op>_<cpu|gpu>.json (created if missing; "
+                                 "default: bench/results when run from the source checkout, else "
+                                 "./vtok_fast_bench_results)")
     b.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per provider")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--profile", action="store_true",

@@ -51,14 +51,24 @@ the method's own terms, those of ``vtok_fast.compress`` (same names, defaults an
 - ``("visionzip", {"dominant": d, "contextual": c})``: ``d + c`` tokens (LLaVA-1.5's 64 = 54 +
   10; the official VisionZip code also forwards the CLS token).
 - ``("fastv", {"ratio": R, "layer": K})`` (or ``keep=``): in the language model; FastV's ``R`` is
-  the fraction *pruned*: from layer K on (default 2) the LLM sees ``round(N * (1 - R))`` of the N
-  image tokens, newlines included.
+  the fraction *pruned* (default 0.5, ``FASTV_DEFAULT_RATIO``): from layer K on (default 2) the
+  LLM sees ``round(N * (1 - R))`` of the N image tokens, newlines included.
 
 Grid methods keep a grid, so the model's layout is recomputed on the reduced grid (LLaVA-NeXT
 unpads the pooled crops, DeepSeek-OCR adds a newline per pooled row). Token-count methods leave
 no grid: LLaVA-NeXT then uses its ``flat`` layout (views concatenated, no unpadding, no
 newlines), DeepSeek-OCR drops its row newlines (the view separator stays), and LLaVA-UHD's 64
 resampler queries per view (not a grid) accept only token-count methods. Keep counts are per view.
+
+The count is arithmetic: it does not say the library can run the method inside that model.
+``vtok_fast.patch.hf(model, compress=...)`` runs the vision methods and FastV in LLaVA-1.5
+models (``LlavaForConditionalGeneration``) only; for any other model a compressed budget
+carries a ``notes`` line saying so (``vtok-fast budget`` prints it), as it does for ``fastv`` on
+a ViT (no language model) and ``pixel_shuffle`` in LLaVA-1.5 (its projector takes 1024-channel
+tokens, not the 4x wider ones).
+
+Image sides are at most ``MAX_IMAGE_SIDE`` (2**31 - 1) pixels, so that every model's float
+arithmetic stays finite.
 """
 from __future__ import annotations
 
@@ -94,6 +104,11 @@ BUDGET_TERMS = {
     "fastv": ("keep", "ratio", "layer"),
 }
 FASTV_DEFAULT_LAYER = 2
+FASTV_DEFAULT_RATIO = 0.5  # FastV's R (the fraction pruned); vtok_fast.patch.hf_fastv's default too
+MAX_IMAGE_SIDE = 2**31 - 1
+# model families whose Hugging Face model vtok_fast.patch.hf(model, compress=...) can run a method in
+IN_MODEL_FAMILIES = ("llava-1.5",)
+VIT_MODELS = ("vit-b/16", "vit-l/14-336", "vit")
 
 
 @dataclass(frozen=True)
@@ -106,7 +121,8 @@ class TokenBudget:
     excluded (after ``compress``). ``pixels_per_token``: ``H * W / llm_tokens`` of the image as
     given. ``breakdown``: ``(label, count)`` rows; the ``"ViT: "`` rows add up to ``vit_tokens``,
     the ``"LLM: "`` rows to ``llm_tokens``. ``uncompressed_llm_tokens``: ``llm_tokens`` without
-    ``compress``; ``compress``: the normalized ``(method, {budget})`` or None.
+    ``compress``; ``compress``: the normalized ``(method, {budget})`` or None. ``notes``: lines
+    about the compression, e.g. that the library cannot run it inside this model.
     """
 
     model: str
@@ -117,6 +133,7 @@ class TokenBudget:
     breakdown: tuple[tuple[str, int], ...]
     uncompressed_llm_tokens: int
     compress: tuple[str, dict] | None = None
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         height, width = self.image_size
@@ -127,6 +144,7 @@ class TokenBudget:
                          f"{self.uncompressed_llm_tokens} -> {self.llm_tokens} LLM tokens")
         wide = max(len(label) for label, _ in self.breakdown)
         lines += [f"  {label:<{wide}}  {count:>7}" for label, count in self.breakdown]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -181,6 +199,8 @@ def _check_budget(method: str, params: dict) -> None:
         raise ValueError(f"compress {method}: its own budget (the CLS-attention IQR outliers, about "
                          "32 of 576 on LLaVA-1.5) depends on the image; give keep= or ratio= to count "
                          "a fixed budget")
+    if method == "fastv" and "keep" not in params:
+        params.setdefault("ratio", FASTV_DEFAULT_RATIO)
     _need_one(method, params, *(("keep", "r", "ratio") if method == "tome" else ("keep", "ratio")))
     if "r" in params:
         _need_int(method, "r", params["r"], 0)
@@ -304,6 +324,25 @@ def _grid_text(spec, h: int, w: int, n: int, grid) -> str:
     return f"{n} of {h}x{w} ({format_compress(spec)})"
 
 
+def _notes(model: str, spec) -> tuple[str, ...]:
+    """What the library can and cannot run of ``spec`` in ``model`` (the budget counts either)."""
+    if spec is None:
+        return ()
+    method = spec[0]
+    if model in VIT_MODELS:
+        if method != "fastv":
+            return ()  # vtok_fast.compress runs every vision method on the encoder's tokens
+        return (f"fastv prunes inside a language model; {model} has none: the count is what one placed after "
+                "this encoder would see from layer K on",)
+    if model not in IN_MODEL_FAMILIES:
+        return (f"vtok_fast.patch.hf(model, compress=...) runs {method} inside LLaVA-1.5 models only, not in "
+                f"{model}: this count is arithmetic, the library cannot run {method} in that model",)
+    if method == "pixel_shuffle":
+        return ("pixel_shuffle makes tokens stride**2 times wider: vtok_fast.patch.hf runs it in a LLaVA model "
+                "only when the projector takes that width (LLaVA-1.5's takes 1024 channels)",)
+    return ()
+
+
 # --- models ----------------------------------------------------------------------------------
 
 def _fixed_grid(size, spec, *, patch_size):
@@ -353,9 +392,10 @@ def _pinpoints(value) -> tuple[tuple[int, int], ...]:
         points = tuple((h, w) for h, w in value)
     except (TypeError, ValueError):
         raise TypeError(f"grid_pinpoints must be (height, width) pairs, got {value!r}") from None
-    if not points or any(not (_is_int(v) and v > 0 and v % CLIP_SIZE == 0) for p in points for v in p):
+    if not points or any(not (_is_int(v) and 0 < v <= MAX_IMAGE_SIDE and v % CLIP_SIZE == 0)
+                         for p in points for v in p):
         raise ValueError(f"grid_pinpoints must be (height, width) pairs of positive multiples of "
-                         f"{CLIP_SIZE}, got {value!r}")
+                         f"{CLIP_SIZE} up to {MAX_IMAGE_SIDE}, got {value!r}")
     return points
 
 
@@ -438,10 +478,12 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pix
 
 def _qwen2_vl(size, spec, *, min_pixels=QWEN2_VL_MIN_PIXELS, max_pixels=QWEN2_VL_MAX_PIXELS,
               patch_size=CLIP_PATCH, merge_size=2):
-    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels),
-                        ("patch_size", patch_size), ("merge_size", merge_size)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    area, side = MAX_IMAGE_SIDE**2, MAX_IMAGE_SIDE
+    for name, value, limit in (("min_pixels", min_pixels, area), ("max_pixels", max_pixels, area),
+                               ("patch_size", patch_size, side), ("merge_size", merge_size, side)):
+        if not _is_int(value) or not 1 <= value <= limit:
+            shown = _short(value) if _is_int(value) else repr(value)
+            raise ValueError(f"{name} must be a positive integer <= {limit}, got {shown}")
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels must be <= max_pixels, got {min_pixels} > {max_pixels}")
     rh, rw = _smart_resize(*size, patch_size * merge_size, min_pixels, max_pixels)
@@ -525,11 +567,19 @@ _MODELS = {
 MODEL_NAMES = tuple(_MODELS)
 
 
+def _short(value: int) -> str:
+    """An int as written, or as ``~1e155`` when it has more than 15 digits."""
+    return str(value) if value < 10**15 else f"~1e{int(math.log10(value))}"
+
+
 def _image_size(value) -> tuple[int, int]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"image_size must be (H, W), got {value!r}")
     if not all(_is_int(v) and v > 0 for v in value):
         raise ValueError(f"image_size must be two positive integers (H, W), got {value!r}")
+    if max(value) > MAX_IMAGE_SIDE:
+        raise ValueError(f"image_size sides must be at most {MAX_IMAGE_SIDE} pixels (MAX_IMAGE_SIDE), got "
+                         f"{_short(value[0])}x{_short(value[1])}")
     return int(value[0]), int(value[1])
 
 
@@ -564,4 +614,4 @@ def count_tokens(model: str, image_size, *, compress=None, **options) -> TokenBu
     breakdown = tuple([(f"ViT: {label}", c) for label, c in vit] + [(f"LLM: {label}", c) for label, c in llm])
     return TokenBudget(model=name, image_size=size, vit_tokens=vit_tokens, llm_tokens=llm_tokens,
                        pixels_per_token=size[0] * size[1] / llm_tokens, breakdown=breakdown,
-                       uncompressed_llm_tokens=uncompressed, compress=spec)
+                       uncompressed_llm_tokens=uncompressed, compress=spec, notes=_notes(name, spec))

@@ -1,7 +1,9 @@
 """``vtok-fast budget MODEL HxW [--compress SPEC]``: print the token budget of one image.
 
 ``add_budget_parser(subparsers)`` adds the subcommand to ``vtok-fast``'s parser; the parsed
-arguments run ``run_budget(args)``. ``main(argv)`` runs the subcommand alone.
+arguments run ``run_budget(args)``. ``main(argv)`` runs the subcommand alone. A bad value is one
+line on stderr (``vtok-fast: error: ...``) and exit status 2. A compression the library cannot
+run inside the model is counted all the same, with a ``note:`` line saying so.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import re
 import sys
 
+from vtok_fast._cli_errors import OneLineParser, error
 from vtok_fast.measure.budget import DEEPSEEK_OCR_MODES, MODEL_NAMES, count_tokens
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:[x×X*,]\s*(\d+)\s*)?$")
@@ -38,23 +41,22 @@ def add_budget_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--compress", metavar="SPEC",
                         help="METHOD[:key=value,...], e.g. pool:stride=2, tome:keep=144, "
                              "attn_topk:ratio=0.25 (the fraction kept), visionzip:dominant=54,contextual=10, "
-                             "fastv:ratio=0.5 (FastV's R: the fraction pruned)")
+                             "fastv:ratio=0.5 (FastV's R: the fraction pruned; default 0.5)")
     parser.add_argument("--patch-size", type=int, help="patch size of a fixed-grid ViT (or Qwen2-VL)")
     parser.add_argument("--min-pixels", type=int, help="Qwen2-VL smart_resize lower bound")
     parser.add_argument("--max-pixels", type=int, help="Qwen2-VL smart_resize upper bound")
     parser.add_argument("--mode", choices=tuple(DEEPSEEK_OCR_MODES), help="DeepSeek-OCR mode")
     parser.add_argument("--json", action="store_true", help="print the budget as JSON")
-    parser.set_defaults(budget_parser=parser)
     return parser
 
 
 def run_budget(args) -> int:
-    """Print the budget for parsed ``budget`` arguments; bad values exit through argparse (2)."""
+    """Print the budget for parsed ``budget`` arguments; return 0, or 2 after a one-line error."""
     options = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
     try:
         budget = count_tokens(args.model, parse_size(args.size), compress=args.compress, **options)
     except (TypeError, ValueError) as exc:
-        args.budget_parser.error(str(exc))
+        return error(str(exc))
     if args.json:
         print(json.dumps(dataclasses.asdict(budget)))
     else:
@@ -63,7 +65,7 @@ def run_budget(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vtok-fast")
+    parser = OneLineParser(prog="vtok-fast")
     add_budget_parser(parser.add_subparsers(dest="command", required=True))
     return run_budget(parser.parse_args(argv))
 

@@ -21,10 +21,21 @@ Rows of the table (token counts are patch tokens, no CLS):
   (mean cosine of each unmerged token with the original); pooling's pixel reconstruction is that
   of an all-coarse adaptive grid (each pooled block box-filtered to 14 px, upsampled).
 
-PSNR (dB, data range 1) and SSIM come from ``vtok_fast.measure.metrics``. ``time`` is one call of
-the method (its input tokens already computed). ``--out`` writes a PNG panel: the image, the
+``img px/token`` is one base for every row: the pixels of the image as tokenized (after
+``--max-side``) divided by the row's tokens, as ``vtok-fast budget``'s pixels per token (a view's
+crop or a floor grid covers less of the image, and says so by a larger number). PSNR (dB, data
+range 1) and SSIM come from ``vtok_fast.measure.metrics``. ``time`` is one call of the method (its
+input tokens already computed). A run is reproducible: every random draw (the random
+projections, the VQ layer's k-means sampling seed) comes from ``seed``, so two runs on one
+machine print the same quality numbers.
+
+Images must be at least 8 px (the VQ patch) on each side after ``--max-side``; SSIM is left
+blank where the VQ grid is under its 11-px window. A ``--focus`` box reaching outside the image
+is clipped to it (with a warning); one that misses the image is refused. Output paths (``--out``,
+``--json``) are checked before any work. ``--out`` writes a PNG panel: the image, the
 adaptive grid plain and with the focus box, the ToMe merge map, the VQ reconstruction and the
-pooled grid, each titled with its token count; ``--json`` writes the table.
+pooled grid, each titled with its token count; ``--json`` writes the table, always as a list
+(one record per image).
 """
 from __future__ import annotations
 
@@ -41,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vtok_fast.cli import _error
+from vtok_fast._cli_errors import OneLineParser, error as _error, output_file_problem, warn
 
 SAMPLE = "astronaut.png"
 SAMPLE_FOCUS = (150, 20, 300, 190)  # the face, in the sample's 512 x 512 pixels
@@ -54,6 +65,7 @@ BUDGETS = ((144, 2), (64, 3))  # LLaVA-1.5's 576 tokens -> (tokens, pooling stri
 TILE = 336
 TITLE_HEIGHT = 22
 MAX_SIDE = 512
+PX_BASE = "img px/token: pixels of the {w}x{h} image (as tokenized, after --max-side) per token, every row"
 
 
 @dataclasses.dataclass
@@ -83,7 +95,8 @@ def _pil():
 
 def load_image(path, max_side: int = MAX_SIDE) -> tuple[torch.Tensor, float]:
     """``(3, H, W)`` float pixels in [0, 1], shrunk so the longer side is at most ``max_side``,
-    and the scale applied to the file's pixel coordinates."""
+    and the scale applied to the file's pixel coordinates (the file's own size:
+    ``file_size``)."""
     Image, _, _ = _pil()
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -95,15 +108,46 @@ def load_image(path, max_side: int = MAX_SIDE) -> tuple[torch.Tensor, float]:
     return pixels.permute(2, 0, 1).float() / 255, scale
 
 
-def _view(image: torch.Tensor, side: int) -> tuple[torch.Tensor, float, tuple[float, float]]:
-    """CLIP's view: shortest side resized to ``side``, centre crop; ``(1, 3, side, side)``, the
-    scale and the crop offset (to map boxes)."""
-    _, H, W = image.shape
-    f = side / min(H, W)
-    h, w = max(side, round(H * f)), max(side, round(W * f))
+def file_size(path) -> tuple[int, int]:
+    """``(width, height)`` of an image file (its header only)."""
+    Image, _, _ = _pil()
+    with Image.open(path) as im:
+        return im.size
+
+
+def _view_geometry(height: int, width: int, side: int) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """CLIP's view of an image: the scale, the resized ``(h, w)`` and the crop offset ``(left, top)``."""
+    f = side / min(height, width)
+    h, w = max(side, round(height * f)), max(side, round(width * f))
+    return f, (h, w), ((w - side) // 2, (h - side) // 2)
+
+
+def _view(image: torch.Tensor, side: int) -> torch.Tensor:
+    """CLIP's view: shortest side resized to ``side``, centre crop; ``(1, 3, side, side)`` (boxes
+    map into it by ``view_box``)."""
+    _, (h, w), (left, top) = _view_geometry(*image.shape[1:], side)
     x = F.interpolate(image[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (h - side) // 2, (w - side) // 2
-    return x[:, :, top: top + side, left: left + side].clamp(0, 1), f, (left, top)
+    return x[:, :, top: top + side, left: left + side].clamp(0, 1)
+
+
+def clip_box(box, width: float, height: float):
+    """``box = (x0, y0, x1, y1)`` clipped to a ``width`` x ``height`` image; None when nothing of
+    it is inside."""
+    x0, y0, x1, y1 = max(box[0], 0), max(box[1], 0), min(box[2], width), min(box[3], height)
+    return (x0, y0, x1, y1) if x0 < x1 and y0 < y1 else None
+
+
+def view_box(box, height: int, width: int, side: int):
+    """``box`` (in the pixels of a ``height`` x ``width`` image) in the pixels of its ``side``-px
+    CLIP view, widened to the whole pixels it touches and clipped to the view: integer
+    ``(x0, y0, x1, y1)``, or None when the box misses the view (the centre crop)."""
+    box = clip_box(box, width, height)
+    if box is None:
+        return None
+    f, _, (left, top) = _view_geometry(height, width, side)
+    x0, y0 = (math.floor(v * f - o) for v, o in zip(box[:2], (left, top)))
+    x1, y1 = (math.ceil(v * f - o) for v, o in zip(box[2:], (left, top)))
+    return clip_box((x0, y0, x1, y1), side, side)
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -210,17 +254,23 @@ def _timed(fn: Callable, device: torch.device, repeat: int = 2):
     return result, best
 
 
-def _quality(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+def _quality(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, Optional[float]]:
+    """PSNR and SSIM of ``pred`` against the same pixels of ``target``; SSIM None when ``pred`` is
+    smaller than SSIM's window (a VQ grid of a tiny image)."""
     from vtok_fast.measure import metrics
 
     pred, target = pred.float().clamp(0, 1), target[..., : pred.shape[2], : pred.shape[3]].float()
-    return float(metrics.psnr(pred, target, 1.0)[0]), float(metrics.ssim(pred, target, 1.0)[0])
+    fits = min(pred.shape[2:]) >= metrics.SSIM_WIN_SIZE
+    return (float(metrics.psnr(pred, target, 1.0)[0]),
+            float(metrics.ssim(pred, target, 1.0)[0]) if fits else None)
 
 
 def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False, seed: int = 0):
-    """Tokenize ``image`` ``(3, H, W)`` (floats in [0, 1]) every way; returns ``(rows, tiles)``,
-    ``tiles`` a list of ``(title, (H, W, 3) uint8)``. ``focus``: ``(x0, y0, x1, y1)`` in the
-    image's pixels (None: its centre half)."""
+    """Tokenize ``image`` ``(3, H, W)`` (floats in [0, 1], at least ``VQ_PATCH`` px per side)
+    every way; returns ``(rows, tiles)``, ``tiles`` a list of ``(title, (H, W, 3) uint8)``.
+    ``focus``: ``(x0, y0, x1, y1)`` in the image's pixels (None: its centre half; the part outside
+    the 336-px view is ignored). Every random draw comes from ``seed``: two runs give the same rows
+    (times aside), and the global RNG is left as it was."""
     from vtok_fast import viz
     from vtok_fast.encode.adaptive import adaptive_tokenize, box_relevance
     from vtok_fast.encode.patch_embed import patch_embed
@@ -232,6 +282,9 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     _, H, W = image.shape
+    if min(H, W) < VQ_PATCH:
+        raise ValueError(f"image must be at least {VQ_PATCH} px on each side (the VQ patch), got {W}x{H}")
+    image_px = H * W  # the one base of every row's pixels per token
     if focus is None:
         focus = (W / 4, H / 4, 3 * W / 4, 3 * H / 4)
     image = image.to(device)
@@ -243,9 +296,9 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
 
     w_b, b_b = weight(VIT_B)
     w_l, b_l = weight(VIT_L)
-    view_b = _view(image, VIT_B[0])[0]
-    view_l, f, (ox, oy) = _view(image, VIT_L[0])
-    box_l = ((focus[0] * f - ox), (focus[1] * f - oy), (focus[2] * f - ox), (focus[3] * f - oy))
+    view_b = _view(image, VIT_B[0])
+    view_l = _view(image, VIT_L[0])
+    box_l = view_box(focus, H, W, VIT_L[0])
     p_l = VIT_L[1]
     grid_l = VIT_L[0] // p_l
     rows: list[Row] = []
@@ -254,13 +307,12 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
 
     def fixed(view, w, b, label):
         tokens, ms = _timed(lambda: patch_embed(view, w, b), device)
-        rows.append(Row(label, tokens.shape[1], view.shape[2] * view.shape[3] / tokens.shape[1], time_ms=ms))
+        rows.append(Row(label, tokens.shape[1], image_px / tokens.shape[1], time_ms=ms))
         return tokens
 
     steps.step("fixed patches, ViT-B/16 @224", lambda: fixed(view_b, w_b, b_b, "fixed ViT-B/16 @224"))
     tokens_l = steps.step("fixed patches, ViT-L/14 @336",
                           lambda: fixed(view_l, w_l, b_l, "fixed ViT-L/14 @336"))
-    view_px = VIT_L[0] ** 2
     pixels_l = _to_uint8(view_l)
     tiles.append((f"image {W}x{H}", _to_uint8(image)))
 
@@ -270,20 +322,21 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
                                                       relevance=relevance), device)
         n = int(packed.counts[0])
         psnr, ssim = _quality(_adaptive_recon(view_l, packed), view_l)
-        rows.append(Row(label, n, view_px / n, psnr, ssim, time_ms=ms))
+        rows.append(Row(label, n, image_px / n, psnr, ssim, time_ms=ms))
         drawn = _draw_cells(pixels_l, packed.cell_index()[0].cpu().numpy(), p_l)
-        if relevance is not None:
+        if relevance is not None and box_l is not None:
             drawn = _draw_box(drawn, box_l)
         tiles.append((f"{tile}: {n} tokens", drawn))
 
     steps.step("adaptive patches", lambda: adaptive(None, "adaptive 14/28/56 px @336", "adaptive"))
-    relevance = box_relevance(VIT_L[0], VIT_L[0], box_l, device=device)
+    relevance = (box_relevance(VIT_L[0], VIT_L[0], box_l, device=device) if box_l is not None
+                 else torch.zeros(VIT_L[0], VIT_L[0], device=device))  # the box misses the view
     steps.step("adaptive patches with the focus box",
                lambda: adaptive(relevance, "adaptive + focus box", "adaptive + focus"))
 
     def pyramid():
         seq, ms = _timed(lambda: pyramid_tokenize(image[None], w_b, b_b, levels=PYRAMID_LEVELS, concat=True), device)
-        rows.append(Row("pyramid 8+16+32 (ViT-B/16)", seq.shape[1], H * W / seq.shape[1], time_ms=ms))
+        rows.append(Row("pyramid 8+16+32 (ViT-B/16)", seq.shape[1], image_px / seq.shape[1], time_ms=ms))
 
     steps.step("pyramid", pyramid)
 
@@ -293,12 +346,17 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
         gh, gw = x.shape[2] // q, x.shape[3] // q
         patches = x.reshape(3, gh, q, gw, q).permute(1, 3, 0, 2, 4).reshape(1, gh * gw, 3 * q * q)
         codes = max(2, min(VQ_CODES, gh * gw // 4))
-        quantizer = VectorQuantizer(3 * q * q, codes, kmeans_init=True, kmeans_init_in_eval=True).to(device).eval()
+        # the layer draws its k-means sampling seed from the global RNG when built: seed that draw
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
+            quantizer = VectorQuantizer(3 * q * q, codes, kmeans_init=True, kmeans_init_in_eval=True)
+        quantizer = quantizer.to(device).eval()
         with torch.no_grad():
             (quantized, _, _), ms = _timed(lambda: quantizer(patches), device, repeat=1)
         recon = quantized.reshape(gh, gw, 3, q, q).permute(2, 0, 3, 1, 4).reshape(1, 3, gh * q, gw * q)
         psnr, ssim = _quality(recon, x)
-        rows.append(Row(f"VQ codes {q}x{q} px, K={codes} k-means", gh * gw, q * q, psnr, ssim, time_ms=ms))
+        rows.append(Row(f"VQ codes {q}x{q} px, K={codes} k-means", gh * gw, image_px / (gh * gw), psnr, ssim,
+                        time_ms=ms))
         tiles.append((f"VQ ({codes} codes): {gh * gw} tokens", _to_uint8(recon)))
 
     steps.step("VQ codebook (k-means on the image's patches)", vq)
@@ -308,7 +366,7 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
             for keep, _ in BUDGETS:
                 merged, ms = _timed(lambda: compress(tokens_l, "tome", keep=keep), device)
                 cosine = float(token_fidelity(tokens_l, merged).cosine[0])
-                rows.append(Row(f"ToMe 576 -> {keep}", keep, view_px / keep, token_cosine=cosine, time_ms=ms))
+                rows.append(Row(f"ToMe 576 -> {keep}", keep, image_px / keep, token_cosine=cosine, time_ms=ms))
                 if keep == BUDGETS[0][0]:
                     drawn = viz.merge_map(pixels_l, merged.source[0].cpu(), p_l)
                     tiles.append((f"ToMe: {keep} tokens", drawn))
@@ -323,7 +381,7 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
                 cosine = float(token_fidelity(tokens_l, pooled).cosine[0])
                 recon = _block_recon(view_l, p_l, stride)
                 psnr, ssim = _quality(recon, view_l)
-                rows.append(Row(f"avg-pool {stride}x{stride} 576 -> {n}", n, view_px / n, psnr, ssim,
+                rows.append(Row(f"avg-pool {stride}x{stride} 576 -> {n}", n, image_px / n, psnr, ssim,
                                 cosine, ms))
                 if keep == BUDGETS[0][0]:
                     labels = pooled.source[0].reshape(grid_l, grid_l).cpu().numpy()
@@ -337,11 +395,13 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
 # --- output ----------------------------------------------------------------------------------------
 
 def format_table(rows: list[Row]) -> str:
+    """The rows as a text table; ``img px/token`` is ``Row.pixels_per_token`` (see ``PX_BASE``)."""
     def fmt(v, spec):
         return "" if v is None else ("inf" if v == math.inf else format(v, spec))
-    table = [("method", "tokens", "px/token", "PSNR dB", "SSIM", "token cos", "time ms")]
-    table += [(r.method, str(r.tokens), fmt(r.pixels_per_token, ".1f"), fmt(r.psnr, ".2f"), fmt(r.ssim, ".3f"),
-               fmt(r.token_cosine, ".3f"), fmt(r.time_ms, ".2f")) for r in rows]
+    table = [("method", "tokens", "img px/token", "PSNR dB", "SSIM", "token cos", "time ms")]
+    table += [(r.method, str(r.tokens), fmt(r.pixels_per_token, ".1f" if r.pixels_per_token >= 1 else ".2g"),
+               fmt(r.psnr, ".2f"), fmt(r.ssim, ".3f"), fmt(r.token_cosine, ".3f"), fmt(r.time_ms, ".2f"))
+              for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in table]
@@ -375,11 +435,11 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files (default: the sample image shipped in the package)")
     parser.add_argument("--focus", metavar="x0,y0,x1,y1",
-                        help="relevance box in the image's pixels for query-aware adaptive patches "
-                             "(default: the sample's face, the centre of another image)")
+                        help="relevance box in the image's pixels for query-aware adaptive patches, "
+                             "clipped to the image (default: the sample's face, the centre of another image)")
     parser.add_argument("--out", default="vtok_demo.png",
                         help="PNG panel (several images: NAME_1.png, ...; default vtok_demo.png)")
-    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the table as JSON (a list: one record per image)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE,
                         help=f"shrink larger images to this longer side first (default {MAX_SIDE})")
@@ -392,8 +452,42 @@ def _panel_path(out: str, index: int, count: int) -> Path:
     return path if count == 1 else path.with_name(f"{path.stem}_{index + 1}{path.suffix or '.png'}")
 
 
+def _fmt_box(box) -> str:
+    return ",".join(f"{v:g}" for v in box)
+
+
+def _prepare(path: Path, focus, is_sample: bool, max_side: int):
+    """``(image, box)`` for one image, or an error message: the image loaded and shrunk, and the
+    focus box clipped to it (a warning when clipped or outside the view) in its shrunk pixels."""
+    try:
+        image, scale = load_image(path, max_side)
+        width, height = file_size(path)
+    except (OSError, ValueError) as exc:
+        return f"cannot read image {str(path)!r}: {exc}"
+    _, h, w = image.shape
+    if min(h, w) < VQ_PATCH:
+        return (f"image {str(path)!r} is {w}x{h} px after --max-side {max_side} (file {width}x{height}); the "
+                f"demo needs at least {VQ_PATCH} px on each side (the VQ row's patch)")
+    box = focus if focus is not None else (SAMPLE_FOCUS if is_sample else None)
+    if box is None:
+        return image, None
+    clipped = clip_box(box, width, height)
+    if clipped is None:
+        return f"--focus {_fmt_box(box)} lies outside the {width}x{height} image {str(path)!r}"
+    if clipped != tuple(box):
+        warn(f"--focus {_fmt_box(box)} reaches outside the {width}x{height} image {str(path)!r}; "
+             f"clipped to {_fmt_box(clipped)}")
+    box = tuple(v * scale for v in clipped)
+    if view_box(box, h, w, VIT_L[0]) is None:
+        warn(f"--focus {_fmt_box(clipped)} is outside the centre crop that the adaptive rows see in "
+             f"{str(path)!r}: 'adaptive + focus box' runs with no relevance")
+    return image, box
+
+
 def run_demo(args) -> int:
-    """Run the demo for parsed ``demo`` arguments: table on stdout, panel PNG, optional JSON."""
+    """Run the demo for parsed ``demo`` arguments: table on stdout, panel PNG, optional JSON (a
+    list, one record per image). Every argument, image and output path is checked before the
+    work starts; a problem is one line on stderr and exit status 2."""
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda: no CUDA device is available here; use --device cpu")
     if args.max_side < 64:
@@ -404,35 +498,42 @@ def run_demo(args) -> int:
         return _error(str(exc))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     paths = [Path(p) for p in args.images] or [sample_image_path()]
+    panels = [_panel_path(args.out, i, len(paths)) for i in range(len(paths))]
+    outputs = [("--out", panel) for panel in panels] + ([("--json", args.json)] if args.json else [])
+    for flag, path in outputs:
+        problem = output_file_problem(flag, path)
+        if problem:
+            return _error(problem)
+    prepared = []
+    for path in paths:
+        item = _prepare(path, focus, not args.images, args.max_side)
+        if isinstance(item, str):
+            return _error(item)
+        prepared.append(item)
     records = []
-    for i, path in enumerate(paths):
-        try:
-            image, scale = load_image(path, args.max_side)
-        except (OSError, ValueError) as exc:
-            return _error(f"cannot read image {str(path)!r}: {exc}")
-        box = focus if focus is not None else (SAMPLE_FOCUS if not args.images else None)
-        box = None if box is None else tuple(v * scale for v in box)
+    for path, panel, (image, box) in zip(paths, panels, prepared):
         start = time.perf_counter()
         rows, tiles = run(image, focus=box, device=device, progress=not args.no_progress)
         seconds = time.perf_counter() - start
-        panel = _panel_path(args.out, i, len(paths))
         compose_panel(tiles, panel)
-        print(f"\n## {path.name}: {image.shape[2]}x{image.shape[1]} px on {device} ({seconds:.1f} s)")
+        height, width = image.shape[1:]
+        print(f"\n## {path.name}: {width}x{height} px on {device} ({seconds:.1f} s)")
         print(format_table(rows))
+        print(PX_BASE.format(w=width, h=height))
         print(f"panel written to {panel}")
-        records.append({"image": str(path), "size": [image.shape[1], image.shape[2]], "device": str(device),
-                        "seconds": seconds, "rows": [dataclasses.asdict(r) for r in rows],
+        records.append({"image": str(path), "size": [height, width], "device": str(device),
+                        "seconds": seconds, "pixels_per_token_base": PX_BASE.format(w=width, h=height),
+                        "rows": [dataclasses.asdict(r) for r in rows],
                         "tiles": [title for title, _ in tiles], "panel": str(panel)})
     if args.json:
-        Path(args.json).write_text(json.dumps(records if len(records) > 1 else records[0], indent=1,
-                                              default=lambda v: None))
+        Path(args.json).write_text(json.dumps(records, indent=1, default=lambda v: None))
         print(f"table written to {args.json}")
     return 0
 
 
 def main(argv=None) -> int:
     """``demo`` alone: ``python -m vtok_fast.measure.demo [IMAGE ...]``."""
-    parser = argparse.ArgumentParser(prog="vtok-fast")
+    parser = OneLineParser(prog="vtok-fast")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)
     return run_demo(parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)]))

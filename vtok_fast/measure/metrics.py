@@ -4,17 +4,26 @@ Pure torch ops on the inputs' device (CPU, CUDA, ...), vectorized over the batch
 over images or tokens) and differentiable. Integer images (uint8, ...) and fp16/bf16 are computed
 in float32, float64 in float64; the result has that dtype.
 
+An empty batch (B = 0) gives an empty ``(0,)`` result from ``mse``, ``psnr`` and ``ssim``, as
+pytorch-msssim (``size_average=False``) and torchmetrics (``reduction="none"``) return per-image
+values; each image must still hold at least one value.
+
 - ``mse(pred, target)``: mean squared error over every non-batch dimension.
 - ``psnr(pred, target, data_range)``: ``10 * log10(data_range**2 / mse)`` per image, with the
   data range given (a number, or one per image). torchmetrics' ``PeakSignalNoiseRatio`` by default
   infers the range from the target and pools the MSE over the whole batch; this is torchmetrics
   with ``data_range=L, reduction="none", dim=(1, 2, 3)``. A perfect reconstruction gives ``inf``.
+  Computed as ``20 * log10(data_range) - 10 * log10(mse)`` with the range's log in float64, so
+  any positive finite range is exact (``data_range**2`` would underflow in float32 below ~1e-19).
 - ``ssim(pred, target, data_range)``: SSIM as pytorch-msssim and scikit-image
   (``gaussian_weights=True, use_sample_covariance=False``) compute it: an 11-tap gaussian window,
   sigma 1.5, no padding (only the ``(H - 10) x (W - 10)`` positions where the window fits),
   ``C1 = (0.01 L)**2``, ``C2 = (0.03 L)**2``, the map averaged over positions and channels.
   Recent torchmetrics averages a reflect-padded map instead, which differs near the borders.
-- ``compression_ratio(pixels, tokens)``: pixels per token (ViT-L/14 at 336x336: 196).
+  A range whose constants ``C1``/``C2`` are not normal numbers of the compute dtype (float32:
+  ``data_range`` below ~1e-17 or above ~1e20) is refused: pass float64 images.
+- ``compression_ratio(pixels, tokens)``: pixels per token (ViT-L/14 at 336x336: 196); every
+  count must be positive (a zero count, int or tensor, is refused, never a ratio of inf).
   DeepSeek-OCR's "compression ratio" is text tokens per vision token, a different quantity.
 - ``token_fidelity(original, compressed)``: cosine similarity and MSE between the unmerged /
   unpooled tokens (every input token replaced by the output token that holds it, read through
@@ -22,7 +31,8 @@ in float32, float64 in float64; the result has that dtype.
 - ``clip_score(image_embeds, text_embeds)``: ``100 * max(cos, 0)`` per pair, torchmetrics'
   CLIPScore convention (torchmetrics returns the batch mean of the scores before the ``max``).
 - ``retrieval_recall(image_embeds, text_embeds, k)``: cross-modal recall@k, pair i matching i, by
-  cosine rank (image -> text by default, ``direction="text_to_image"`` the other way).
+  cosine rank (image -> text by default, ``direction="text_to_image"`` the other way). A pair
+  whose cosine is NaN (a NaN or infinite embedding) is never a hit, as its ``clip_score`` is NaN.
 """
 from __future__ import annotations
 
@@ -54,7 +64,7 @@ def _pair(pred, target, *, ndim=None, shape_doc=None) -> tuple[torch.Tensor, tor
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
-    if pred.dim() < 2 or pred[0].numel() == 0:
+    if pred.dim() < 2 or pred.shape[1:].numel() == 0:
         raise ValueError(f"pred and target must be (B, ...) with at least one value per image, got "
                          f"shape {tuple(pred.shape)}")
     check_same_device(pred=pred, target=target)
@@ -62,38 +72,49 @@ def _pair(pred, target, *, ndim=None, shape_doc=None) -> tuple[torch.Tensor, tor
     return pred.to(dtype), target.to(dtype)
 
 
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (MPS has not: float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _data_range(data_range, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """``data_range`` as a ``(B,)`` tensor of ``like``'s dtype and device."""
+    """``data_range`` as a ``(B,)`` tensor on ``like``'s device, in float64 (``_wide_dtype``) so
+    that its log or square neither underflows nor overflows before it is used."""
+    wide = _wide_dtype(like.device)
     if isinstance(data_range, torch.Tensor):
         if data_range.dim() > 1 or data_range.numel() not in (1, batch):
             raise ValueError(f"data_range must be a number or a tensor of shape () or (B,) = ({batch},), "
                              f"got shape {tuple(data_range.shape)}")
-        value = data_range.to(like.device, like.dtype).reshape(-1).expand(batch)
-        if not bool((value > 0).all()):  # also rejects NaN
-            raise ValueError("data_range must be positive (the span of the pixel values), got "
+        if data_range.dtype == torch.bool or data_range.is_complex():
+            raise TypeError(f"data_range must hold real numbers, got {data_range.dtype}")
+        value = data_range.to(like.device, wide).reshape(-1).expand(batch)
+        if not bool(((value > 0) & value.isfinite()).all()):  # also rejects NaN
+            raise ValueError("data_range must be positive and finite (the span of the pixel values), got "
                              f"{data_range.tolist()}")
         return value
     if not isinstance(data_range, numbers.Real) or isinstance(data_range, bool):
         raise TypeError(f"data_range must be a number or a tensor, got {type(data_range).__name__}")
     if not data_range > 0 or data_range == float("inf"):
         raise ValueError(f"data_range must be a positive finite number (e.g. 1.0 or 255), got {data_range}")
-    return torch.full((batch,), float(data_range), dtype=like.dtype, device=like.device)
+    return torch.full((batch,), float(data_range), dtype=wide, device=like.device)
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per image: ``(B, ...)`` x2 -> ``(B,)``."""
+    """Mean squared error per image: ``(B, ...)`` x2 -> ``(B,)`` (``(0,)`` for an empty batch)."""
     pred, target = _pair(pred, target)
-    return (pred - target).square().reshape(pred.shape[0], -1).mean(1)
+    return (pred - target).square().flatten(1).mean(1)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per image: ``10 * log10(data_range**2 / mse)``, ``(B,)``.
 
     ``data_range``: the span of the pixel values (1.0 for [0, 1] images, 255 for uint8), a
-    number or a ``(B,)`` tensor.
+    positive finite number or a ``(B,)`` tensor; its log is taken in float64, so no range
+    underflows. ``(0,)`` for an empty batch.
     """
     error = mse(pred, target)
-    return 10 * torch.log10(_data_range(data_range, error.shape[0], error).square() / error)
+    log_range = torch.log10(_data_range(data_range, error.shape[0], error)).to(error.dtype)
+    return 20 * log_range - 10 * torch.log10(error)
 
 
 def _gaussian_window(size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:
@@ -122,6 +143,13 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range, *, win_size: int 
         raise ValueError(f"pred and target must be at least win_size={win_size} pixels high and wide "
                          f"(SSIM uses no padding), got {height}x{width}")
     span = _data_range(data_range, batch, pred).view(batch, 1, 1, 1)
+    c1, c2 = (k1 * span).square(), (k2 * span).square()
+    info = torch.finfo(pred.dtype)
+    for name, c in (("(k1 * data_range)**2", c1), ("(k2 * data_range)**2", c2)):
+        if not bool(((c >= info.tiny) & (c <= info.max)).all()):
+            raise ValueError(f"data_range {span.flatten().tolist()[:4]} is out of range for SSIM in {pred.dtype}: "
+                             f"the constant {name} is not a normal {pred.dtype} number; pass float64 images")
+    c1, c2 = c1.to(pred.dtype), c2.to(pred.dtype)
     window = _gaussian_window(int(win_size), float(sigma), pred)
     stats = torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1)
     groups = stats.shape[1]
@@ -129,10 +157,9 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range, *, win_size: int 
     stats = F.conv2d(stats, window.view(1, 1, -1, 1).expand(groups, 1, win_size, 1), groups=groups)
     mu_x, mu_y, xx, yy, xy = stats.split(channels, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    c1, c2 = (k1 * span).square(), (k2 * span).square()
     contrast_structure = (2 * (xy - mu_xy) + c2) / ((xx - mu_xx) + (yy - mu_yy) + c2)
     luminance = (2 * mu_xy + c1) / (mu_xx + mu_yy + c1)
-    return (luminance * contrast_structure).reshape(batch, -1).mean(1)
+    return (luminance * contrast_structure).flatten(1).mean(1)
 
 
 def _pixel_counts(pixels):
@@ -170,15 +197,28 @@ def _token_counts(tokens):
                     f"result with .tokens, got {tokens!r}")
 
 
+def _positive(name: str, counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` if every count is a positive finite number (a zero count would give a ratio of
+    0 or inf)."""
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"{name} counts must be integer or float numbers, got {counts.dtype}")
+    good = counts > 0 if not counts.is_floating_point() else (counts > 0) & counts.isfinite()
+    if not bool(good.all()):
+        raise ValueError(f"{name} must count at least one per image (positive, finite), got counts "
+                         f"{counts.flatten()[:8].tolist()}{' ...' if counts.numel() > 8 else ''}")
+    return counts
+
+
 def compression_ratio(pixels, tokens) -> torch.Tensor:
     """Pixels per token, ``(B,)`` float32 (``(1,)`` when neither argument has a batch).
 
     ``pixels``: pixels per image (channels not counted): an int, an ``(H, W)`` pair,
     ``(B, C, H, W)`` images or ``(B,)`` counts. ``tokens``: an int, ``(B, M, D)`` tokens, ``(B,)``
     counts, or a compression result (``.counts`` when it has them, else ``.tokens.shape[1]``;
-    prefix tokens the result keeps are counted).
+    prefix tokens the result keeps are counted). Every count must be positive: a zero count
+    (an int, a tensor entry, an image of no pixels or no tokens) is a ``ValueError``.
     """
-    px, nt = _pixel_counts(pixels), _token_counts(tokens)
+    px, nt = _positive("pixels", _pixel_counts(pixels)), _positive("tokens", _token_counts(tokens))
     if px.numel() != nt.numel() and 1 not in (px.numel(), nt.numel()):
         raise ValueError(f"pixels and tokens disagree on the batch: {px.numel()} and {nt.numel()} images")
     device = nt.device if nt.device.type != "cpu" else px.device
@@ -274,7 +314,8 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: i
     result gives the usual recall@k. A query's rank is the number of candidates strictly more
     similar than its match (ties count in the match's favour). Only the ranking counts: unlike
     torchmetrics' ``retrieval_recall``, which never counts a match whose score is <= 0, a match with
-    a negative cosine is found when it ranks in the top k.
+    a negative cosine is found when it ranks in the top k. A match whose cosine is NaN (a NaN or
+    infinite embedding on either side; ``clip_score`` gives NaN for it) is never a hit.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
@@ -283,5 +324,6 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, k: i
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= batch:
         raise ValueError(f"k must be an integer in [1, B] = [1, {batch}], got {k!r}")
     similarity = image @ text.T if direction == "image_to_text" else text @ image.T
-    match = similarity.diagonal().unsqueeze(1)
-    return ((similarity > match).sum(1) < k).to(image.dtype)
+    match = similarity.diagonal()
+    found = ((similarity > match.unsqueeze(1)).sum(1) < k) & match.isfinite()  # NaN: never a hit
+    return found.to(image.dtype)

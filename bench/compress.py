@@ -166,14 +166,14 @@ def _transformers_pixel_shuffle(grid: int):
 
 def tome_reference(x: torch.Tensor, metric: torch.Tensor, keep: int, prefix: int) -> torch.Tensor:
     """Reference ToMe (``bipartite_soft_matching`` + ``merge_wavg``) rounds on the patch tokens."""
-    import vtok_fast
+    from vtok_fast.reduce.tome_reference import bipartite_soft_matching, merge_wavg
 
     dim = x.shape[-1]
     patches, size = torch.cat([x, metric.to(x.dtype)], dim=-1)[:, prefix:], None
     while patches.shape[1] > keep:
         r = min(patches.shape[1] - keep, patches.shape[1] // 2)
-        merge, _ = vtok_fast.bipartite_soft_matching(patches[..., dim:], r)
-        patches, size = vtok_fast.merge_wavg(merge, patches, size)
+        merge, _ = bipartite_soft_matching(patches[..., dim:], r)
+        patches, size = merge_wavg(merge, patches, size)
     return torch.cat([x[:, :prefix], patches[..., :dim]], dim=1)
 
 

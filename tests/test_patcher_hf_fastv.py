@@ -274,7 +274,9 @@ def test_unsupported_models_and_arguments(monkeypatch):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     with monkeypatch.context() as patched:  # a release whose layers still take past_key_values
         patched.setattr(LlamaDecoderLayer, "forward", lambda self, hidden_states, past_key_values=None: None)
-        with pytest.raises(ValueError, match="takes no cache, position_embeddings"):
+        with pytest.raises(ValueError, match=r"transformers .* is installed, but this patch follows transformers "
+                                             r"5\.24-5\.25 .*LlamaDecoderLayer\.forward takes no attention_mask, "
+                                             r"position_ids, cache, use_cache, position_embeddings"):
             hf_fastv.apply(model, compress="fastv")
     with pytest.raises(ValueError, match="layer must be an int in \\[1, 3\\]"):
         hf_fastv.apply(model, compress=("fastv", {"layer": 0}))
@@ -316,3 +318,46 @@ def test_unsupported_inputs_get_clear_errors():
     model.model.language_model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="attn_implementation in \\('sdpa', 'eager'\\)"):
         model(**one)
+
+
+def _labels(inputs):
+    """Causal-LM labels of the prompts: the text tokens after the first; image and padding
+    positions ignored (so no padding row, whose logits are arbitrary, is scored)."""
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN, -100)
+    labels[torch.arange(labels.shape[0]), inputs["attention_mask"].argmax(dim=1)] = -100
+    return labels.masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+def test_labels_are_aligned_to_the_kept_positions():
+    """With ``labels=`` the loss scores each kept position against the token after it in the
+    prompt (its target without pruning), as the eager reference's logits of those rows do."""
+    model, reference = patched_and_reference()
+    inputs = prompts(offline_processor())
+    labels = _labels(inputs)
+    hf_fastv.apply(model, compress=("fastv", {"layer": K, "ratio": R}))
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+        kept = model._fastv_info["kept"]
+        logits = reference_logits(reference, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                  K, kept)
+    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].gather(1, kept)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert out.logits.shape[:2] == kept.shape
+    torch.testing.assert_close(out.loss, expected, atol=ATOL, rtol=RTOL)
+    as_tuple = model(**inputs, labels=labels, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.loss, atol=0, rtol=0)
+
+
+def test_labels_with_nothing_pruned_give_the_unpatched_loss():
+    model = tiny_llava()
+    inputs = prompts(offline_processor())
+    labels = _labels(inputs)
+    with torch.no_grad():
+        expected = model(**inputs, labels=labels).loss
+        hf_fastv.apply(model, compress=("fastv", {"layer": K, "ratio": 0.0}))
+        assert torch.equal(model(**inputs, labels=labels).loss, expected)
+        text = {"input_ids": torch.tensor([[4, 5, 7, 6, 5]])}  # no image: no pruning
+        hf_fastv.remove(model)
+        plain = model(**text, labels=text["input_ids"]).loss
+        hf_fastv.apply(model, compress=("fastv", {"layer": K, "ratio": R}))
+        assert torch.equal(model(**text, labels=text["input_ids"]).loss, plain)

@@ -52,3 +52,15 @@ def test_settings_are_kept_apart_from_results(torch_backend):
 def test_unpatched_model_raises():
     with pytest.raises(ValueError, match="not patched for ToMe"):
         tome_state(_tiny_vit())
+
+
+def test_repr_shows_shapes_not_values(torch_backend):
+    model = _tiny_vit()
+    vtok_fast.patch.timm(model, fuse_embed=False, tome_r=4, trace_source=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    text = repr(tome_state(model))
+    assert "\n" not in text and len(text) < 300 and "tensor(" not in text
+    assert "size=Tensor(2, 5, 1) float32" in text and "source_map=Tensor(2, 17) int64" in text
+    assert text.startswith("ToMeState(prop_attn=True, trace_source=True") and "schedule=(4, 4, 4)" in text
+    assert repr(ToMeResult()) == "ToMeResult(schedule=(), size=None, source_map=None)"

@@ -271,7 +271,7 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
     ``focus``: ``(x0, y0, x1, y1)`` in the image's pixels (None: its centre half; the part outside
     the 336-px view is ignored). Every random draw comes from ``seed``: two runs give the same rows
     (times aside), and the global RNG is left as it was."""
-    from vtok_fast import viz
+    from vtok_fast.measure import viz
     from vtok_fast.encode.adaptive import adaptive_tokenize, box_relevance
     from vtok_fast.encode.patch_embed import patch_embed
     from vtok_fast.encode.pyramid import pyramid_tokenize

@@ -12,19 +12,31 @@ Every patcher module is a pair: ``apply(model, ...)`` builds its replacements an
 ``remove(model)`` is ``restore(model, FEATURE)``; ``vtok_fast.patch.unpatch`` calls every
 ``remove``. So the tails of the ``apply`` functions and the ``remove`` functions are alike on
 purpose.
+
+A patch call is all or nothing: inside :func:`all_or_nothing` every :func:`patch`, :func:`restore`
+and :func:`record`-ed change is journaled, and undone (newest first) if the block raises, so a
+failing ``apply`` / ``hf(...)`` leaves the model as it found it (the patches of earlier calls
+stay). Patches that depend on private call conventions of transformers check them with
+:func:`check_api` before changing anything.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import sys
+import threading
 import types
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch.nn as nn
 
 _REGISTRY = "_vtok_fast_patches"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+# The transformers releases the Hugging Face patchers are tested with (the one place it is stated).
+TRANSFORMERS_TESTED = "5.24-5.25"
+_local = threading.local()  # .journal: the undo list of the running all_or_nothing block, or None
 
 
 def bind(fn: Callable, module: nn.Module) -> types.MethodType:
@@ -42,8 +54,7 @@ def patch(anchor: nn.Module, feature: str, replacements: Iterable[tuple[object, 
 
     Returns False (and changes nothing) when ``feature`` is already applied on ``anchor``.
     """
-    registry = anchor.__dict__.setdefault(_REGISTRY, {})
-    if feature in registry:
+    if is_patched(anchor, feature):
         return False
     saved = []
     for owner, name, value in replacements:
@@ -52,26 +63,130 @@ def patch(anchor: nn.Module, feature: str, replacements: Iterable[tuple[object, 
         had_own = name in owner.__dict__
         saved.append((owner, name, had_own, owner.__dict__.get(name)))
         setattr(owner, name, value)
-    registry[feature] = saved
+    anchor.__dict__.setdefault(_REGISTRY, {})[feature] = saved
+    record(lambda: _undo(anchor, feature))
     return True
 
 
 def restore(root: nn.Module, feature: str) -> int:
     """Undo ``feature`` on every anchor in ``root.modules()``; returns how many were undone."""
     undone = 0
-    for module in root.modules():
-        registry = module.__dict__.get(_REGISTRY)
-        if not registry or feature not in registry:
+    for module in list(root.modules()):
+        if not is_patched(module, feature):
             continue
-        for owner, name, had_own, original in reversed(registry.pop(feature)):
-            if had_own:
-                setattr(owner, name, original)
-            else:
-                delattr(owner, name)
-        if not registry:
-            del module.__dict__[_REGISTRY]
+        saved = module.__dict__[_REGISTRY][feature]
+        patched = [(owner, name, owner.__dict__.get(name)) for owner, name, _, _ in saved]
+        _undo(module, feature)
+        record(lambda module=module, saved=saved, patched=patched: _redo(module, feature, saved, patched))
         undone += 1
     return undone
+
+
+def _undo(anchor: nn.Module, feature: str) -> None:
+    registry = anchor.__dict__[_REGISTRY]
+    for owner, name, had_own, original in reversed(registry.pop(feature)):
+        if had_own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+    if not registry:
+        del anchor.__dict__[_REGISTRY]
+
+
+def _redo(anchor: nn.Module, feature: str, saved: list, patched: list) -> None:
+    for owner, name, value in patched:
+        setattr(owner, name, value)
+    anchor.__dict__.setdefault(_REGISTRY, {})[feature] = saved
+
+
+def record(undo: Callable[[], None]) -> None:
+    """Journal ``undo`` in the running :func:`all_or_nothing` block (no-op outside one)."""
+    journal = getattr(_local, "journal", None)
+    if journal is not None:
+        journal.append(undo)
+
+
+@contextlib.contextmanager
+def all_or_nothing():
+    """Run the block as one change: if it raises, every :func:`patch`, :func:`restore` and
+    :func:`record`-ed change made inside it is undone, newest first, and the error propagates.
+    A nested block joins the outermost one."""
+    if getattr(_local, "journal", None) is not None:
+        yield
+        return
+    journal = _local.journal = []
+    try:
+        yield
+    except BaseException:
+        _local.journal = None  # the undos themselves are not journaled
+        for undo in reversed(journal):
+            undo()
+        raise
+    finally:
+        _local.journal = None
+
+
+def replaced_by(root: nn.Module, owner: object, name: str) -> str | None:
+    """The feature that replaced ``owner.name``, if its anchor is in ``root.modules()``, else None."""
+    for module in root.modules():
+        for feature, saved in module.__dict__.get(_REGISTRY, {}).items():
+            if any(o is owner and n == name for o, n, _, _ in saved):
+                return feature
+    return None
+
+
+def holds(model: nn.Module, classes: tuple[type, ...]) -> bool:
+    """True when some module of ``model`` (itself included) is an instance of ``classes``."""
+    return any(isinstance(m, classes) for m in model.modules())
+
+
+class Api(NamedTuple):
+    """A call convention of another library a patch relies on: ``owner.attribute`` exists and
+    its signature names ``parameters`` (``positional``: as its first parameters after ``self``, in
+    this order, because the patch passes them by position)."""
+
+    owner: object
+    attribute: str
+    parameters: tuple[str, ...] = ()
+    positional: bool = False
+
+
+def _parameters(fn) -> list[str] | None:
+    """Parameter names of ``fn`` (``self`` of a plain class function included), or None when it
+    cannot be read."""
+    if isinstance(fn, nn.Module):  # transformers' hub-kernel wrappers of functions
+        fn = fn.forward
+    try:
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+
+
+def check_api(patcher: str, apis: Iterable[Api]) -> None:
+    """Raise one ValueError when the installed transformers lacks any of ``apis``, naming its
+    version, the tested range :data:`TRANSFORMERS_TESTED` and every difference."""
+    problems = []
+    for api in apis:
+        label = f"{getattr(api.owner, '__name__', type(api.owner).__name__)}.{api.attribute}"
+        if not hasattr(api.owner, api.attribute):
+            problems.append(f"{label} does not exist")
+            continue
+        names = _parameters(getattr(api.owner, api.attribute)) if api.parameters else None
+        if names is None:
+            continue
+        if isinstance(api.owner, type) and names[:1] == ["self"]:
+            names = names[1:]
+        if api.positional and names[:len(api.parameters)] != list(api.parameters):
+            problems.append(f"{label} takes ({', '.join(names)}), not ({', '.join(api.parameters)}, ...) first")
+        missing = [p for p in api.parameters if p not in names]
+        if missing and not api.positional:
+            problems.append(f"{label} takes no {', '.join(missing)}")
+    if problems:
+        import transformers
+
+        raise ValueError(f"{patcher}: transformers {transformers.__version__} is installed, but this patch follows "
+                         f"transformers {TRANSFORMERS_TESTED} (tested): {'; '.join(problems)}; nothing was patched")
 
 
 def _outside_stacklevel() -> int:
@@ -107,23 +222,25 @@ def patch_every(model: nn.Module, feature: str, patcher: str, kinds, *, missing:
 
     ``kinds``: ``(class, plan)`` pairs; ``plan(module, cls)`` returns the ``patch`` replacements,
     or a string saying why that module cannot be fused (it keeps its forward and gets one warning
-    line). Modules already carrying ``feature`` are skipped. ``missing`` is the warning when
+    line); a plan that raises (e.g. :func:`check_api`) leaves every module of this call unpatched.
+    Modules already carrying ``feature`` are skipped. ``missing`` is the warning when
     ``model`` holds none of ``kinds``, unless ``missing_ok``.
     """
     found = False
-    for name, module in model.named_modules():
-        kind = next(((cls, plan) for cls, plan in kinds if isinstance(module, cls)), None)
-        if kind is None:
-            continue
-        found = True
-        if is_patched(module, feature):
-            continue
-        cls, plan = kind
-        replacements = plan(module, cls)
-        if isinstance(replacements, str):
-            warn_not_applied(patcher, model, f"{name or 'the model'}: {replacements}")
-            continue
-        patch(module, feature, replacements)
+    with all_or_nothing():  # a plan may raise (check_api): then no module stays patched
+        for name, module in model.named_modules():
+            kind = next(((cls, plan) for cls, plan in kinds if isinstance(module, cls)), None)
+            if kind is None:
+                continue
+            found = True
+            if is_patched(module, feature):
+                continue
+            cls, plan = kind
+            replacements = plan(module, cls)
+            if isinstance(replacements, str):
+                warn_not_applied(patcher, model, f"{name or 'the model'}: {replacements}")
+                continue
+            patch(module, feature, replacements)
     if not found and not missing_ok:
         warn_not_applied(patcher, model, missing)
     return model

@@ -12,7 +12,11 @@ language model instead (:mod:`vtok_fast.patch.hf_fastv`). Replaced, on these ins
   and, for the attention methods, the query (CLS row) and key projections of one encoder layer;
 - that layer's ``self_attn.q_proj.forward`` / ``k_proj.forward`` (attention methods only): the
   original projection, whose output is kept while the tower runs;
-- ``multi_modal_projector.forward``: compresses its input, then runs the original projector.
+- ``multi_modal_projector.forward``: compresses its input, then runs the projector's forward as
+  it was (the fused one of ``vtok_fast.patch.hf(model)``, else the class's: compression and fusion
+  compose; remove the compression first, as ``unpatch`` does);
+- ``get_placeholder_mask``: a prompt whose ``<image>`` count differs from the compressed features
+  raises a ValueError naming :func:`image_token_count` / :func:`configure_processor` first.
 
 The tokens compressed are exactly what the projector receives: the selected layer's patch tokens,
 with the CLS token as a kept prefix under ``vision_feature_select_strategy="full"``. The attention
@@ -30,15 +34,16 @@ The prompt must hold as many ``<image>`` tokens as the projector now returns per
 adaptive IQR selection, ``prumerge_plus``) are refused: a LLaVA prompt has a fixed count. The last
 forward's :class:`~vtok_fast.reduce.compressed.Compressed` (positions / source for visualisation)
 is in ``model._compress_info["compressed"]``. ``remove(model)`` restores every method;
-parameters and ``state_dict`` are never changed.
+parameters and ``state_dict`` are never changed; a failing ``apply`` changes nothing.
 
-Supported: transformers 5.24 (tested; the patch relies only on ``LlavaModel.get_image_features``
-calling the vision tower, then the projector on the selected layer) ``LlavaForConditionalGeneration`` /
-``LlavaModel`` whose ``get_image_features`` is the library's, with a ``CLIPVisionModel`` tower
-(every method) or a ``SiglipVisionModel`` tower (no CLS token: the grid and merge methods only),
-and an int ``vision_feature_layer``. Anything else (LLaVA-NeXT / OneVision anyres models, a
-``vision_feature_layer`` list, a tower already patched for ToMe merging) raises one ``ValueError``
-naming the reason; nothing is ever left silently unpatched.
+Supported: transformers ``TRANSFORMERS_TESTED`` (``vtok_fast.patch._common``; the patch relies on
+``LlavaModel.get_image_features`` calling the vision tower, then the projector on the selected
+layer, and on ``get_placeholder_mask(input_ids, inputs_embeds, image_features)``: checked at
+``apply``) ``LlavaForConditionalGeneration`` / ``LlavaModel`` whose ``get_image_features`` is the
+library's, with a ``CLIPVisionModel`` tower (every method) or a ``SiglipVisionModel`` tower (no CLS
+token: the grid and merge methods only), and an int ``vision_feature_layer``. Anything else
+(LLaVA-NeXT / OneVision anyres models, a ``vision_feature_layer`` list, a tower patched for ToMe
+merging) raises one ``ValueError`` naming the reason; nothing is ever left silently unpatched.
 """
 from __future__ import annotations
 
@@ -48,8 +53,10 @@ import numbers
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import is_patched, patch, restore
+from vtok_fast.patch import hf_fastv, hf_tome
+from vtok_fast.patch._common import Api, all_or_nothing, check_api, is_patched, patch, restore
 from vtok_fast.patch.hf_tome import encoder_of, num_prefix_tokens, tower_classes
+from vtok_fast.patch.llava_common import find_llava, pair, parse_spec, placeholder_apis, prompt_check
 from vtok_fast.reduce.attention_scores import attention_scores
 from vtok_fast.reduce.compress import METHODS, compress as run_compress
 
@@ -58,60 +65,39 @@ ATTENTION_METHODS = ("attn_topk", "visionzip", "prumerge", "prumerge_plus")
 PER_HEAD = ("attn_topk", "visionzip")  # the others read one full-width head, as PruMerge
 WITH_METRIC = ("visionzip", "prumerge", "prumerge_plus")
 _COMPUTED = ("queries", "keys", "scores", "metric", "scale", "grid", "prefix")  # the patcher supplies these
-
-
-def parse_spec(compress) -> tuple[str, dict]:
-    """``compress`` as ``(method, budget)``: a method name, or a ``(name, dict)`` pair."""
-    if isinstance(compress, str):
-        return compress, {}
-    if (isinstance(compress, (tuple, list)) and len(compress) == 2 and isinstance(compress[0], str)
-            and isinstance(compress[1], dict)):
-        return compress[0], dict(compress[1])
-    raise TypeError(f"compress must be a method name or a (name, budget dict) pair such as ('pool', {{'stride': 2}}) "
-                    f"or ('fastv', {{'layer': 2, 'ratio': 0.5}}), got {compress!r}")
-
-
-def find_llava(model) -> nn.Module:
-    """The one ``LlavaModel`` of ``model`` (itself or ``LlavaForConditionalGeneration.model``)."""
-    from transformers.models.llava.modeling_llava import LlavaModel
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module (a LlavaForConditionalGeneration), got {type(model).__name__}")
-    found = [m for m in model.modules() if isinstance(m, LlavaModel)]
-    if len(found) != 1:
-        raise ValueError(f"model must be a LlavaForConditionalGeneration or LlavaModel holding one "
-                         f"LlavaModel, got {type(model).__name__} with {len(found)}")
-    return found[0]
+_PATCHER = "vtok_fast.patch.hf compress"
 
 
 def apply(model: nn.Module, *, compress) -> nn.Module:
     """Patch the LLaVA model so that the projector receives ``compress``-ed vision tokens (see the
     module docstring); ``("fastv", {...})`` patches the language model instead. Re-applying
-    replaces the previous compression."""
+    replaces the previous compression; a call that raises changes nothing."""
     method, budget = parse_spec(compress)
     if method == "fastv":
-        from vtok_fast.patch import hf_fastv
         return hf_fastv.apply(model, compress=compress)
     if method not in METHODS:
         raise ValueError(f"compress method must be one of {sorted(METHODS) + ['fastv']}, got {method!r}")
     llava = find_llava(model)
     plan = _plan(llava, method, budget)
-    remove(model)
-    info = {"method": method, "budget": dict(plan["budget"]), "attn_layer": plan["attn_layer"], "compressed": None}
-    plan["info"] = info
-    run = {"grid": None, "capture": None, "captured": None}
-    tower, projector = llava.vision_tower, llava.multi_modal_projector
-    replacements = [(tower, "forward", functools.partial(_tower_forward, tower, plan, run)),
-                    (projector, "forward", functools.partial(_projector_forward, projector, plan, run)),
-                    (llava, "_compress_info", info), (llava, "_compress_plan", plan)]
-    if model is not llava:
-        replacements.append((model, "_compress_info", info))
-    if plan["attn_layer"] is not None:
-        attn = _encoder_layers(tower)[plan["attn_layer"]].self_attn
-        for name in ("q_proj", "k_proj"):
-            proj = getattr(attn, name)
-            replacements.append((proj, "forward", functools.partial(_capture_forward, proj, run, name)))
-    patch(llava, FEATURE, replacements)
+    with all_or_nothing():
+        remove(model)
+        info = {"method": method, "budget": dict(plan["budget"]), "attn_layer": plan["attn_layer"],
+                "compressed": None}
+        plan["info"] = info
+        run = {"grid": None, "capture": None, "captured": None}
+        tower, projector = llava.vision_tower, llava.multi_modal_projector
+        project = projector.forward  # the fused projector of hf(model), else the class's forward
+        replacements = [(tower, "forward", functools.partial(_tower_forward, tower, plan, run)),
+                        (projector, "forward", functools.partial(_projector_forward, project, plan, run)),
+                        prompt_check(llava), (llava, "_compress_info", info), (llava, "_compress_plan", plan)]
+        if model is not llava:
+            replacements.append((model, "_compress_info", info))
+        if plan["attn_layer"] is not None:
+            attn = _encoder_layers(tower)[plan["attn_layer"]].self_attn
+            for name in ("q_proj", "k_proj"):
+                proj = getattr(attn, name)
+                replacements.append((proj, "forward", functools.partial(_capture_forward, proj, run, name)))
+        patch(llava, FEATURE, replacements)
     return model
 
 
@@ -122,20 +108,21 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def image_token_count(model: nn.Module, image_size: int | tuple[int, int] | None = None) -> int:
-    """Image tokens per image that the model's ``get_image_features`` returns now (patched or not;
-    a tower patched for ToMe merging is followed too), for images of ``image_size`` pixels
-    (default: the vision config's ``image_size``)."""
+    """How many ``<image>`` tokens per image the prompt of this LLaVA model needs now: what its
+    ``get_image_features`` returns for images of ``image_size`` pixels (default: the vision
+    config's ``image_size``), under every vtok_fast patch (vision compression, ToMe merging in the
+    tower; FastV and the fused kernels keep the count) or none. Exported as
+    ``vtok_fast.patch.image_token_count`` and, its former name, ``llava_image_token_count``."""
     llava = find_llava(model)
     config = llava.config
     vision = config.vision_config
-    height, width = _pair(image_size or vision.image_size, "image_size")
+    height, width = pair(image_size or vision.image_size, "image_size")
     grid = (height // vision.patch_size, width // vision.patch_size)
     cls = num_prefix_tokens(llava.vision_tower)
     prefix = cls if config.vision_feature_select_strategy == "full" else 0
     if is_patched(llava, FEATURE):
         return _probe(llava._compress_plan, grid, prefix).positions.shape[1]
-    from vtok_fast.patch import hf_tome
-    if is_patched(model, hf_tome.FEATURE):
+    if hf_tome.tome_root(model) is not None:
         return hf_tome.llava_image_token_count(model, (height, width))
     return grid[0] * grid[1] + prefix
 
@@ -144,7 +131,7 @@ def configure_processor(processor, model: nn.Module, image_size: int | tuple[int
     """Set a ``LlavaProcessor``'s ``num_additional_image_tokens`` so that it inserts
     :func:`image_token_count` ``<image>`` tokens per image; returns the processor. The size is the
     processor's center-crop size (else ``image_size``, else the vision config's). Call it again
-    after :func:`remove` to get the original count back."""
+    after ``vtok_fast.patch.unpatch(model)`` to get the original count back."""
     missing = [a for a in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
                if not hasattr(processor, a)]
     if missing:
@@ -160,8 +147,8 @@ def configure_processor(processor, model: nn.Module, image_size: int | tuple[int
                          f"differs from the model's {config.vision_feature_select_strategy!r}")
     image_processor = getattr(processor, "image_processor", None)
     crop = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", False) else None
-    size = (crop["height"], crop["width"]) if crop else _pair(image_size or config.vision_config.image_size,
-                                                              "image_size")
+    size = (crop["height"], crop["width"]) if crop else pair(image_size or config.vision_config.image_size,
+                                                             "image_size")
     count = image_token_count(model, size)
     patches = (size[0] // processor.patch_size) * (size[1] // processor.patch_size)
     # LlavaProcessor inserts patches + num_additional_image_tokens (- 1 for "default") tokens per image
@@ -170,13 +157,6 @@ def configure_processor(processor, model: nn.Module, image_size: int | tuple[int
 
 
 # --- planning (at apply time) ------------------------------------------------------------------
-
-def _pair(size, name: str) -> tuple[int, int]:
-    pair = (size, size) if isinstance(size, numbers.Integral) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in pair):
-        raise ValueError(f"{name} must be a positive int or an (height, width) pair, got {size!r}")
-    return int(pair[0]), int(pair[1])
-
 
 def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
     return encoder_of(tower).layers
@@ -191,12 +171,15 @@ def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
         raise ValueError(f"{type(llava).__name__} overrides get_image_features; only LlavaModel's is supported")
     if not isinstance(tower, tower_classes()):
         raise ValueError(f"the vision tower is {type(tower).__name__}; supported: CLIPVisionModel, SiglipVisionModel")
+    check_api(_PATCHER, [Api(LlavaModel, "get_image_features",
+                             ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")),
+                         Api(type(tower), "forward", ("pixel_values",), True), *placeholder_apis()])
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer={config.vision_feature_layer!r} concatenates several layers; "
                          "compression needs one int layer")
     if any("forward" in layer.__dict__ for layer in _encoder_layers(tower)):
-        raise ValueError("the vision encoder's layers are already patched (ToMe merging?); use "
-                         "compress=('tome', {...}) instead of combining the two")
+        raise ValueError("the vision encoder's layers are already patched (ToMe merging, tome_r=?): ToMe merging "
+                         "and compress= cannot be combined; use compress=('tome', {...}) instead")
     given = sorted(set(budget) & set(_COMPUTED))
     if given:
         raise TypeError(f"compress budget must not contain {', '.join(given)}: the patcher computes them from the "
@@ -223,6 +206,8 @@ def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
         raise TypeError(f"attn_layer= is for the attention methods {ATTENTION_METHODS}, not {method!r}")
 
     attn = _encoder_layers(tower)[attn_layer].self_attn if attn_layer is not None else None
+    if attn is not None:
+        check_api(_PATCHER, [Api(attn, name) for name in ("q_proj", "k_proj", "num_heads", "head_dim", "scale")])
     vision = config.vision_config
     grid = (vision.image_size // vision.patch_size,) * 2
     plan = {"method": method, "budget": budget, "attn_layer": attn_layer, "cls": cls, "attn": attn,
@@ -281,11 +266,12 @@ def _capture_forward(proj: nn.Module, run: dict, name: str, x: torch.Tensor) -> 
     return y
 
 
-def _projector_forward(projector: nn.Module, plan: dict, run: dict, image_features: torch.Tensor):
-    """Patched ``multi_modal_projector.forward``: compress the tokens, then project them."""
+def _projector_forward(project, plan: dict, run: dict, image_features: torch.Tensor):
+    """Patched ``multi_modal_projector.forward``: compress the tokens, then ``project`` them (the
+    projector's forward before this patch: fused or not)."""
     compressed = _compress_features(image_features, plan, run)
     plan["info"]["compressed"] = compressed
-    return type(projector).forward(projector, compressed.tokens)
+    return project(compressed.tokens)
 
 
 def _compress_features(features: torch.Tensor, plan: dict, run: dict):

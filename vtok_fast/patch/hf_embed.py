@@ -12,23 +12,31 @@
   ``interpolate_pos_encoding`` (bicubic, no antialias, parameter dtype);
 - otherwise the table is ``position_embedding.weight``, which equals
   ``position_embedding(position_ids)`` since ``position_ids`` is ``arange(num_positions)``.
+The patched methods follow transformers ``TRANSFORMERS_TESTED`` (``vtok_fast.patch._common``);
+their call conventions are checked at ``apply`` (a ValueError, nothing patched).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import bind, overridden, patch_every, restore
+from vtok_fast.patch._common import Api, bind, check_api, holds, overridden, patch_every, restore
 from vtok_fast.patch.embed_common import conv_is_plain_patchify, embed_tokens
 
 FEATURE = "hf_embed"
 _PATCHER = "vtok_fast.patch.hf fused patch embedding"
+MISSING = "no CLIPVisionEmbeddings or SiglipVisionEmbeddings inside"
 
 
-def apply(model: nn.Module) -> nn.Module:
-    """Fuse every supported vision embedding inside ``model``; warn about any left unfused."""
-    return patch_every(model, FEATURE, _PATCHER, _supported_kinds(),
-                       missing="no CLIPVisionEmbeddings or SiglipVisionEmbeddings inside")
+def finds(model: nn.Module) -> bool:
+    """Whether ``model`` holds an embedding this patcher targets."""
+    return holds(model, tuple(cls for cls, _ in _supported_kinds()))
+
+
+def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
+    """Fuse every supported vision embedding inside ``model``; warn about any left unfused and,
+    unless ``missing_ok``, when there is none."""
+    return patch_every(model, FEATURE, _PATCHER, _supported_kinds(), missing=MISSING, missing_ok=missing_ok)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -47,6 +55,8 @@ def _supported_kinds():
 def _plan(fused_forward):
     """A plan for one embedding class: the forward replacement, or why it cannot be fused."""
     def plan(module: nn.Module, cls):
+        check_api(_PATCHER, [Api(cls, "forward", ("pixel_values", "interpolate_pos_encoding"), True),
+                             Api(cls, "interpolate_pos_encoding", ("embeddings", "height", "width"), True)])
         reason = overridden(module, cls)
         if reason:
             return reason

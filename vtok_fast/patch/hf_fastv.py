@@ -21,9 +21,12 @@ without a cache (``use_cache=False``) every forward is a prefill and prunes for 
 Every row of a batch must hold the same number of image tokens (one image each, or the same
 count), and the last token of a row must be text. The forward's outputs (logits, hidden states)
 cover the kept tokens: ``model._fastv_info["kept"]`` ``(B, L')`` holds their prompt positions
-(``"image_kept"``: the kept image tokens; ``"scores"``: every image token's score), e.g. to align
-labels. ``R = 0`` keeps every token (outputs equal the unpatched model's). ``remove(model)``
-restores every method; parameters and ``state_dict`` are never changed.
+(``"image_kept"``: the kept image tokens; ``"scores"``: every image token's score). ``labels=``
+``(B, L)`` of a patched ``LlavaForConditionalGeneration`` are aligned to them: each kept position
+is scored against the token after it in the prompt, as without pruning (``shift_labels`` of the
+model's loss), and the positions pruned at layer ``K`` add no loss term. ``R = 0`` keeps every token
+(outputs and loss equal the unpatched model's). ``remove(model)`` restores every method;
+parameters and ``state_dict`` are never changed; a failing ``apply`` changes nothing.
 
 What this adds over the official FastV code (which runs batch size 1 with eager attention only,
 reading the full ``L x L`` attention map of layer ``K - 1``): batches (left or right padding), any
@@ -31,9 +34,10 @@ attention implementation that takes the standard mask (``sdpa`` and ``eager``) b
 come from a single-row computation, ``generate`` with a KV cache (prune once at the prefill,
 decode on the pruned cache), GQA models, and the kept positions returned.
 
-Supported: transformers 5.24 (tested; the patch follows its signatures: ``LlavaModel.forward(...,
-cache=...)`` and decoder layers called with ``position_embeddings`` and ``cache``, no
-``cache_position``; a release without them is refused at ``apply``)
+Supported: transformers ``TRANSFORMERS_TESTED`` (``vtok_fast.patch._common``; the patch follows
+its signatures: ``LlavaModel.forward(..., cache=...)``, decoder layers and attention called with
+``position_embeddings`` and ``cache``, no ``cache_position``, the model's ``apply_rotary_pos_emb``
+and a loss taking ``shift_labels``; a release without them is refused at ``apply``)
 ``LlavaForConditionalGeneration`` / ``LlavaModel`` with the library's forward, whose language
 model is ``LlamaModel`` (LLaVA-1.5), ``MistralModel`` or ``Qwen2Model`` without sliding-window
 layers, with the library's decoder layers and attention, ``attn_implementation`` ``"sdpa"`` or
@@ -47,27 +51,30 @@ decoding) is not supported.
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vtok_fast.measure.budget import FASTV_DEFAULT_LAYER as DEFAULT_LAYER
-from vtok_fast.patch._common import overridden, patch, restore
-from vtok_fast.patch.hf_compress import find_llava, parse_spec
+from vtok_fast.measure.budget import FASTV_DEFAULT_RATIO as DEFAULT_RATIO
+from vtok_fast.patch._common import Api, all_or_nothing, check_api, overridden, patch, restore
+from vtok_fast.patch.llava_common import find_llava, image_token_mask, parse_spec
 from vtok_fast.reduce.attention_scores import attention_scores
 from vtok_fast.reduce.compress import compress as run_compress
 
 FEATURE = "hf_fastv"
-DEFAULT_RATIO = 0.5
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 CACHE_STATE = "_vtok_fast_fastv"  # on a pruned DynamicCache: {"columns": (B, L'), "length": L}
+_PATCHER = "vtok_fast.patch.hf FastV"
 
 
 def apply(model: nn.Module, *, compress=("fastv", {})) -> nn.Module:
     """Patch the LLaVA model's language model for FastV pruning (see the module docstring).
-    Re-applying replaces the previous layer / ratio."""
+    Re-applying replaces the previous layer / ratio; a call that raises changes nothing."""
     method, budget = parse_spec(compress)
     if method != "fastv":
         raise ValueError(f"hf_fastv handles compress=('fastv', {{...}}), got method {method!r}")
@@ -88,26 +95,32 @@ def apply(model: nn.Module, *, compress=("fastv", {})) -> nn.Module:
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
         # [0, 1), as vtok_fast.budget counts it: ratio 1 would prune every image token
         raise ValueError(f"fastv ratio must be the fraction of image tokens pruned, in [0, 1), got {ratio!r}")
-    remove(model)  # re-applying replaces the previous layer / ratio
-    layers = _supported_layers(llava)
+    _check_signatures(model, llava)
+    with all_or_nothing():
+        remove(model)  # re-applying replaces the previous layer / ratio
+        layers = _supported_layers(llava)
 
-    layer, ratio = int(layer), float(ratio)
-    info = {"layer": layer, "ratio": ratio, "kept": None, "image_kept": None, "scores": None}
-    plan = {"layer": layer, "ratio": ratio, "info": info, "config": llava.language_model.config}
-    run = {"job": None, "capture": None}
-    scoring = layers[layer - 1].self_attn
-    replacements = [(llava, "forward", functools.partial(_llava_forward, llava, plan, run)),
-                    (scoring, "forward", functools.partial(_scoring_attention_forward, scoring, run)),
-                    (llava, "_fastv_info", info)]
-    if model is not llava:
-        replacements.append((model, "_fastv_info", info))
-    for name in ("q_proj", "k_proj"):
-        proj = getattr(scoring, name)
-        replacements.append((proj, "forward", functools.partial(_capture_forward, proj, run, name)))
-    for index in range(layer, len(layers)):
-        replacements.append((layers[index], "forward",
-                             functools.partial(_pruned_layer_forward, layers[index], plan, run, index == layer)))
-    patch(llava, FEATURE, replacements)
+        layer, ratio = int(layer), float(ratio)
+        info = {"layer": layer, "ratio": ratio, "kept": None, "image_kept": None, "scores": None}
+        plan = {"layer": layer, "ratio": ratio, "info": info, "config": llava.language_model.config}
+        run = {"job": None, "capture": None, "kept": None}
+        scoring = layers[layer - 1].self_attn
+        replacements = [(llava, "forward", functools.partial(_llava_forward, llava, plan, run)),
+                        (scoring, "forward", functools.partial(_scoring_attention_forward, scoring, run)),
+                        (llava, "_fastv_info", info)]
+        if model is not llava:
+            replacements.append((model, "_fastv_info", info))
+            if _with_labels(model):
+                forward = functools.partial(_labels_forward, model, run)
+                forward.__signature__ = inspect.signature(model.forward)  # generate() reads it
+                replacements.append((model, "forward", forward))
+        for name in ("q_proj", "k_proj"):
+            proj = getattr(scoring, name)
+            replacements.append((proj, "forward", functools.partial(_capture_forward, proj, run, name)))
+        for index in range(layer, len(layers)):
+            replacements.append((layers[index], "forward",
+                                 functools.partial(_pruned_layer_forward, layers[index], plan, run, index == layer)))
+        patch(llava, FEATURE, replacements)
     return model
 
 
@@ -130,11 +143,18 @@ def _supported_kinds() -> dict:
             qwen2.Qwen2Model: (qwen2.Qwen2DecoderLayer, qwen2.Qwen2Attention)}
 
 
+def _with_labels(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``LlavaForConditionalGeneration`` with the library's forward (whose
+    ``labels=`` the patch aligns to the kept positions)."""
+    from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration
+
+    return isinstance(model, LlavaForConditionalGeneration) and not overridden(model, LlavaForConditionalGeneration)
+
+
 def _supported_layers(llava: nn.Module) -> nn.ModuleList:
     """The decoder layers of ``llava``'s language model, or a ValueError naming what is not supported."""
     from transformers.models.llava.modeling_llava import LlavaModel
 
-    _check_signatures(LlavaModel)
     if overridden(llava, LlavaModel):
         raise ValueError(f"{type(llava).__name__}.forward is not LlavaModel's (overridden or already patched)")
     lm = llava.language_model
@@ -155,33 +175,25 @@ def _supported_layers(llava: nn.Module) -> nn.ModuleList:
     return lm.layers
 
 
-def _check_signatures(llava_cls) -> None:
-    """The call conventions this patch relies on (those of transformers 5.24)."""
-    import inspect
+def _check_signatures(model: nn.Module, llava: nn.Module) -> None:
+    """The call conventions of transformers this patch relies on (ValueError at ``apply``)."""
+    from transformers.models.llava.modeling_llava import LlavaForConditionalGeneration, LlavaModel
 
-    import transformers
-
-    expected = [(llava_cls.forward, ("cache", "attention_mask", "position_ids", "inputs_embeds"))]
-    expected += [(layer_cls.forward, ("cache", "position_embeddings", "position_ids", "attention_mask"))
-                 for layer_cls, _ in _supported_kinds().values()]
-    for fn, names in expected:
-        missing = [n for n in names if n not in inspect.signature(fn).parameters]
-        if missing:
-            raise ValueError(f"transformers {transformers.__version__}: {fn.__qualname__} takes no "
-                             f"{', '.join(missing)}; this FastV patch follows transformers 5.24's signatures")
+    layer_cls, attn_cls = _supported_kinds()[type(llava.language_model)]
+    apis = [Api(LlavaModel, "forward", ("input_ids", "pixel_values", "attention_mask", "position_ids", "cache",
+                                        "inputs_embeds")),
+            Api(layer_cls, "forward", ("hidden_states",), True),
+            Api(layer_cls, "forward", ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")),
+            Api(attn_cls, "forward", ("hidden_states",), True),
+            Api(attn_cls, "forward", ("position_embeddings", "attention_mask", "cache")),
+            Api(sys.modules[attn_cls.__module__], "apply_rotary_pos_emb", ("q", "k", "cos", "sin"), True)]
+    if model is not llava and _with_labels(model):
+        apis += [Api(LlavaForConditionalGeneration, "forward", ("labels", "logits_to_keep")),
+                 Api(model, "loss_function", ("logits", "labels", "vocab_size", "shift_labels"))]
+    check_api(_PATCHER, apis)
 
 
 # --- the patched forwards -------------------------------------------------------------------------
-
-def _image_mask(llava: nn.Module, input_ids, inputs_embeds) -> torch.Tensor | None:
-    """``(B, L)`` bool: where the image tokens are (as ``LlavaModel.get_placeholder_mask``)."""
-    image_token_id = llava.config.image_token_id
-    if input_ids is not None:
-        return input_ids == image_token_id
-    if inputs_embeds is None:  # LlavaModel.forward raises its own error
-        return None
-    embedding = llava.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
-    return (inputs_embeds == embedding).all(dim=-1)
 
 
 def _new_job(plan: dict, image_mask: torch.Tensor, attention_mask, cache) -> dict:
@@ -227,17 +239,38 @@ def _llava_forward(llava: nn.Module, plan: dict, run: dict, input_ids=None, pixe
     if cache is None or cache.get_seq_length() == 0:
         if cache is not None:
             cache.__dict__.pop(CACHE_STATE, None)  # a reused, emptied cache
-        image_mask = _image_mask(llava, input_ids, inputs_embeds)
+        image_mask = image_token_mask(llava, input_ids, inputs_embeds)
         if image_mask is not None and bool(image_mask.any()):
             job = _new_job(plan, image_mask, attention_mask, cache)
-    run["job"] = job
+    run["job"], run["kept"] = job, None
     try:
-        return type(llava).forward(llava, input_ids=input_ids, pixel_values=pixel_values,
-                                   attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                                   inputs_embeds=inputs_embeds, **kwargs)
+        out = type(llava).forward(llava, input_ids=input_ids, pixel_values=pixel_values,
+                                  attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                  inputs_embeds=inputs_embeds, **kwargs)
+        run["kept"] = None if job is None else job.get("kept")
+        return out
     finally:
         run["job"] = None
         run["capture"] = None
+
+
+def _labels_forward(model: nn.Module, run: dict, *args, labels=None, **kwargs):
+    """Patched ``LlavaForConditionalGeneration.forward``: given ``labels``, the loss over the
+    positions this forward kept, each against the token after it in the prompt (its target
+    without pruning); otherwise the original."""
+    keep = kwargs.get("logits_to_keep", 0)
+    if labels is None or args or not (isinstance(keep, int) and keep == 0):
+        return type(model).forward(model, *args, labels=labels, **kwargs)
+    out = type(model).forward(model, **kwargs)
+    named = inspect.signature(type(model).forward).parameters
+    extra = {k: v for k, v in kwargs.items() if k not in named}  # what the original passes to its loss
+    targets = F.pad(labels, (0, 1), value=extra.get("ignore_index", -100))[:, 1:]
+    if run["kept"] is not None:
+        targets = targets.gather(1, run["kept"].to(targets.device))
+    logits = out[0] if isinstance(out, tuple) else out.logits
+    loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.text_config.vocab_size,
+                               shift_labels=targets, **extra)
+    return (loss, *out) if isinstance(out, tuple) else type(out)(loss=loss, **out)
 
 
 def _capture_forward(proj: nn.Module, run: dict, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -336,6 +369,7 @@ def _prune(plan: dict, job: dict, hidden_states, attention_mask, position_ids, p
                      None if position_embeddings is None else tuple(_rows(t, kept) for t in position_embeddings))
     if cache is not None:
         cache.__dict__[CACHE_STATE] = {"columns": kept, "length": length}
+    job["kept"] = kept
     plan["info"].update(kept=kept, image_kept=image_kept, scores=image_scores)
     return _rows(hidden_states, kept)
 

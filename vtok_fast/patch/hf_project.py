@@ -16,7 +16,9 @@
 A module whose forward was overridden or replaced, or whose norm / activation the fused op does
 not compute, keeps its forward and gets one warning line. Parameters and ``state_dict`` are
 unchanged; ``remove(model)`` restores every patched method. While InternVL is patched,
-``model.pixel_shuffle`` alone no longer shuffles.
+``model.pixel_shuffle`` alone no longer shuffles. The replaced methods follow transformers
+``TRANSFORMERS_TESTED`` (``vtok_fast.patch._common``); their call conventions are checked at
+``apply`` (a ValueError, nothing patched).
 """
 from __future__ import annotations
 
@@ -25,20 +27,24 @@ import math
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import bind, overridden, patch_every, restore
+from vtok_fast.patch._common import Api, bind, check_api, holds, overridden, patch_every, restore
 from vtok_fast.project.merge_project import merge_project
 from vtok_fast.project.modules import activation_of, mlp_project, norm_args
 
 FEATURE = "hf_project"
 _PATCHER = "vtok_fast.patch.hf fused merger / projector"
+MISSING = "no Qwen2-VL / Qwen2.5-VL PatchMerger, InternVLModel or LlavaMultiModalProjector inside"
+
+
+def finds(model: nn.Module) -> bool:
+    """Whether ``model`` holds a merger / projector this patcher targets."""
+    return holds(model, tuple(cls for cls, _ in _supported_kinds()))
 
 
 def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
     """Patch every supported merger / projector inside ``model``; warn about any left unfused
     and, unless ``missing_ok``, when there is none."""
-    return patch_every(model, FEATURE, _PATCHER, _supported_kinds(), missing_ok=missing_ok,
-                       missing="no Qwen2-VL / Qwen2.5-VL PatchMerger, InternVLModel or "
-                               "LlavaMultiModalProjector inside")
+    return patch_every(model, FEATURE, _PATCHER, _supported_kinds(), missing_ok=missing_ok, missing=MISSING)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -68,6 +74,7 @@ def _activation_problem(act: nn.Module) -> str | None:
 # --- Qwen2-VL / Qwen2.5-VL -------------------------------------------------------------------------
 
 def _plan_qwen_merger(merger: nn.Module, cls):
+    check_api(_PATCHER, [Api(cls, "forward", ("x",), True)])
     reason = overridden(merger, cls)
     if reason:
         return reason
@@ -101,6 +108,8 @@ def _plan_qwen_merger(merger: nn.Module, cls):
 def _plan_internvl(model: nn.Module, cls):
     from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
 
+    check_api(_PATCHER, [Api(cls, "pixel_shuffle", ("vision_features", "scale_factor"), True),
+                         Api(InternVLMultiModalProjector, "forward", ("image_features",), True)])
     reason = overridden(model, cls, "pixel_shuffle")
     if reason:
         return reason
@@ -155,6 +164,7 @@ def _internvl_projector_forward(self, image_features: torch.Tensor) -> torch.Ten
 # --- LLaVA ---------------------------------------------------------------------------------------
 
 def _plan_llava(projector: nn.Module, cls):
+    check_api(_PATCHER, [Api(cls, "forward", ("image_features",), True)])
     reason = overridden(projector, cls)
     if reason:
         return reason

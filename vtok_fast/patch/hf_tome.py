@@ -26,9 +26,13 @@ with ``trace_source=True``, ``source_map`` (int64 ``[B, N0]``: output token hold
 embedding token), as in ``timm_tome``.
 
 The tower returns fewer tokens. For LLaVA the language model's ``<image>`` placeholders must
-match: use :func:`llava_image_token_count` (``get_image_features`` returns that many features per
-image) and build the prompt with that many image tokens, e.g. with a ``LlavaProcessor``:
-``processor.num_additional_image_tokens += llava_image_token_count(model) - original_count``.
+match: ``vtok_fast.patch.image_token_count(model)`` gives the count per image and
+``vtok_fast.patch.configure_processor(processor, model)`` makes a ``LlavaProcessor`` insert it; a
+prompt with another count raises a ValueError naming them (``get_placeholder_mask`` of each
+``LlavaModel`` whose tower is patched). A vision tower patched by ``compress=`` is refused (a
+ValueError: use ``compress=("tome", {...})``), as ``compress=`` refuses a ToMe-patched tower.
+transformers ``TRANSFORMERS_TESTED`` (``vtok_fast.patch._common``) is tested; the call conventions
+the patched methods rely on are checked at ``apply`` (a ValueError, nothing patched).
 A ``vision_feature_layer`` list (several layers concatenated) only works when the selected
 layers have the same length. Patched layers do not use gradient checkpointing, and an
 ``attention_mask`` passed to the encoder is refused while merging (it is for the unmerged
@@ -45,31 +49,49 @@ import torch
 import torch.nn as nn
 
 from vtok_fast._backend import use_triton
-from vtok_fast.patch._common import is_patched, overridden, patch, restore, warn_not_applied
+from vtok_fast.patch._common import (Api, check_api, holds, is_patched, overridden, patch, replaced_by, restore,
+                                     warn_not_applied)
+from vtok_fast.patch.llava_common import placeholder_apis, prompt_check
 from vtok_fast.patch.tome_common import (STATE_ATTR, MergeRun, ToMeState, reapply, schedule, size_bias,
                                          tokens_after)
 from vtok_fast.reduce.attention import attention
 
 FEATURE = "hf_tome"
 _PATCHER = "vtok_fast.patch.hf ToMe merging"
+MISSING = "no CLIPVisionModel or SiglipVisionModel inside"
+
+
+def finds(model: nn.Module) -> bool:
+    """Whether ``model`` holds a vision tower this patcher targets."""
+    return holds(model, tower_classes())
 
 
 def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
-    """Patch every CLIP / SigLIP vision tower in ``model`` for ToMe merging with schedule ``r``."""
+    """Patch every CLIP / SigLIP vision tower in ``model`` for ToMe merging with schedule ``r``;
+    warn and change nothing when there is none or one is unsupported; a ValueError for a tower
+    patched by ``compress=`` or a transformers release whose call conventions differ."""
     if reapply(model, FEATURE, r, prop_attn=prop_attn, trace_source=trace_source):
         return model
     towers = [m for m in model.modules() if isinstance(m, tower_classes())]
     if not towers:
-        warn_not_applied(_PATCHER, model, "no CLIPVisionModel or SiglipVisionModel inside")
+        warn_not_applied(_PATCHER, model, MISSING)
         return model
     for tower in towers:
+        feature = replaced_by(model, tower, "forward")
+        if feature is not None:
+            raise ValueError(f"the vision tower ({type(tower).__name__}) is patched by vtok_fast ({feature}: "
+                             "compress=...): ToMe merging (tome_r=) and compress= cannot be combined; use "
+                             "compress=('tome', {...}) instead")
         reason = _unsupported_reason(tower)
         if reason is not None:
             warn_not_applied(_PATCHER, model, f"{type(tower).__name__}: {reason}")
             return model
+    llavas = _llavas_of(model, towers)
+    check_api(_PATCHER, _apis(towers) + (placeholder_apis() if llavas else []))
     replacements = [(model, "r", r), (model, STATE_ATTR, ToMeState(bool(prop_attn), bool(trace_source)))]
     for tower in towers:
         replacements += _tower_replacements(model, tower)
+    replacements += [prompt_check(llava) for llava in llavas]
     patch(model, FEATURE, replacements)
     return model
 
@@ -80,16 +102,24 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def tome_root(model: nn.Module) -> nn.Module | None:
+    """The module of ``model`` (itself included) that ``hf(..., tome_r=...)`` patched, or None."""
+    return next((m for m in model.modules() if is_patched(m, FEATURE)), None)
+
+
 def llava_image_token_count(model: nn.Module, image_size: int | tuple[int, int] | None = None) -> int:
-    """Image features per image that ``get_image_features`` of a patched LLaVA model returns.
+    """Image features per image that ``get_image_features`` of a ToMe-patched LLaVA model returns
+    (``vtok_fast.patch.image_token_count`` answers for every patch, and for none).
 
     ``model``: a ``LlavaForConditionalGeneration`` / ``LlavaModel`` patched with ``hf(...)``;
     ``image_size``: the pixel size fed to the tower (default: the vision config's). Follows the
     model's ``vision_feature_layer`` and ``vision_feature_select_strategy`` and the current
     ``model.r``.
     """
-    if not is_patched(model, FEATURE):
-        raise ValueError("model is not patched with vtok_fast.patch.hf(model, tome_r=...)")
+    root = tome_root(model)
+    if root is None:
+        raise ValueError("model is not patched with vtok_fast.patch.hf(model, tome_r=...); "
+                         "vtok_fast.patch.image_token_count(model) answers for every patch")
     config = getattr(model, "config", None)
     towers = [m for m in model.modules() if isinstance(m, tower_classes())]
     if len(towers) != 1 or not hasattr(config, "vision_feature_layer"):
@@ -100,7 +130,7 @@ def llava_image_token_count(model: nn.Module, image_size: int | tuple[int, int] 
     prefix = num_prefix_tokens(towers[0])
     num_tokens = (height // vision.patch_size) * (width // vision.patch_size) + prefix
     num_layers = len(encoder_of(towers[0]).layers)
-    sched = schedule(model.r, num_layers)
+    sched = schedule(root.r, num_layers)
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     counts = {tokens_after(num_tokens, sched[:k % (num_layers + 1)], prefix) for k in layers}
@@ -141,6 +171,33 @@ def num_prefix_tokens(tower: nn.Module) -> int:
     """1 for CLIP (its class token), 0 for SigLIP."""
     from transformers.models.clip.modeling_clip import CLIPVisionModel
     return 1 if isinstance(tower, CLIPVisionModel) else 0
+
+
+def _llavas_of(model: nn.Module, towers: list[nn.Module]) -> list[nn.Module]:
+    """The ``LlavaModel``s of ``model`` whose vision tower is one of ``towers``."""
+    from transformers.models.llava.modeling_llava import LlavaModel
+
+    return [m for m in model.modules()
+            if isinstance(m, LlavaModel) and any(m.vision_tower is tower for tower in towers)]
+
+
+def _apis(towers: list[nn.Module]) -> list[Api]:
+    """The call conventions of transformers the patched tower methods rely on."""
+    apis = []
+    for tower in towers:
+        encoder = encoder_of(tower)
+        layer = encoder.layers[0] if len(encoder.layers) else None
+        apis.append(Api(type(encoder), "forward", ("inputs_embeds", "attention_mask"), True))
+        if layer is not None:
+            attn_cls = type(layer.self_attn)
+            apis += [Api(type(layer), "forward", ("hidden_states", "attention_mask"), True),
+                     Api(attn_cls, "forward", ("hidden_states", "attention_mask"), True),
+                     Api(sys.modules[attn_cls.__module__], "eager_attention_forward",
+                         ("module", "query", "key", "value", "attention_mask"), True)]
+        head = getattr(tower, "head", None)
+        if head is not None:
+            apis.append(Api(type(head), "forward", ("hidden_state",), True))
+    return apis
 
 
 def _unsupported_reason(tower: nn.Module) -> str | None:

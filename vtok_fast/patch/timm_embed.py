@@ -20,11 +20,18 @@ from vtok_fast.patch.embed_common import conv_is_plain_patchify, embed_tokens
 
 FEATURE = "timm_embed"
 _PATCHER = "vtok_fast.patch.timm fused patch embedding"
+MISSING = "not a timm VisionTransformer"
 
 
-def apply(model: nn.Module) -> nn.Module:
-    """Fuse ``model``'s patch and position embedding in place; warn and do nothing if not exact."""
-    if is_patched(model, FEATURE):
+def finds(model: nn.Module) -> bool:
+    """Whether ``model`` is a model this patcher targets (a timm VisionTransformer)."""
+    return isinstance(model, _timm_classes()[0])
+
+
+def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
+    """Fuse ``model``'s patch and position embedding in place; warn and do nothing if not exact
+    (not a VisionTransformer: silent with ``missing_ok``)."""
+    if is_patched(model, FEATURE) or (missing_ok and not finds(model)):
         return model
     reason = _unfusable_reason(model)
     if reason is not None:
@@ -56,7 +63,7 @@ def _unfusable_reason(model: nn.Module) -> str | None:
     """Why the fused op would not reproduce ``model``'s embedding exactly; None if it would."""
     VisionTransformer, VisionTransformerDistilled, PatchEmbed, Format = _timm_classes()
     if not isinstance(model, VisionTransformer):
-        return "not a timm VisionTransformer"
+        return MISSING
     if type(model)._pos_embed not in (VisionTransformer._pos_embed, VisionTransformerDistilled._pos_embed):
         return f"{type(model).__name__} overrides _pos_embed"
     if "_pos_embed" in model.__dict__ or "forward" in getattr(model.patch_embed, "__dict__", {}):

@@ -13,11 +13,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import bind, overridden, patch_every, restore
+from vtok_fast.patch._common import bind, holds, overridden, patch_every, restore
 from vtok_fast.project.modules import norm_args, swin_merge
 
 FEATURE = "timm_swin"
 _PATCHER = "vtok_fast.patch.timm fused Swin patch merging"
+MISSING = "no timm swin_transformer.PatchMerging inside"
+
+
+def finds(model: nn.Module) -> bool:
+    """Whether ``model`` holds a ``PatchMerging`` this patcher targets."""
+    from timm.models.swin_transformer import PatchMerging
+
+    return holds(model, (PatchMerging,))
 
 
 def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
@@ -25,8 +33,7 @@ def apply(model: nn.Module, *, missing_ok: bool = False) -> nn.Module:
     unless ``missing_ok``, when there is none."""
     from timm.models.swin_transformer import PatchMerging
 
-    return patch_every(model, FEATURE, _PATCHER, [(PatchMerging, _plan)], missing_ok=missing_ok,
-                       missing="no timm swin_transformer.PatchMerging inside")
+    return patch_every(model, FEATURE, _PATCHER, [(PatchMerging, _plan)], missing_ok=missing_ok, missing=MISSING)
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -50,6 +50,14 @@ from vtok_fast.reduce.attention import attention
 
 FEATURE = "timm_tome"
 _PATCHER = "vtok_fast.patch.timm ToMe merging"
+MISSING = "not a timm VisionTransformer"
+
+
+def finds(model: nn.Module) -> bool:
+    """Whether ``model`` is a model this patcher targets (a timm VisionTransformer)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +65,8 @@ _PATCHER = "vtok_fast.patch.timm ToMe merging"
 # ---------------------------------------------------------------------------------------------
 
 def apply(model: nn.Module, *, r, trace_source: bool = False, prop_attn: bool = True) -> nn.Module:
-    """Patch ``model`` for ToMe merging with schedule ``r`` (re-applying updates the settings)."""
+    """Patch ``model`` for ToMe merging with schedule ``r`` (re-applying updates the settings);
+    warn and change nothing when it is unsupported."""
     if reapply(model, FEATURE, r, prop_attn=prop_attn, trace_source=trace_source):
         return model
     reason = _unsupported_reason(model)
@@ -86,7 +95,7 @@ def _unsupported_reason(model: nn.Module) -> str | None:
     from timm.models.vision_transformer import Block, VisionTransformer
 
     if not isinstance(model, VisionTransformer):
-        return "not a timm VisionTransformer"
+        return MISSING
     if type(model.blocks) is not nn.Sequential or "forward" in model.blocks.__dict__:
         return "model.blocks is not a plain nn.Sequential"
     if not hasattr(type(model), "pool"):

@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch._common import is_patched
+from vtok_fast.patch._common import is_patched, record
 from vtok_fast.reduce.tome_reference import capped_r, check_r, parse_r
 
 STATE_ATTR = "_tome_state"
+
+
+def _describe(value) -> str:
+    """A tensor as its shape and dtype (never its values); anything else as ``repr``."""
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    return repr(value)
 
 
 @dataclass
@@ -31,6 +38,11 @@ class ToMeResult:
     schedule: tuple[int, ...] = ()
     size: torch.Tensor | None = None
     source_map: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        """One line: the schedule, and the tensors' shapes and dtypes."""
+        return (f"ToMeResult(schedule={self.schedule!r}, size={_describe(self.size)}, "
+                f"source_map={_describe(self.source_map)})")
 
 
 @dataclass
@@ -47,6 +59,11 @@ class ToMeState:
     trace_source: bool = False
     merge_kwargs: dict = field(default_factory=dict)
     last: ToMeResult = field(default_factory=ToMeResult)
+
+    def __repr__(self) -> str:
+        """One line: the settings and ``last`` (shapes, not values)."""
+        return (f"ToMeState(prop_attn={self.prop_attn!r}, trace_source={self.trace_source!r}, "
+                f"merge_kwargs={self.merge_kwargs!r}, last={self.last!r})")
 
     def start(self, r, num_layers: int, merge_kwargs: dict | None = None) -> MergeRun:
         """A fresh :class:`MergeRun` for one forward with schedule ``r`` over ``num_layers``
@@ -123,11 +140,18 @@ def tome_state(model: nn.Module) -> ToMeState:
 
 def reapply(model: nn.Module, feature: str, r, *, prop_attn: bool, trace_source: bool) -> bool:
     """The start of ``apply``: check ``r``; if ``feature`` is already applied on ``model``, update
-    ``model.r`` and the settings and return True (nothing else to do)."""
+    ``model.r`` and the settings (undone if the enclosing ``all_or_nothing`` block fails) and
+    return True (nothing else to do)."""
     check_r(r, "tome_r")
     if not is_patched(model, feature):
         return False
-    model.r = r
     state = tome_state(model)
+    before = (model.r, state.prop_attn, state.trace_source)
+
+    def undo():
+        model.r, state.prop_attn, state.trace_source = before
+
+    model.r = r
     state.prop_attn, state.trace_source = bool(prop_attn), bool(trace_source)
+    record(undo)
     return True

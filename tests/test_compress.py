@@ -488,6 +488,15 @@ def test_compress_method_must_be_a_name():
         compress(torch.randn(1, 16, 8), ["pool"])
 
 
+def test_budget_arguments_are_checked_against_the_method():
+    tokens = torch.randn(1, 17, 8)
+    with pytest.raises(TypeError, match=r"compress\(method='visionzip'\) takes the budget arguments "
+                                        r"dominant, contextual, .*\(missing contextual\)"):
+        compress(tokens, "visionzip", prefix=1, dominant=4)
+    with pytest.raises(TypeError, match=r"compress\(method='pool'\) .*got \['strde'\] \(unknown strde\)"):
+        compress(tokens, "pool", prefix=1, strde=2)
+
+
 def test_bad_inputs_name_what_is_wrong():
     tokens, q, k = _prumerge_inputs(2, 16, dim=8)
     attention = {"queries": q[:, None, :1], "keys": k[:, None]}

@@ -23,6 +23,8 @@ exact semantics and :class:`~vtok_fast.reduce.compressed.Compressed` for the res
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from vtok_fast.reduce._common import check_tokens, resolve_grid
@@ -50,8 +52,24 @@ def compress(tokens: torch.Tensor, method: str, *, grid=None, prefix: int = 0, *
     reducer = METHODS.get(method) if isinstance(method, str) else None
     if reducer is None:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    _check_budget(method, reducer, budget)
     if method in GRID_METHODS:
         return reducer(tokens, grid=grid, prefix=prefix, **budget)
     if grid is not None:  # not read by this method, but it must describe the tokens
         resolve_grid(check_tokens(tokens, prefix)[2], grid, prefix)
     return reducer(tokens, prefix=prefix, **budget)
+
+
+def _check_budget(method: str, reducer, budget: dict) -> None:
+    """A TypeError naming ``method``, the budget arguments it takes and what is wrong, for an
+    unknown or missing budget argument (before any work)."""
+    parameters = inspect.signature(reducer).parameters
+    options = [name for name in parameters if name not in ("tokens", "grid", "prefix")]
+    unknown = sorted(set(budget) - set(options))
+    missing = [name for name in options if name not in budget
+               and parameters[name].default is inspect.Parameter.empty]
+    if unknown or missing:
+        wrong = "; ".join(filter(None, [unknown and f"unknown {', '.join(unknown)}",
+                                        missing and f"missing {', '.join(missing)}"]))
+        raise TypeError(f"compress(method={method!r}) takes the budget arguments {', '.join(options)}; "
+                        f"got {sorted(budget)} ({wrong})")

@@ -19,9 +19,52 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; collected only with VTOK_FAST_TEST_GPU=1")
     config.addinivalue_line("markers", "aot: ahead-of-time compilation for sm_80/sm_90")
+    config.addinivalue_line("markers", "smoke: the fast subset (python -m pytest -m smoke, under a minute)")
+
+
+# The fast subset (`python -m pytest -m smoke`, under a minute on the 2-core CPU machine): for every
+# op its forward (and gradients) against the reference on both backends, a real peer where the op
+# has one, and the layout, patcher and command-line basics. test file -> test functions (every
+# parametrization of each).
+SMOKE = {
+    "test_layout.py": ("test_no_checkout_folder_shadows_an_installed_distribution", "test_no_import_cycles",
+                       "test_imports_point_down_the_floors"),
+    "test_foundation.py": ("test_import_is_quiet_and_cheap", "test_checks_name_argument_expected_and_received"),
+    "test_patch_embed.py": ("test_edge_shapes_give_correct_results", "test_float_images_mean_std_image_grad_and_remainder",
+                            "test_module_loads_timm_state_dict_and_matches"),
+    "test_codebook_search.py": ("test_agrees_with_reference", "test_ties_go_to_lowest_index", "test_distance_gradients"),
+    "test_vq.py": ("test_eval_matches_vqtorch_same_codebook", "test_ema_update_matches_formulas",
+                   "test_commitment_loss_and_gradient"),
+    "test_residual_vq_beam.py": ("test_one_beam_is_the_greedy_quantizer",),
+    "test_tome_reference.py": ("test_hand_computed", "test_merge_wavg_and_source_match_oracle"),
+    "test_tome.py": ("test_gradients_match_reference", "test_torch_path_scores_like_the_reference"),
+    "test_compress.py": ("test_compress_dispatches_every_method", "test_avg_and_max_match_transformers_llava_next_video_pooler",
+                         "test_prumerge_matches_the_official_loop"),
+    "test_attention.py": ("test_cross_attention_lengths_and_scale", "test_strided_views_of_one_qkv_tensor"),
+    "test_attention_scores.py": ("test_scale_and_uniform_keys", "test_key_mask_hides_keys_and_empty_rows_give_zero"),
+    "test_merge_project.py": ("test_backends_agree", "test_fp16_triton"),
+    "test_project_modules.py": ("test_state_dict_loads_strictly_both_ways",),
+    "test_adaptive.py": ("test_entropy_kernel_equals_reference_exactly", "test_quadtree_covers_every_pixel_exactly_once"),
+    "test_pyramid.py": ("test_every_level_is_resampled_from_the_input",),
+    "test_metrics.py": ("test_ssim_matches_scikit_image", "test_clip_score_matches_torchmetrics"),
+    "test_budget.py": ("test_llava_next_matches_transformers", "test_qwen2_vl_matches_transformers"),
+    "test_patcher_timm_embed.py": ("test_patch_twice_then_unpatch_restores_original",),
+    "test_patcher_timm_tome.py": ("test_token_counts_follow_the_schedule",),
+    "test_patcher_hf_embed.py": ("test_state_dict_unchanged_patch_twice_and_unpatch",),
+    "test_patcher_entry.py": ("test_failing_call_leaves_no_tome", "test_image_token_count_answers_for_every_patch"),
+    "test_patcher_hf_fastv.py": ("test_kept_tokens_keep_their_position_ids",),
+    "test_cli.py": ("test_bench_out_naming_a_file_is_a_one_line_error",),
+}
+
+
+def _mark_smoke(items) -> None:
+    for item in items:
+        if getattr(item, "originalname", item.name) in SMOKE.get(item.path.name, ()):
+            item.add_marker(pytest.mark.smoke)
 
 
 def pytest_collection_modifyitems(config, items):
+    _mark_smoke(items)
     if GPU_RUN:
         return
     kept, dropped = [], []

@@ -193,3 +193,13 @@ def test_imports_point_down_the_floors():
     upward = sorted((name, target) for name, path in files.items()
                     for target in _imports(name, path, set(files)) if _floor(target) > _floor(name))
     assert upward == []
+
+
+def test_every_smoke_entry_names_a_test():
+    """The fast subset (``-m smoke``, listed in conftest.SMOKE) never silently shrinks by a rename."""
+    from conftest import SMOKE
+
+    for file, functions in SMOKE.items():
+        tree = ast.parse((ROOT / "tests" / file).read_text(encoding="utf-8"))
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert set(functions) <= defined, (file, sorted(set(functions) - defined))

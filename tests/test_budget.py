@@ -9,15 +9,19 @@ import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models
-from transformers import (CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor,
-                          PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor,
-                          Qwen2VLVideoProcessor)
+from transformers import (CLIPImageProcessor, Gemma3ImageProcessor, Gemma3Processor, GotOcr2ImageProcessor,
+                          Idefics3ImageProcessor, Idefics3Processor, InternVLProcessor, InternVLVideoProcessor,
+                          LlavaNextImageProcessor, LlavaNextProcessor, LlavaOnevisionImageProcessor,
+                          LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, LlavaProcessor,
+                          PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                          Qwen2VLVideoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor, SmolVLMImageProcessor)
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from vtok_fast.measure import budget_cli
-from vtok_fast.measure.budget import (FASTV_DEFAULT_RATIO, LLAVA_NEXT_PINPOINTS, MAX_IMAGE_SIDE, count_tokens,
-                                     parse_compress)
+from vtok_fast.measure.budget import (FASTV_DEFAULT_RATIO, LLAVA_NEXT_PINPOINTS, MAX_IMAGE_SIDE, MODEL_NAMES,
+                                     OV_PINPOINTS, count_tokens, parse_compress)
 
 
 def _row(budget, prefix):
@@ -54,6 +58,17 @@ def _random_sizes(count, low=16, high=4000):
     ("deepseek-ocr", (1024, 1024), {"mode": "small"}, 40 * 40, 111),
     ("deepseek-ocr", (1024, 1024), {"mode": "base"}, 64 * 64, 273),
     ("deepseek-ocr", (1024, 1024), {"mode": "large"}, 80 * 80, 421),
+    ("llava-onevision", (384, 384), {}, 2 * 729, 729 + 27 * 27 + 27),  # base + one crop + 27 newlines
+    ("llava-onevision", (1080, 1920), {}, 16 * 729, 729 + 60 * 108 + 60),  # 75x135 shrunk by 1.25
+    ("qwen2.5-vl", (1080, 1920), {}, 4 * 1222, 1222),  # as Qwen2-VL: the same image processor
+    ("qwen3-vl", (1080, 1920), {}, 4 * 943, 943),  # 736x1312: 23x41 merged 32-px cells
+    ("qwen3-vl", (1080, 1920), {"min_pixels": 65_536, "max_pixels": 16_777_216}, 4 * 2040, 2040),  # 1088x1920
+    ("internvl", (448, 448), {}, 1024, 256),  # one tile, no thumbnail
+    ("internvl", (1080, 1920), {}, 9 * 1024, 9 * 256),  # 4 x 2 tiles + the thumbnail
+    ("gemma3", (896, 896), {}, 4096, 256),
+    ("gemma3", (1080, 1920), {}, 4096, 256),  # every image is resized to 896x896
+    ("idefics3", (364, 364), {}, 17 * 676, 17 * 169),  # resized to 1456x1456 first: 4 x 4 tiles + global
+    ("smolvlm", (1080, 1920), {}, 13 * 676, 13 * 169),  # 1456x820 -> 1456x1092: 3 x 4 tiles + global
 ])
 def test_reference_counts(model, size, options, vit, llm):
     budget = count_tokens(model, size, **options)
@@ -157,6 +172,18 @@ def test_deepseek_ocr_gundam():
     ("deepseek-ocr", (1024, 1024), {"mode": "base"}, ("tome", {"keep": 100}), 100 + 1),
     ("deepseek-ocr", (1280, 1920), {}, ("pool", {"stride": 2}), (8 + 1) * 8 + (3 * 5 + 1) * (2 * 5) + 1),
     ("llava-uhd", (672, 1008), {}, ("attn_topk", {"keep": 32}), 7 * 32),
+    # 13x13 base + crops 39x65 unpadded to 37x65, shrunk by sqrt(37 * 65 / (9 * 13 * 13)) to 29x51 + 29 newlines
+    ("llava-onevision", (1080, 1920), {}, ("pool", {"stride": 2}), 169 + 29 * 51 + 29),
+    ("llava-onevision", (1080, 1920), {}, ("tome", {"keep": 100}), 16 * 100),  # flat: 16 views, no newlines
+    ("llava-onevision", (1080, 1920), {}, ("fastv", {"ratio": 0.5}), round(7269 / 2)),
+    ("qwen2.5-vl", (1080, 1920), {}, ("pool", {"stride": 2}), 13 * 23),  # the 26x47 merged grid
+    ("qwen3-vl", (1080, 1920), {}, ("pool", {"stride": 2}), 11 * 20),  # the 23x41 merged grid
+    ("internvl", (1080, 1920), {}, ("pool", {"stride": 2}), 9 * 8 * 8),  # per tile: 16x16 -> 8x8
+    ("internvl", (1080, 1920), {}, ("tome", {"keep": 64}), 9 * 64),
+    ("gemma3", (896, 896), {}, ("visionzip", {"dominant": 54, "contextual": 10}), 64),
+    ("gemma3", (480, 1640), {"do_pan_and_scan": True}, ("pool", {"stride": 2}), 4 * 64),  # image + 3 crops
+    ("idefics3", (1080, 1920), {}, ("pool", {"stride": 2}), 13 * 36),  # per view: 13x13 -> 6x6
+    ("smolvlm", (1080, 1920), {}, ("attn_topk", {"ratio": 0.5}), 13 * 84),  # round(84.5) = 84
 ])
 def test_compressed_counts(model, size, options, compress, llm):
     budget = count_tokens(model, size, compress=compress, **options)
@@ -223,6 +250,13 @@ def test_bad_compress_type():
     ("llava-uhd", (672, 1008), {}, "tome:keep=65", "65 tokens is more than the 64 tokens"),
     ("llava-1.5", (336, 336), {}, "attn_topk:ratio=0.0001", "keeps no token of the 576"),
     ("llava-1.5", (336, 336), {}, "pool:stride=25,mode=bilinear", "stride=25 is larger than the 24x24"),
+    ("llava-onevision", (480, 640), {}, "pixel_shuffle:stride=2", "stride=2 must divide the 27x27 token grid"),
+    ("internvl", (1080, 1920), {}, "tome:keep=257", "a budget of 257 tokens is more than the 256 tokens"),
+    ("gemma3", (896, 896), {}, "pool:stride=17", "stride=17 is larger than the 16x16 token grid"),
+    ("smolvlm", (1080, 1920), {}, "pixel_shuffle:stride=2", "stride=2 must divide the 13x13 token grid"),
+    ("idefics3", (336, 336), {"image_seq_len": 170}, "pool:stride=2",
+     "compress pool needs a token grid, but a view's 170 tokens is 170 tokens without one"),
+    ("qwen3-vl", (1080, 1920), {}, "pixel_shuffle:stride=2", "must divide the 23x41 token grid"),
 ])
 def test_budget_larger_than_the_tokens(model, size, options, compress, message):
     with pytest.raises(ValueError) as info:
@@ -259,6 +293,45 @@ def test_bad_arguments():
         count_tokens("llava-next", (336, 336), grid_pinpoints=[(336, 700)])
     with pytest.raises(TypeError, match="grid_pinpoints must be"):
         count_tokens("llava-next", (336, 336), grid_pinpoints=[336])
+
+
+@pytest.mark.parametrize("model, options, error, message", [
+    ("llava-onevision", {"anyres_max": 0}, ValueError, "anyres_max must be a positive integer <= 2147483647, got 0"),
+    ("llava-onevision", {"grid_pinpoints": [(336, 672)]}, ValueError,
+     "grid_pinpoints must be (height, width) pairs of positive multiples of 384"),
+    ("llava-onevision", {"grid_pinpoints": [384]}, TypeError, "grid_pinpoints must be (height, width) pairs"),
+    ("llava-onevision", {"max_pixels": 10}, TypeError,
+     "count_tokens('llava-onevision') got unexpected option(s) max_pixels; it takes grid_pinpoints, anyres_max"),
+    ("qwen3-vl", {"min_pixels": 5000, "max_pixels": 4000}, ValueError, "min_pixels must be <= max_pixels"),
+    ("qwen2.5-vl", {"patch_size": 0}, ValueError, "patch_size must be a positive integer"),
+    ("internvl", {"max_patches": 0}, ValueError, "max_patches must be a positive integer <= 1024, got 0"),
+    ("internvl", {"max_patches": 2000}, ValueError, "max_patches must be a positive integer <= 1024, got 2000"),
+    ("internvl", {"min_patches": 1.5}, ValueError, "min_patches must be a positive integer <= 1024, got 1.5"),
+    ("internvl", {"min_patches": 4, "max_patches": 3}, ValueError, "min_patches must be <= max_patches, got 4 > 3"),
+    ("gemma3", {"do_pan_and_scan": "yes"}, ValueError, "do_pan_and_scan must be True or False, got 'yes'"),
+    ("gemma3", {"pan_and_scan_max_num_crops": -2}, ValueError,
+     "pan_and_scan_max_num_crops must be a positive integer <= 2147483647, got -2"),
+    ("gemma3", {"pan_and_scan_min_ratio_to_activate": float("nan")}, ValueError,
+     "pan_and_scan_min_ratio_to_activate must be a positive number, got nan"),
+    ("smolvlm", {"image_seq_len": 0}, ValueError, "image_seq_len must be a positive integer"),
+    ("smolvlm", {"max_image_size": 10**400}, ValueError, "max_image_size must be a positive integer <= 2147483647, "
+                                                         "got ~1e400"),
+    ("idefics3", {"do_image_splitting": 1}, ValueError, "do_image_splitting must be True or False, got 1"),
+    ("idefics3", {"size": 1456}, TypeError, "count_tokens('idefics3') got unexpected option(s) size; it takes "
+                                            "longest_edge, max_image_size, image_seq_len, scale_factor"),
+])
+def test_bad_options_of_the_added_families(model, options, error, message):
+    """A bad option of a new family is a ValueError (or TypeError) naming the argument."""
+    with pytest.raises(error) as info:
+        count_tokens(model, (1080, 1920), **options)
+    assert message in str(info.value)
+
+
+def test_qwen_aspect_ratio_errors_name_the_family():
+    """smart_resize's 200:1 limit, raised with the family's own name."""
+    for model, family in [("qwen2.5-vl", "Qwen2.5-VL"), ("qwen3-vl", "Qwen3-VL")]:
+        with pytest.raises(ValueError, match=f"image_size 10x2010: {family} needs an aspect ratio below 200"):
+            count_tokens(model, (10, 2010))
 
 
 def test_model_names_are_case_insensitive():
@@ -386,6 +459,265 @@ def test_qwen2_vl_processor_end_to_end():
         assert int(out["image_grid_thw"].prod()) == budget.vit_tokens
 
 
+# --- the VLM families added: transformers' own processors, built offline ------------------------
+
+# sizes a random draw hardly gives: one pixel high or wide, tiny, odd, at a tile's edge, extreme aspect ratios
+EDGE_SIZES = [[1, 1], [1, 4000], [4000, 1], [2, 3], [3, 2], [7, 5], [13, 4001], [4001, 13], [383, 385],
+              [384, 384], [447, 449], [365, 363], [364, 729], [16, 3200], [3199, 16], [1, 199], [200, 1]]
+
+
+def _family_sizes(count, max_aspect=None):
+    """Seeded random sizes (square-ish and elongated, sides from 1 pixel) plus EDGE_SIZES; only those
+    within ``max_aspect`` when given (Qwen's smart_resize refuses more than 200)."""
+    sizes = _random_sizes(count, low=1) + EDGE_SIZES
+    return [s for s in sizes if max_aspect is None or max(s) / min(s) <= max_aspect]
+
+
+def _image(height, width):
+    """A blank channels-first uint8 image (the processors take tensors as they take PIL images)."""
+    return torch.zeros(3, height, width, dtype=torch.uint8)
+
+
+def _named_tokenizer(named, *plain):
+    """A tiny tokenizer built offline with named special tokens (``tokenizer.boi_token``,
+    ``tokenizer.context_image_token_id``, ...), which the InternVL and Gemma 3 processors read."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), unk_token="<unk>",
+        extra_special_tokens=dict(named))
+    tokenizer.add_tokens([*plain, *named.values()], special_tokens=True)
+    return tokenizer
+
+
+def _onevision_processor(num_image_tokens=729):
+    """The llava-hf LLaVA-OneVision processor configuration: SigLIP 27x27 (no CLS), "full" features."""
+    return LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessor(),
+                                   tokenizer=_tokenizer("<image>", "<video>"),
+                                   video_processor=LlavaOnevisionVideoProcessor(),
+                                   num_image_tokens=num_image_tokens, vision_feature_select_strategy="full")
+
+
+def test_llava_onevision_matches_transformers():
+    """``LlavaOnevisionProcessor._get_num_multimodal_tokens`` (one image per sample) over random
+    sizes; the views ``image_size_to_num_patches`` gives the model, 729 ViT tokens each."""
+    sizes = _family_sizes(400)
+    expected = _onevision_processor()._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    pinpoints = LlavaOnevisionImageProcessor().image_grid_pinpoints
+    assert [list(p) for p in OV_PINPOINTS] == pinpoints  # the default is the image processor's
+    shrunk = 0
+    for (height, width), llm in zip(sizes, expected):
+        budget = count_tokens("llava-onevision", (height, width))
+        views = image_size_to_num_patches((height, width), pinpoints, 384)
+        assert (budget.vit_tokens, budget.llm_tokens) == (views * 729, llm), (height, width)
+        shrunk += any("shrunk bilinearly" in label for label, _ in budget.breakdown)
+    assert 0 < shrunk < len(sizes)  # the anyres_max_9 shrink is exercised, and so is its absence
+
+
+@pytest.mark.parametrize("compress, grid", [("pool:stride=2", 13), ("pool:stride=2,mode=bilinear", 14),
+                                            ("pool:stride=3", 9)])
+def test_llava_onevision_pooled_matches_transformers(compress, grid):
+    """Pooling each 27x27 view to g x g, then unpadding, shrinking (against 9 pooled views) and
+    adding newlines is the processor's arithmetic for a tower of g x g tokens per view."""
+    sizes = _family_sizes(200)
+    expected = _onevision_processor(grid * grid)._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    for (height, width), llm in zip(sizes, expected):
+        assert count_tokens("llava-onevision", (height, width), compress=compress).llm_tokens == llm, (height, width)
+
+
+def test_llava_onevision_matches_the_model_packing():
+    """``LlavaOnevisionModel.pack_image_features`` (unpad, bilinear shrink, newline) on dummy
+    features: its lengths are what the language model sees."""
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=384, patch_size=14),
+                             image_grid_pinpoints=[list(p) for p in OV_PINPOINTS])
+    sizes = _random_sizes(24, high=3000) + [[1, 4000], [4000, 1], [5, 7]]
+    features = [torch.zeros(image_size_to_num_patches(s, config.image_grid_pinpoints, 384), 729, 1) for s in sizes]
+    _, lengths = LlavaOnevisionModel.pack_image_features(SimpleNamespace(config=config), features, torch.tensor(sizes),
+                                                         image_newline=torch.zeros(1))
+    assert [count_tokens("llava-onevision", tuple(s)).llm_tokens for s in sizes] == lengths.tolist()
+
+
+def test_llava_onevision_processor_end_to_end():
+    """The ``<image>`` placeholders the processor puts in a prompt, and the views it cuts."""
+    processor = _onevision_processor()
+    for height, width in [(480, 640), (384, 384), (100, 900), (1080, 1920), (37, 2000)]:
+        out = processor(images=[_image(height, width)], text="<image>", return_tensors="pt", do_rescale=False,
+                        do_normalize=False)
+        budget = count_tokens("llava-onevision", (height, width))
+        assert int((out["input_ids"] == processor.image_token_id).sum()) == budget.llm_tokens
+        assert out["pixel_values"].shape[1] * 729 == budget.vit_tokens
+
+
+def _qwen_processor(model, **bounds):
+    """Qwen2.5-VL's and Qwen3-VL's processors: both take transformers' Qwen2VLImageProcessor (its
+    class defaults; Qwen3-VL with 16-px patches)."""
+    tokenizer = _tokenizer("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    if model == "qwen2.5-vl":
+        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**bounds), tokenizer=tokenizer,
+                                   video_processor=Qwen2VLVideoProcessor())
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(patch_size=16, **bounds), tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor())
+
+
+QWEN_CASES = [("qwen2.5-vl", {}), ("qwen2.5-vl", {"min_pixels": 3136, "max_pixels": 12_845_056}),  # released
+              ("qwen3-vl", {}), ("qwen3-vl", {"min_pixels": 65_536, "max_pixels": 16_777_216})]  # checkpoints
+
+
+@pytest.mark.parametrize("model, bounds", QWEN_CASES)
+def test_qwen_vl_families_match_transformers(model, bounds):
+    """The processors' ``_get_num_multimodal_tokens``: placeholder count and 14/16-px patches."""
+    processor = _qwen_processor(model, **bounds)
+    sizes = _family_sizes(400, max_aspect=200)
+    data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    for (height, width), llm, patches in zip(sizes, data.num_image_tokens, data.num_image_patches):
+        budget = count_tokens(model, (height, width), **bounds)
+        assert (budget.vit_tokens, budget.llm_tokens) == (patches, llm), (height, width)
+
+
+@pytest.mark.parametrize("model, bounds", QWEN_CASES)
+def test_qwen_vl_families_processor_end_to_end(model, bounds):
+    """The ``<|image_pad|>`` tokens in a prompt and ``image_grid_thw``."""
+    processor = _qwen_processor(model, **bounds)
+    for height, width in [(1080, 1920), (336, 336), (50, 700), (3, 500)]:
+        out = processor(images=[_image(height, width)], text="<|vision_start|><|image_pad|><|vision_end|>",
+                        return_tensors="pt")
+        budget = count_tokens(model, (height, width), **bounds)
+        assert int((out["input_ids"] == processor.image_token_id).sum()) == budget.llm_tokens
+        assert int(out["image_grid_thw"].prod()) == budget.vit_tokens
+
+
+def _internvl_processor(**images_kwargs):
+    """The OpenGVLab InternVL3/3.5 -hf configuration: 448x448 tiles, 256 tokens each."""
+    tokenizer = _named_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",
+                                  "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    return InternVLProcessor(image_processor=GotOcr2ImageProcessor(size={"height": 448, "width": 448}, **images_kwargs),
+                             tokenizer=tokenizer, video_processor=InternVLVideoProcessor(), image_seq_length=256)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_patches": 6}, {"min_patches": 2, "max_patches": 40},
+                                     {"max_patches": 1}])
+def test_internvl_matches_transformers(options):
+    """``InternVLProcessor._get_num_multimodal_tokens`` (``crop_to_patches`` on) over random
+    sizes, for the default 1-12 tiles and other tile ranges; 32x32 ViT patches per view."""
+    processor = _internvl_processor(**options)
+    sizes = _family_sizes(400)
+    data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    for (height, width), llm, views in zip(sizes, data.num_image_tokens, data.num_image_patches):
+        budget = count_tokens("internvl", (height, width), **options)
+        assert (budget.vit_tokens, budget.llm_tokens) == (views * 32 * 32, llm), (height, width)
+
+
+def test_internvl_processor_end_to_end():
+    """The ``<IMG_CONTEXT>`` tokens in a prompt and the tiles (+ thumbnail) it cuts."""
+    processor = _internvl_processor()
+    for height, width in [(1080, 1920), (448, 448), (100, 100), (60, 2000), (2000, 900)]:
+        out = processor(images=[_image(height, width)], text="<IMG_CONTEXT>", return_tensors="pt", do_rescale=False,
+                        do_normalize=False)
+        budget = count_tokens("internvl", (height, width))
+        assert int((out["input_ids"] == processor.image_token_id).sum()) == budget.llm_tokens
+        assert out["pixel_values"].shape[0] * 32 * 32 == budget.vit_tokens
+
+
+def _gemma3_processor():
+    """The google/gemma-3 processor configuration: 896x896, 256 tokens per image."""
+    tokenizer = _named_tokenizer({"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                  "image_token": "<image_soft_token>"})
+    return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 896, "width": 896}),
+                           tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("options", [{}, {"pan_and_scan_min_crop_size": 100, "pan_and_scan_max_num_crops": 7,
+                                          "pan_and_scan_min_ratio_to_activate": 1.5}])
+def test_gemma3_matches_transformers(options):
+    """Without pan-and-scan: the processor's count. With it: one more 256-token view per crop that
+    ``Gemma3ImageProcessor.pan_and_scan_batched`` cuts (called on a zero-copy view of the size)."""
+    sizes = _family_sizes(400)
+    expected = _gemma3_processor()._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    image_processor, cropped = Gemma3ImageProcessor(), 0
+    settings = {"pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
+                "pan_and_scan_min_ratio_to_activate": 1.2, **options}  # the processor's defaults, then others
+    for (height, width), llm in zip(sizes, expected):
+        assert (count_tokens("gemma3", (height, width), **options).llm_tokens, llm) == (256, 256)
+        crops = len(image_processor.pan_and_scan_batched(torch.zeros(1, 1, 1, 1).expand(1, 3, height, width),
+                                                         **settings))
+        budget = count_tokens("gemma3", (height, width), do_pan_and_scan=True, **options)
+        assert (budget.vit_tokens, budget.llm_tokens) == ((1 + crops) * 4096, (1 + crops) * 256), (height, width)
+        cropped += crops > 0
+    assert 0 < cropped < len(sizes)
+
+
+def test_gemma3_processor_end_to_end():
+    """The ``<image_soft_token>`` tokens in a prompt, with and without pan-and-scan."""
+    processor = _gemma3_processor()
+    for height, width in [(480, 1640), (896, 896), (3000, 700), (100, 5000), (300, 400)]:
+        for pan_and_scan in (False, True):
+            out = processor(images=[_image(height, width)], text="<start_of_image>", return_tensors="pt",
+                            do_pan_and_scan=pan_and_scan, do_rescale=False, do_normalize=False)
+            budget = count_tokens("gemma3", (height, width), do_pan_and_scan=pan_and_scan)
+            assert int((out["input_ids"] == processor.tokenizer.image_token_id).sum()) == budget.llm_tokens
+            assert out["pixel_values"].shape[0] * 4096 == budget.vit_tokens
+
+
+def _idefics3_processor(longest_edge=1456, max_image_size=364, image_seq_len=169, do_image_splitting=True):
+    """The Idefics3 processor (class defaults unless given), with the tokens it looks up."""
+    tokenizer = _tokenizer("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                           *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+    image_processor = Idefics3ImageProcessor(size={"longest_edge": longest_edge},
+                                             max_image_size={"longest_edge": max_image_size},
+                                             do_image_splitting=do_image_splitting)
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"do_image_splitting": False},
+    {"longest_edge": 1536, "max_image_size": 384, "image_seq_len": 81},  # SmolVLM-Instruct's sizes
+    {"longest_edge": 6000, "max_image_size": 1000},  # past transformers' 4096 cap
+])
+def test_idefics3_matches_transformers(options):
+    """``Idefics3Processor._get_num_multimodal_tokens`` over random sizes: class defaults,
+    no splitting, SmolVLM-Instruct's sizes, and a longest edge past the 4096 cap."""
+    processor = _idefics3_processor(**options)
+    assert Idefics3ImageProcessor().size == {"longest_edge": 1456}  # the defaults count_tokens uses
+    sizes = _family_sizes(400)
+    expected = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    for (height, width), llm in zip(sizes, expected):
+        assert count_tokens("idefics3", (height, width), **options).llm_tokens == llm, (height, width)
+
+
+def test_idefics3_processor_end_to_end():
+    """The ``<image>`` tokens in a prompt and the views (tiles + global) the processor cuts."""
+    processor = _idefics3_processor()
+    for height, width in [(1080, 1920), (1, 1), (20, 1500), (1500, 20), (364, 364), (700, 365)]:
+        out = processor(images=[_image(height, width)], text="<image>", return_tensors="pt", do_pad=False,
+                        do_rescale=False, do_normalize=False, input_data_format="channels_first")
+        budget = count_tokens("idefics3", (height, width))
+        assert int((out["input_ids"] == processor.image_token_id).sum()) == budget.llm_tokens
+        assert out["pixel_values"].shape[1] * 676 == budget.vit_tokens
+
+
+def test_smolvlm_matches_the_image_processor():
+    """``SmolVLMProcessor`` cannot be built here (it needs ``num2words``, absent in this
+    environment), so the count is checked against ``SmolVLMImageProcessor``'s outputs: the tiles
+    (rows x cols, each max_image_size square) and the global image it returns, times the
+    processor's default ``image_seq_len`` of 169; then against its ``get_number_of_image_patches``
+    over many sizes."""
+    image_processor = SmolVLMImageProcessor()
+    sizes = _random_sizes(12, low=1, high=2000) + [[1, 1], [1, 4000], [4000, 1], [7, 5], [365, 363], [364, 364]]
+    for height, width in sizes:  # (no padding, rescaling or normalizing: they change no count, and cost time)
+        out = image_processor(images=[_image(height, width)], return_row_col_info=True, do_rescale=False,
+                              do_normalize=False, do_pad=False, input_data_format="channels_first",
+                              return_tensors="pt")
+        views, rows, cols = out["pixel_values"].shape[1], out["rows"][0][0], out["cols"][0][0]
+        assert tuple(out["pixel_values"].shape[-2:]) == (364, 364) and views == rows * cols + 1
+        budget = count_tokens("smolvlm", (height, width))
+        assert (budget.vit_tokens, budget.llm_tokens) == (views * 676, views * 169), (height, width)
+        if rows:
+            assert _row(budget, f"ViT: {rows * cols} tiles of 364x364 ({rows} rows x {cols} cols)") == rows * cols * 676
+    for height, width in _family_sizes(400):
+        _, rows, cols = image_processor.get_number_of_image_patches(height, width, {})
+        assert count_tokens("smolvlm", (height, width)).llm_tokens == 169 * (rows * cols + 1), (height, width)
+    no_split = count_tokens("smolvlm", (1080, 1920), do_image_splitting=False)
+    assert (no_split.vit_tokens, no_split.llm_tokens) == (676, 169)
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def test_cli_prints_the_breakdown(capsys):
@@ -406,6 +738,27 @@ def test_cli_options_and_json(capsys):
     assert "compressed with pool(stride=2, mode=bilinear): 729 -> 196 LLM tokens" in capsys.readouterr().out
 
 
+def test_cli_takes_every_model_of_the_table(capsys):
+    """The CLI's choices are count_tokens' table: every family added there runs here."""
+    for name in MODEL_NAMES:
+        assert budget_cli.main(["budget", name, "448x640"] + (["--patch-size", "14"] if name == "vit" else [])) == 0
+        assert f"{name}, 448x640 image (HxW): " in capsys.readouterr().out
+
+
+def test_cli_options_of_the_added_families(capsys):
+    """``--max-patches``, ``--pan-and-scan``, Qwen bounds and a compressed OneVision budget."""
+    assert budget_cli.main(["budget", "internvl", "1080x1920", "--max-patches", "6"]) == 0
+    assert "768 LLM tokens" in capsys.readouterr().out  # 2 x 1 tiles + the thumbnail
+    assert budget_cli.main(["budget", "gemma3", "480x1640", "--pan-and-scan", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["llm_tokens"] == 4 * 256  # the image + 3 crops
+    assert budget_cli.main(["budget", "qwen3-vl", "1080x1920", "--min-pixels", "65536", "--max-pixels",
+                            "16777216"]) == 0
+    assert "8160 ViT tokens, 2040 LLM tokens" in capsys.readouterr().out
+    assert budget_cli.main(["budget", "llava-onevision", "1080x1920", "--compress", "pool:stride=2"]) == 0
+    out = capsys.readouterr().out
+    assert "compressed with pool(stride=2): 7269 -> 1677 LLM tokens" in out and "\nnote: " in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["budget", "llava-1.5", "336", "--mode", "tiny"], "got unexpected option(s) mode"),
     (["budget", "llava-1.5", "336x", "--compress", "pool:stride=2"], "size must be HxW (e.g. 672x1008)"),
@@ -414,6 +767,9 @@ def test_cli_options_and_json(capsys):
     (["budget", "qwen2-vl", "1" + "0" * 155], "image_size sides must be at most 2147483647 pixels (MAX_IMAGE_SIDE), "
                                               "got ~1e155x~1e155"),
     (["budget", "qwen2-vl", "336", "--min-pixels", "1" + "0" * 400], "min_pixels must be a positive integer <="),
+    (["budget", "gemma3", "336", "--max-patches", "6"], "count_tokens('gemma3') got unexpected option(s) max_patches"),
+    (["budget", "internvl", "336", "--pan-and-scan"], "got unexpected option(s) do_pan_and_scan"),
+    (["budget", "internvl", "336", "--max-patches", "0"], "max_patches must be a positive integer <= 1024, got 0"),
 ])
 def test_cli_errors_exit_2(argv, message, capsys):
     """Bad values and argparse's own errors alike: one line on stderr, exit status 2."""
@@ -449,7 +805,8 @@ def test_parse_size():
 # --- sizes past any float: a named error ------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["vit-b/16", "vit", "llava-1.5", "llava-next", "llava-uhd", "qwen2-vl",
-                                   "deepseek-ocr"])
+                                   "deepseek-ocr", "llava-onevision", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma3",
+                                   "smolvlm", "idefics3"])
 @pytest.mark.parametrize("size", [(10**155, 336), (336, 10**155), (10**400, 10**400), (MAX_IMAGE_SIDE + 1, 1)])
 def test_huge_sides_are_a_named_error(model, size):
     """Sides up to MAX_IMAGE_SIDE count; a larger one is a ValueError naming image_size (it was an
@@ -459,11 +816,13 @@ def test_huge_sides_are_a_named_error(model, size):
         count_tokens(model, size, **options)
 
 
-@pytest.mark.parametrize("model", ["vit-b/16", "llava-1.5", "llava-next", "llava-uhd", "deepseek-ocr"])
+@pytest.mark.parametrize("model", ["vit-b/16", "llava-1.5", "llava-next", "llava-uhd", "deepseek-ocr",
+                                   "llava-onevision", "internvl", "gemma3", "smolvlm", "idefics3"])
 @pytest.mark.parametrize("compress", [None, "tome:keep=1", "fastv"])
 def test_the_largest_sides_count(model, compress):
+    options = {"do_pan_and_scan": True} if model == "gemma3" else {}
     for size in ((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE), (MAX_IMAGE_SIDE, 336), (336, MAX_IMAGE_SIDE)):
-        budget = count_tokens(model, size, compress=compress)
+        budget = count_tokens(model, size, compress=compress, **options)
         assert budget.llm_tokens >= 1 and math.isfinite(budget.pixels_per_token)
 
 
@@ -499,6 +858,13 @@ def test_fastv_ratio_defaults_to_half_as_the_patcher():
     ("llava-uhd", "attn_topk:keep=32", "runs attn_topk inside LLaVA-1.5 models only, not in llava-uhd"),
     ("vit-b/16", "fastv", "fastv prunes inside a language model; vit-b/16 has none"),
     ("llava-1.5", "pixel_shuffle", "pixel_shuffle makes tokens stride**2 times wider"),
+    ("llava-onevision", "pool:stride=2", "runs pool inside LLaVA-1.5 models only, not in llava-onevision"),
+    ("qwen2.5-vl", "fastv", "runs fastv inside LLaVA-1.5 models only, not in qwen2.5-vl"),
+    ("qwen3-vl", "tome:keep=64", "runs tome inside LLaVA-1.5 models only, not in qwen3-vl"),
+    ("internvl", "visionzip:dominant=54,contextual=10", "runs visionzip inside LLaVA-1.5 models only, not in internvl"),
+    ("gemma3", "attn_topk:ratio=0.5", "runs attn_topk inside LLaVA-1.5 models only, not in gemma3"),
+    ("smolvlm", "prumerge:keep=32", "runs prumerge inside LLaVA-1.5 models only, not in smolvlm"),
+    ("idefics3", "pool:stride=2,mode=bilinear", "runs pool inside LLaVA-1.5 models only, not in idefics3"),
 ])
 def test_a_method_the_library_cannot_run_in_the_model_gets_a_note(model, compress, words, capsys):
     budget = count_tokens(model, (672, 672), compress=compress)
@@ -514,6 +880,8 @@ def test_a_method_the_library_cannot_run_in_the_model_gets_a_note(model, compres
 @pytest.mark.parametrize("model, compress", [
     ("llava-1.5", "visionzip:dominant=54,contextual=10"), ("llava-1.5", "fastv:ratio=0.5"),
     ("llava-1.5", "pool:stride=2"), ("vit-b/16", "tome:keep=49"), ("qwen2-vl", None),
+    ("llava-onevision", None), ("qwen2.5-vl", None), ("qwen3-vl", None), ("internvl", None), ("gemma3", None),
+    ("smolvlm", None), ("idefics3", None),
 ])
 def test_methods_the_library_runs_have_no_note(model, compress):
     budget = count_tokens(model, (672, 672), compress=compress)

@@ -25,6 +25,34 @@ model's own preprocessing arithmetic (resizing, crops, slices, tiles, unpadding,
   ``max_pixels=``, defaults the HF ``Qwen2VLImageProcessor``'s 3,136 and 1,003,520; Qwen's own
   utilities use ``max_pixels=12_845_056``); ViT tokens = 14-px patches, LLM tokens = after the
   2x2 merger. ``<|vision_start|>``/``<|vision_end|>`` are not counted.
+- ``"qwen2.5-vl"``, ``"qwen3-vl"``: as ``"qwen2-vl"`` (the same ``Qwen2VLImageProcessor`` and its
+  class defaults, ``min_pixels=`` 3,136 and ``max_pixels=`` 1,003,520), with 14-px (2.5) and 16-px
+  (3, factor 32) patches. The released checkpoints' ``preprocessor_config.json`` set other bounds:
+  Qwen2.5-VL ``max_pixels=12_845_056``, Qwen3-VL ``min_pixels=65_536, max_pixels=16_777_216``.
+- ``"llava-onevision"``: anyres as ``transformers``' ``LlavaOnevisionProcessor`` for one image in
+  the sample (with several, each gets the base view and a newline, 730 tokens): the pinpoint
+  (``grid_pinpoints=``, default the 6x6 grid of multiples of 384) cut into 384x384 crops of SigLIP
+  27x27 = 729 tokens; LLM tokens = 729 (base) + the crops' grid unpadded, shrunk bilinearly
+  (``anyres_max=9``: when ``r = sqrt(h * w / (9 * 27**2)) > 1.1`` the grid becomes
+  ``int(h // r) x int(w // r)``) + one newline per row.
+- ``"internvl"`` (InternVL3/3.5): ``GotOcr2ImageProcessor.crop_to_patches``: ``min_patches=`` 1 to
+  ``max_patches=`` 12 tiles of 448x448 in the grid closest to the aspect ratio, plus a thumbnail
+  when there is more than one; InternViT 32x32 patches per tile, pixel shuffle to 16x16 = 256 LLM
+  tokens per tile (``<img>``/``</img>`` not counted).
+- ``"gemma3"``: every image resized to 896x896, SigLIP 64x64 patches, pooled to 16x16 = 256 LLM
+  tokens. ``do_pan_and_scan=True`` (off by default, as in ``Gemma3Processor``) adds the crops of
+  ``Gemma3ImageProcessor``'s pan-and-scan (``pan_and_scan_min_crop_size=`` 256,
+  ``pan_and_scan_max_num_crops=`` 4, ``pan_and_scan_min_ratio_to_activate=`` 1.2), 256 tokens each
+  (the prompt text and begin/end markers around each are not counted).
+- ``"idefics3"``, ``"smolvlm"``: ``Idefics3ImageProcessor``/``SmolVLMImageProcessor``'s
+  ``split_images`` with their class defaults: the longest side resized to ``longest_edge=`` 1456,
+  sides rounded up to multiples of ``max_image_size=`` 364, then ``ceil(H/364) x ceil(W/364)``
+  tiles plus the global image (just the global image when neither side exceeds 364, or with
+  ``do_image_splitting=False``); ``image_seq_len=`` 169 LLM tokens per view (``<image>``
+  placeholders; the ``<fake_token_around_image>``, ``<row_i_col_j>``, ``<global-img>`` and
+  ``\\n`` text tokens around them are not counted), ``image_seq_len * scale_factor**2`` (2) ViT
+  tokens per view. Real checkpoints differ: SmolVLM-Instruct 384/1536 and 81 (scale 3), SmolVLM2
+  512/2048 and 64 (scale 4).
 - ``"deepseek-ocr"``: ``mode=`` ``"tiny"`` (512), ``"small"`` (640), ``"base"`` (1024),
   ``"large"`` (1280): one view, SAM 16-px patches, a 16x conv compressor to q x q (q = size/64),
   then ``(q + 1) * q + 1`` LLM tokens (a newline per row and a view separator). ``"gundam"``
@@ -55,10 +83,14 @@ the method's own terms, those of ``vtok_fast.compress`` (same names, defaults an
   LLM sees ``round(N * (1 - R))`` of the N image tokens, newlines included.
 
 Grid methods keep a grid, so the model's layout is recomputed on the reduced grid (LLaVA-NeXT
-unpads the pooled crops, DeepSeek-OCR adds a newline per pooled row). Token-count methods leave
-no grid: LLaVA-NeXT then uses its ``flat`` layout (views concatenated, no unpadding, no
-newlines), DeepSeek-OCR drops its row newlines (the view separator stays), and LLaVA-UHD's 64
-resampler queries per view (not a grid) accept only token-count methods. Keep counts are per view.
+and LLaVA-OneVision unpad the pooled crops, OneVision's ``anyres_max`` shrink then compares with
+9 pooled views, DeepSeek-OCR adds a newline per pooled row). The views are LLaVA's 24x24,
+OneVision's 27x27, Qwen's merged grid, InternVL's and Gemma 3's 16x16 (after the pixel shuffle
+or the pooling) and Idefics3/SmolVLM's ``sqrt(image_seq_len)`` square, one per tile, crop or
+thumbnail. Token-count methods leave no grid: LLaVA-NeXT and LLaVA-OneVision then use the
+``flat`` layout (views concatenated, no unpadding, shrinking or newlines), DeepSeek-OCR drops its
+row newlines (the view separator stays), and LLaVA-UHD's 64 resampler queries per view (not a
+grid) accept only token-count methods. Keep counts are per view.
 
 The count is arithmetic: it does not say the library can run the method inside that model.
 ``vtok_fast.patch.hf(model, compress=...)`` runs the vision methods and FastV in LLaVA-1.5
@@ -89,6 +121,20 @@ DEEPSEEK_OCR_PATCH = 16
 DEEPSEEK_OCR_DOWNSAMPLE = 4  # the 16x compressor: two stride-2 convs, 4x per side
 DEEPSEEK_OCR_GLOBAL = 1024  # gundam: global view side
 DEEPSEEK_OCR_TILE = 640  # gundam: local tile side
+SIGLIP_PATCH = 14
+OV_TILE = 384  # LLaVA-OneVision: SigLIP-400M/14 at 384 px, 27x27 = 729 tokens per view
+OV_PINPOINTS = tuple((OV_TILE * i, OV_TILE * j) for i in range(1, 7) for j in range(1, 7))
+OV_ANYRES_MAX = 9  # "anyres_max_9"
+QWEN3_VL_PATCH = 16
+INTERNVL_TILE = 448
+INTERNVL_PATCH = 14
+INTERNVL_MAX_PATCHES_LIMIT = 1024  # the largest max_patches= counted (the tile search is quadratic)
+GEMMA3_SIZE = 896
+GEMMA3_TOKENS_SIDE = 16  # mm_tokens_per_image = 256: the 64x64 SigLIP map average-pooled 4x4
+IDEFICS3_LONGEST_EDGE = 4 * 364  # Idefics3ImageProcessor / SmolVLMImageProcessor class defaults
+IDEFICS3_TILE = 364
+IDEFICS3_SEQ_LEN = 169  # Idefics3Processor / SmolVLMProcessor image_seq_len default
+IDEFICS3_MAX_SIDE = 4096  # transformers' MAX_IMAGE_SIZE for Idefics3/SmolVLM resizing
 
 POOL_MODES = ("avg", "max", "bilinear")
 GRID_METHODS = ("pool", "pixel_shuffle")
@@ -387,15 +433,16 @@ def _unpad(height: int, width: int, grid_h: int, grid_w: int) -> tuple[int, int]
     return grid_h, grid_w - 2 * ((grid_w - new_w) // 2)
 
 
-def _pinpoints(value) -> tuple[tuple[int, int], ...]:
+def _pinpoints(value, tile: int = CLIP_SIZE) -> tuple[tuple[int, int], ...]:
+    """``grid_pinpoints=`` as (height, width) pairs of positive multiples of ``tile``."""
     try:
         points = tuple((h, w) for h, w in value)
     except (TypeError, ValueError):
         raise TypeError(f"grid_pinpoints must be (height, width) pairs, got {value!r}") from None
-    if not points or any(not (_is_int(v) and 0 < v <= MAX_IMAGE_SIDE and v % CLIP_SIZE == 0)
+    if not points or any(not (_is_int(v) and 0 < v <= MAX_IMAGE_SIDE and v % tile == 0)
                          for p in points for v in p):
         raise ValueError(f"grid_pinpoints must be (height, width) pairs of positive multiples of "
-                         f"{CLIP_SIZE} up to {MAX_IMAGE_SIDE}, got {value!r}")
+                         f"{tile} up to {MAX_IMAGE_SIDE}, got {value!r}")
     return points
 
 
@@ -459,10 +506,11 @@ def _llava_uhd(size, spec):
                  (f"thumbnail: {n} resampler tokens", n)]
 
 
-def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int):
+def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int,
+                  family: str = "Qwen2-VL"):
     """Qwen2-VL's resize: multiples of ``factor``, pixel count in [min_pixels, max_pixels]."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image_size {height}x{width}: Qwen2-VL needs an aspect ratio below 200, "
+        raise ValueError(f"image_size {height}x{width}: {family} needs an aspect ratio below 200, "
                          f"got {max(height, width) / min(height, width):.1f}")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -476,8 +524,8 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pix
     return h_bar, w_bar
 
 
-def _qwen2_vl(size, spec, *, min_pixels=QWEN2_VL_MIN_PIXELS, max_pixels=QWEN2_VL_MAX_PIXELS,
-              patch_size=CLIP_PATCH, merge_size=2):
+def _qwen_vl(family: str, size, spec, *, min_pixels, max_pixels, patch_size, merge_size):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: ``smart_resize`` then the merger (``family`` names errors)."""
     area, side = MAX_IMAGE_SIDE**2, MAX_IMAGE_SIDE
     for name, value, limit in (("min_pixels", min_pixels, area), ("max_pixels", max_pixels, area),
                                ("patch_size", patch_size, side), ("merge_size", merge_size, side)):
@@ -486,13 +534,203 @@ def _qwen2_vl(size, spec, *, min_pixels=QWEN2_VL_MIN_PIXELS, max_pixels=QWEN2_VL
             raise ValueError(f"{name} must be a positive integer <= {limit}, got {shown}")
     if min_pixels > max_pixels:
         raise ValueError(f"min_pixels must be <= max_pixels, got {min_pixels} > {max_pixels}")
-    rh, rw = _smart_resize(*size, patch_size * merge_size, min_pixels, max_pixels)
+    rh, rw = _smart_resize(*size, patch_size * merge_size, min_pixels, max_pixels, family)
     gh, gw = rh // patch_size, rw // patch_size
     mh, mw = gh // merge_size, gw // merge_size
     n, grid = _reduce_grid(spec, mh, mw, f"the {mh}x{mw} merged grid")
     vit = [(f"resized to {rh}x{rw} (smart_resize to {min_pixels}..{max_pixels} pixels), {gh}x{gw} "
             f"patches of {patch_size} px", gh * gw)]
     return vit, [(f"{_grid_text(spec, mh, mw, n, grid)} after the {merge_size}x{merge_size} merger", n)]
+
+
+def _qwen2_vl(size, spec, **options):
+    """Qwen2-VL: 14-px patches, factor 28."""
+    return _qwen_vl("Qwen2-VL", size, spec, **options)
+
+
+def _qwen25_vl(size, spec, **options):
+    """Qwen2.5-VL: the same arithmetic as Qwen2-VL (window attention does not change the count)."""
+    return _qwen_vl("Qwen2.5-VL", size, spec, **options)
+
+
+def _qwen3_vl(size, spec, **options):
+    """Qwen3-VL: 16-px patches, factor 32 (DeepStack adds features, not tokens)."""
+    return _qwen_vl("Qwen3-VL", size, spec, **options)
+
+
+def _need_positive(name: str, value, limit: int = MAX_IMAGE_SIDE) -> None:
+    """A ValueError naming ``name`` unless ``value`` is an integer in [1, limit]."""
+    if not _is_int(value) or not 1 <= value <= limit:
+        shown = ("-" if value < 0 else "") + _short(abs(value)) if _is_int(value) else repr(value)
+        raise ValueError(f"{name} must be a positive integer <= {limit}, got {shown}")
+
+
+def _need_bool(name: str, value) -> None:
+    """A ValueError naming ``name`` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _llava_onevision(size, spec, *, grid_pinpoints=OV_PINPOINTS, anyres_max=OV_ANYRES_MAX):
+    """LLaVA-OneVision, one image: ``LlavaOnevisionProcessor._get_number_of_features``."""
+    height, width = size
+    _need_positive("anyres_max", anyres_max)
+    best_h, best_w = _best_resolution(height, width, _pinpoints(grid_pinpoints, OV_TILE))
+    rows, cols = best_h // OV_TILE, best_w // OV_TILE
+    crops, g = rows * cols, OV_TILE // SIGLIP_PATCH
+    vit = [(f"base view {OV_TILE}x{OV_TILE}, {g}x{g} patches of {SIGLIP_PATCH} px", g * g),
+           (f"{crops} crops of {OV_TILE}x{OV_TILE} ({rows}x{cols} for the {best_h}x{best_w} "
+            f"pinpoint), {g}x{g} patches each", crops * g * g)]
+    n, grid = _reduce_grid(spec, g, g, f"a {g}x{g} view")
+    if grid is None:
+        return vit, [(f"base view: {_grid_text(spec, g, g, n, grid)}", n),
+                     (f"{crops} crops x {n} (no grid left: the flat layout, no unpadding, shrinking or "
+                      "newlines)", crops * n)]
+    gh, gw = grid
+    uh, uw = _unpad(height, width, rows * gh, cols * gw)
+    label = f"crops {rows * gh}x{cols * gw} unpadded to {uh}x{uw}"
+    ratio = math.sqrt(uh * uw / (anyres_max * gh * gw))  # the processor's formula, float for float
+    if ratio > 1.1:
+        uh, uw = int(uh // ratio), int(uw // ratio)
+        label += f", shrunk bilinearly to {uh}x{uw} (anyres_max_{anyres_max})"
+    return vit, [(f"base view {_grid_text(spec, g, g, n, grid)}", n), (label, uh * uw),
+                 ("one newline per row", uh)]
+
+
+def _got_ocr2_canvas(height: int, width: int, min_tiles: int, max_tiles: int, tile: int):
+    """``(columns, rows)`` as transformers' ``get_optimal_tiled_canvas`` (the InternVL tiling):
+    the grid whose aspect ratio is closest to the image's; on a tie the later (larger) grid
+    while the image covers more than half of it."""
+    grids = [(w, h) for w in range(1, max_tiles + 1) for h in range(1, max_tiles // w + 1)
+             if w * h >= min_tiles]
+    grids.sort(key=lambda grid: grid[0] * grid[1])  # stable, as transformers' sorted list
+    aspect, area = width / height, width * height
+    best, best_diff = (1, 1), math.inf
+    for grid in grids:
+        diff = abs(aspect - grid[0] / grid[1])
+        if diff < best_diff:
+            best, best_diff = grid, diff
+        elif diff == best_diff and area > 0.5 * tile * tile * grid[0] * grid[1]:
+            best = grid
+    return best
+
+
+def _internvl(size, spec, *, min_patches=1, max_patches=12):
+    """InternVL3/3.5: ``GotOcr2ImageProcessor`` tiles (+ thumbnail), 256 tokens per tile."""
+    height, width = size
+    _need_positive("min_patches", min_patches, INTERNVL_MAX_PATCHES_LIMIT)
+    _need_positive("max_patches", max_patches, INTERNVL_MAX_PATCHES_LIMIT)
+    if min_patches > max_patches:
+        raise ValueError(f"min_patches must be <= max_patches, got {min_patches} > {max_patches}")
+    cols = rows = 1
+    if max_patches > 1:
+        cols, rows = _got_ocr2_canvas(height, width, min_patches, max_patches, INTERNVL_TILE)
+    tiles = rows * cols
+    views = tiles + 1 if tiles > 1 else 1
+    g = INTERNVL_TILE // INTERNVL_PATCH
+    q = g // 2  # pixel_shuffle(0.5)
+    n, grid = _reduce_grid(spec, q, q, f"a tile's {q}x{q} tokens")
+    if tiles > 1:
+        vit = [(f"{tiles} tiles of {INTERNVL_TILE}x{INTERNVL_TILE} ({cols} cols x {rows} rows) + the "
+                f"thumbnail, {g}x{g} patches of {INTERNVL_PATCH} px each (CLS dropped)", views * g * g)]
+    else:
+        vit = [(f"one {INTERNVL_TILE}x{INTERNVL_TILE} tile (the image resized), {g}x{g} patches of "
+                f"{INTERNVL_PATCH} px (CLS dropped)", g * g)]
+    what = _grid_text(spec, q, q, n, grid)
+    return vit, [(f"{views} view{'s' if views > 1 else ''} x {what} tokens after the pixel shuffle", views * n)]
+
+
+def _pan_and_scan(height: int, width: int, min_crop: int, max_crops: int, min_ratio) -> tuple[int, int]:
+    """``(rows, cols)`` of ``Gemma3ImageProcessor.pan_and_scan_batched``'s crops; (0, 0) for none."""
+    if width >= height:
+        if width / height < min_ratio:
+            return 0, 0
+        cols = min(int(math.floor(width / min_crop)), int(math.floor(width / height + 0.5)))
+        rows, cols = 1, min(max_crops, max(2, cols))
+    else:
+        if height / width < min_ratio:
+            return 0, 0
+        rows = min(int(math.floor(height / min_crop)), int(math.floor(height / width + 0.5)))
+        rows, cols = min(max_crops, max(2, rows)), 1
+    if min(int(math.ceil(width / cols)), int(math.ceil(height / rows))) < min_crop:
+        return 0, 0
+    return rows, cols
+
+
+def _gemma3(size, spec, *, do_pan_and_scan=False, pan_and_scan_min_crop_size=256,
+            pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2):
+    """Gemma 3: 256 tokens per 896x896 view; pan-and-scan crops when asked."""
+    _need_bool("do_pan_and_scan", do_pan_and_scan)
+    _need_positive("pan_and_scan_min_crop_size", pan_and_scan_min_crop_size)
+    _need_positive("pan_and_scan_max_num_crops", pan_and_scan_max_num_crops)
+    ratio = pan_and_scan_min_ratio_to_activate
+    if not (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and 0 < ratio < math.inf):
+        raise ValueError(f"pan_and_scan_min_ratio_to_activate must be a positive number, got {ratio!r}")
+    rows = cols = 0
+    if do_pan_and_scan:
+        rows, cols = _pan_and_scan(*size, pan_and_scan_min_crop_size, pan_and_scan_max_num_crops, ratio)
+    crops, g, q = rows * cols, GEMMA3_SIZE // SIGLIP_PATCH, GEMMA3_TOKENS_SIDE
+    n, grid = _reduce_grid(spec, q, q, f"a view's {q}x{q} tokens")
+    vit = [(f"the image resized to {GEMMA3_SIZE}x{GEMMA3_SIZE}, {g}x{g} patches of {SIGLIP_PATCH} px", g * g)]
+    llm = [(f"the image: {_grid_text(spec, q, q, n, grid)} tokens after the {g // q}x{g // q} pooling", n)]
+    if crops:
+        vit.append((f"{crops} pan-and-scan crops ({rows} rows x {cols} cols), each resized to "
+                    f"{GEMMA3_SIZE}x{GEMMA3_SIZE}, {g}x{g} patches", crops * g * g))
+        llm.append((f"{crops} crops x {n} tokens", crops * n))
+    return vit, llm
+
+
+def _idefics3_resize(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """The ``size`` resize of Idefics3/SmolVLM: the longest side to ``longest_edge`` (the other
+    rounded up to even), then below transformers' 4096 cap; as their ``_resize_output_size_*``."""
+    aspect = width / height
+    if width >= height:
+        width, height = longest_edge, int(longest_edge / aspect)
+        height += height % 2
+    else:
+        height, width = longest_edge, int(longest_edge * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > IDEFICS3_MAX_SIDE:
+        width, height = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE / aspect)
+    elif height > width and height > IDEFICS3_MAX_SIDE:
+        height, width = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def _idefics3(size, spec, *, longest_edge=IDEFICS3_LONGEST_EDGE, max_image_size=IDEFICS3_TILE,
+              image_seq_len=IDEFICS3_SEQ_LEN, scale_factor=2, do_image_splitting=True):
+    """Idefics3 and SmolVLM: ``split_images`` tiles + the global image, ``image_seq_len`` each."""
+    for name, value in (("longest_edge", longest_edge), ("max_image_size", max_image_size),
+                        ("image_seq_len", image_seq_len), ("scale_factor", scale_factor)):
+        _need_positive(name, value)
+    _need_bool("do_image_splitting", do_image_splitting)
+    rows = cols = 0
+    if do_image_splitting:
+        height, width = _idefics3_resize(*size, longest_edge)
+        rh = math.ceil(height / max_image_size) * max_image_size
+        rw = math.ceil(width / max_image_size) * max_image_size
+        if rh > max_image_size or rw > max_image_size:
+            rows, cols = math.ceil(rh / max_image_size), math.ceil(rw / max_image_size)
+    q = math.isqrt(image_seq_len)
+    what = f"a view's {image_seq_len} tokens"
+    if q * q == image_seq_len:
+        n, grid = _reduce_grid(spec, q, q, what)
+        text = f"{_grid_text(spec, q, q, n, grid)} tokens"
+    else:
+        n = _reduce_count(spec, image_seq_len, what)
+        text = f"{n} of {image_seq_len} tokens" if n != image_seq_len else f"{n} tokens"
+    per_view = image_seq_len * scale_factor**2
+    side = f"{max_image_size}x{max_image_size}"
+    glob = (f"global image {side}", f"global image: {text}")
+    if rows == 0:
+        return [(f"{glob[0]} (no split), {per_view} patches", per_view)], [(glob[1], n)]
+    tiles = rows * cols
+    vit = [(f"{tiles} tiles of {side} ({rows} rows x {cols} cols), {per_view} patches each", tiles * per_view),
+           (f"{glob[0]}, {per_view} patches", per_view)]
+    return vit, [(f"{tiles} tiles x {text} (the <row_i_col_j> text tokens not counted)", tiles * n),
+                 (glob[1], n)]
 
 
 def _closest_tiles(height: int, width: int, min_crops: int, max_crops: int, tile: int):
@@ -563,6 +801,18 @@ _MODELS = {
     "qwen2-vl": (_qwen2_vl, {"min_pixels": QWEN2_VL_MIN_PIXELS, "max_pixels": QWEN2_VL_MAX_PIXELS,
                              "patch_size": CLIP_PATCH, "merge_size": 2}),
     "deepseek-ocr": (_deepseek_ocr, {"mode": "gundam", "min_crops": 2, "max_crops": 6}),
+    "llava-onevision": (_llava_onevision, {"grid_pinpoints": OV_PINPOINTS, "anyres_max": OV_ANYRES_MAX}),
+    "qwen2.5-vl": (_qwen25_vl, {"min_pixels": QWEN2_VL_MIN_PIXELS, "max_pixels": QWEN2_VL_MAX_PIXELS,
+                                "patch_size": CLIP_PATCH, "merge_size": 2}),
+    "qwen3-vl": (_qwen3_vl, {"min_pixels": QWEN2_VL_MIN_PIXELS, "max_pixels": QWEN2_VL_MAX_PIXELS,
+                             "patch_size": QWEN3_VL_PATCH, "merge_size": 2}),
+    "internvl": (_internvl, {"min_patches": 1, "max_patches": 12}),
+    "gemma3": (_gemma3, {"do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256,
+                         "pan_and_scan_max_num_crops": 4, "pan_and_scan_min_ratio_to_activate": 1.2}),
+    "smolvlm": (_idefics3, {"longest_edge": IDEFICS3_LONGEST_EDGE, "max_image_size": IDEFICS3_TILE,
+                            "image_seq_len": IDEFICS3_SEQ_LEN, "scale_factor": 2, "do_image_splitting": True}),
+    "idefics3": (_idefics3, {"longest_edge": IDEFICS3_LONGEST_EDGE, "max_image_size": IDEFICS3_TILE,
+                             "image_seq_len": IDEFICS3_SEQ_LEN, "scale_factor": 2, "do_image_splitting": True}),
 }
 MODEL_NAMES = tuple(_MODELS)
 
@@ -586,9 +836,14 @@ def _image_size(value) -> tuple[int, int]:
 def count_tokens(model: str, image_size, *, compress=None, **options) -> TokenBudget:
     """Token counts of one ``image_size = (H, W)`` image for ``model`` (see the module docstring).
 
-    ``options``: ``patch_size`` (ViTs, Qwen2-VL), ``grid_pinpoints`` (LLaVA-NeXT), ``min_pixels``,
-    ``max_pixels``, ``merge_size`` (Qwen2-VL), ``mode``, ``min_crops``, ``max_crops``
-    (DeepSeek-OCR). ``compress``: ``(method, {budget})`` or ``"method:key=value,..."``.
+    ``options``: ``patch_size`` (ViTs, Qwen), ``grid_pinpoints`` (LLaVA-NeXT, LLaVA-OneVision),
+    ``anyres_max`` (LLaVA-OneVision), ``min_pixels``, ``max_pixels``, ``merge_size`` (Qwen2-VL,
+    Qwen2.5-VL, Qwen3-VL), ``min_patches``, ``max_patches`` (InternVL), ``do_pan_and_scan``,
+    ``pan_and_scan_min_crop_size``, ``pan_and_scan_max_num_crops``,
+    ``pan_and_scan_min_ratio_to_activate`` (Gemma 3), ``longest_edge``, ``max_image_size``,
+    ``image_seq_len``, ``scale_factor``, ``do_image_splitting`` (Idefics3, SmolVLM), ``mode``,
+    ``min_crops``, ``max_crops`` (DeepSeek-OCR). ``compress``: ``(method, {budget})`` or
+    ``"method:key=value,..."``.
     """
     if not isinstance(model, str) or model.strip().lower() not in _MODELS:
         raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, got {model!r}")

@@ -1,5 +1,10 @@
 """``vtok-fast budget MODEL HxW [--compress SPEC]``: print the token budget of one image.
 
+MODEL is any name of ``vtok_fast.budget.MODEL_NAMES``, the table ``count_tokens`` reads, so a
+family added there is a choice here. ``--patch-size``, ``--min-pixels``, ``--max-pixels``,
+``--mode``, ``--max-patches`` (InternVL) and ``--pan-and-scan`` (Gemma 3) are handed to
+``count_tokens`` when given; a model that does not take one names it in the error.
+
 ``add_budget_parser(subparsers)`` adds the subcommand to ``vtok-fast``'s parser; the parsed
 arguments run ``run_budget(args)``. ``main(argv)`` runs the subcommand alone. A bad value is one
 line on stderr (``vtok-fast: error: ...``) and exit status 2. A compression the library cannot
@@ -18,7 +23,7 @@ from vtok_fast.measure.budget import DEEPSEEK_OCR_MODES, MODEL_NAMES, count_toke
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:[x×X*,]\s*(\d+)\s*)?$")
 # flags handed to count_tokens as options (when given)
-_OPTIONS = ("patch_size", "min_pixels", "max_pixels", "mode")
+_OPTIONS = ("patch_size", "min_pixels", "max_pixels", "mode", "max_patches", "do_pan_and_scan")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -42,10 +47,13 @@ def add_budget_parser(subparsers) -> argparse.ArgumentParser:
                         help="METHOD[:key=value,...], e.g. pool:stride=2, tome:keep=144, "
                              "attn_topk:ratio=0.25 (the fraction kept), visionzip:dominant=54,contextual=10, "
                              "fastv:ratio=0.5 (FastV's R: the fraction pruned; default 0.5)")
-    parser.add_argument("--patch-size", type=int, help="patch size of a fixed-grid ViT (or Qwen2-VL)")
-    parser.add_argument("--min-pixels", type=int, help="Qwen2-VL smart_resize lower bound")
-    parser.add_argument("--max-pixels", type=int, help="Qwen2-VL smart_resize upper bound")
+    parser.add_argument("--patch-size", type=int, help="patch size of a fixed-grid ViT (or a Qwen VL model)")
+    parser.add_argument("--min-pixels", type=int, help="Qwen smart_resize lower bound (qwen2-vl, 2.5, 3)")
+    parser.add_argument("--max-pixels", type=int, help="Qwen smart_resize upper bound (qwen2-vl, 2.5, 3)")
     parser.add_argument("--mode", choices=tuple(DEEPSEEK_OCR_MODES), help="DeepSeek-OCR mode")
+    parser.add_argument("--max-patches", type=int, help="InternVL: the most 448x448 tiles (default 12)")
+    parser.add_argument("--pan-and-scan", dest="do_pan_and_scan", action="store_const", const=True,
+                        help="Gemma 3: add the pan-and-scan crops (off by default, as in transformers)")
     parser.add_argument("--json", action="store_true", help="print the budget as JSON")
     return parser
 

@@ -10,7 +10,9 @@
    it: PruMerge materializes the full 577×577 attention and loops over the kept tokens in Python;
    VisionZip gets the attention probabilities its official code reads from the vision tower, so
    only its own steps are timed). PruMerge+ is timed alone: its official loop runs over ~4× more
-   kept tokens (minutes per call at B=16 on a CPU); the tests compare it with that loop.
+   kept tokens (minutes per call at B=16 on a CPU); the tests compare it with that loop. DART
+   (144 kept, 4 pivots by the keys' L1 norm, cosine of the tokens) against
+   ``vtok_fast.reduce.dart.dart_reference``, the official ``get_retained_image_token`` per image.
 2. The single-row attention scores (``attention_scores``: the last token's row, FastV style)
    against materializing ``softmax(Q Kᵀ)`` over all N×N (what eager attention with
    ``output_attentions`` builds and the official FastV reads), against eager ``softmax(q Kᵀ)`` of
@@ -192,7 +194,7 @@ def _materialized(queries_all, keys):
 # --- cases ---------------------------------------------------------------------------------------------
 
 LLAVA_METHODS = ("pool_avg", "pool_bilinear", "pixel_shuffle", "tome", "attn_topk", "visionzip",
-                 "prumerge", "prumerge_plus")
+                 "prumerge", "prumerge_plus", "dart")
 # the implementation the "baseline" provider runs for each method (printed in the table)
 BASELINES = {
     "pool_avg": "transformers LlavaNextVideoPooler",
@@ -203,6 +205,7 @@ BASELINES = {
     "visionzip": "official VisionZip, per-image loop",
     "prumerge": "official PruMerge, per-image loop",
     "prumerge_plus": None,  # not timed (see the module docstring)
+    "dart": "official DART, per-image loop",
 }
 
 
@@ -283,6 +286,8 @@ def _vtok(inputs):
     if method == "visionzip":
         dominant, contextual = inputs["dominant"], inputs["contextual"]
         return lambda: reduce.visionzip(x, dominant, contextual, queries=cls_query, keys=keys, prefix=1).tokens
+    if method == "dart":
+        return lambda: reduce.dart(x, inputs["keep"], keys=keys, prefix=1).tokens
     q1, k1 = inputs["q"][:, None, :1], inputs["k"][:, None]  # one head at full width
     fn = reduce.prumerge if method == "prumerge" else reduce.prumerge_plus
     return lambda: fn(x, queries=q1, keys=k1, prefix=1).tokens
@@ -319,6 +324,11 @@ def _baseline(inputs):
         return lambda: visionzip_official(x, attn, metric, dominant, contextual)[-1]
     if method == "prumerge_plus":  # not timed (see the module docstring)
         return None
+    if method == "dart":
+        from vtok_fast.reduce.dart import dart_reference
+
+        keys = _heads(inputs, "k")
+        return lambda: dart_reference(x, inputs["keep"], keys=keys, prefix=1)
     q, k = inputs["q"], inputs["k"]
     return lambda: prumerge_official(patches, q, k)[-1][0]
 

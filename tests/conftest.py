@@ -40,6 +40,7 @@ SMOKE = {
     "test_tome.py": ("test_gradients_match_reference", "test_torch_path_scores_like_the_reference"),
     "test_compress.py": ("test_compress_dispatches_every_method", "test_avg_and_max_match_transformers_llava_next_video_pooler",
                          "test_prumerge_matches_the_official_loop"),
+    "test_dart.py": ("test_matches_the_official_rule",),
     "test_attention.py": ("test_cross_attention_lengths_and_scale", "test_strided_views_of_one_qkv_tensor"),
     "test_attention_scores.py": ("test_scale_and_uniform_keys", "test_key_mask_hides_keys_and_empty_rows_give_zero"),
     "test_merge_project.py": ("test_backends_agree", "test_fp16_triton"),

@@ -156,6 +156,8 @@ def test_deepseek_ocr_gundam():
     ("llava-1.5", (336, 336), {}, ("attn_topk", {"keep": 192}), 192),  # the standard 192 / 128 / 64
     ("llava-1.5", (336, 336), {}, ("attn_topk", {"ratio": 1 / 3}), 192),  # ratio: the fraction kept
     ("llava-1.5", (336, 336), {}, ("attn_topk", {"ratio": 2 / 9}), 128),
+    ("llava-1.5", (336, 336), {}, ("dart", {"keep": 132}), 132),  # the 132 image tokens of the official LLaVA-1.5 setting
+    ("llava-1.5", (336, 336), {}, ("dart", {"ratio": 0.25}), 144),
     ("llava-1.5", (336, 336), {}, ("tome", {"ratio": 0.125}), 72),
     ("llava-1.5", (336, 336), {}, ("pool", {}), 144),  # stride 2 by default, as vtok_fast.pool
     ("vit", (378, 378), {"patch_size": 14}, ("pool", {"stride": 2, "ceil_mode": True}), 196),

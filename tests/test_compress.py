@@ -434,16 +434,17 @@ def test_compress_dispatches_every_method():
     tokens, q, k = _prumerge_inputs(2, 16, dim=8)
     heads = k.view(2, 17, 2, 4).transpose(1, 2)
     budgets = {"pool": {}, "pixel_shuffle": {}, "tome": {"keep": 4}, "attn_topk": {"keep": 4},
-               "visionzip": {"dominant": 3, "contextual": 2}, "prumerge": {}, "prumerge_plus": {}}
+               "visionzip": {"dominant": 3, "contextual": 2}, "prumerge": {}, "prumerge_plus": {},
+               "dart": {"keep": 4, "keys": heads}}
     assert budgets.keys() == METHODS.keys()
     for method, budget in budgets.items():
-        attention = {} if method in ("pool", "pixel_shuffle", "tome") else {"queries": q[:, None, :1], "keys": k[:, None]}
+        attention = {} if method in ("pool", "pixel_shuffle", "tome", "dart") else {"queries": q[:, None, :1], "keys": k[:, None]}
         if method == "visionzip":
             attention = {"queries": heads[:, :, :1], "keys": heads}
         x, prefix = (tokens[:, 1:], 0) if method == "pixel_shuffle" else (tokens, 1)
         c = compress(x, method, prefix=prefix, grid=(4, 4), **budget, **attention)
         assert isinstance(c, Compressed)
-        check_invariants(c, x, prefix, drops=method == "attn_topk")
+        check_invariants(c, x, prefix, drops=method in ("attn_topk", "dart"))
 
 
 # (method, budget, output width M of 16 patch tokens after prefix 1: pixel_shuffle has prefix 0)

@@ -48,6 +48,7 @@ _EXPORTS = {
     "visionzip": "vtok_fast.reduce.select",
     "prumerge": "vtok_fast.reduce.prumerge",
     "prumerge_plus": "vtok_fast.reduce.prumerge",
+    "dart": "vtok_fast.reduce.dart",
     "attention_scores": "vtok_fast.reduce.attention_scores",
     "attention_scores_reference": "vtok_fast.reduce.attention_scores",
     "attention": "vtok_fast.reduce.attention",

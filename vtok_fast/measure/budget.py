@@ -71,7 +71,7 @@ the method's own terms, those of ``vtok_fast.compress`` (same names, defaults an
 - ``("pixel_shuffle", {"stride": s})``: s x s space-to-depth (default 2); s must divide the grid.
 - ``("tome", {"keep": k})``, ``{"r": r}`` or ``{"ratio": f}``: merging to ``k``, ``n - r`` or
   ``round(f * n)`` tokens.
-- ``("attn_topk" | "prumerge", {"keep": k})`` or ``{"ratio": f}``: ``f`` is the fraction kept,
+- ``("attn_topk" | "dart" | "prumerge", {"keep": k})`` or ``{"ratio": f}``: ``f`` is the fraction kept,
   ``round(f * n)`` (Python's round); ``prumerge`` adds its one token for the tokens not kept
   (``k + 1``). PruMerge's own budget (the IQR outliers) and PruMerge+'s spatial samples depend on
   the image: ``prumerge`` needs ``keep=`` or ``ratio=`` here, ``prumerge_plus`` is refused with
@@ -147,6 +147,7 @@ BUDGET_TERMS = {
     "visionzip": ("dominant", "contextual"),
     "prumerge": ("keep", "ratio"),
     "prumerge_plus": ("keep", "ratio"),
+    "dart": ("keep", "ratio"),
     "fastv": ("keep", "ratio", "layer"),
 }
 FASTV_DEFAULT_LAYER = 2

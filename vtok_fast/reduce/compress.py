@@ -16,6 +16,8 @@ its own terms:
 ``prumerge``        nothing (adaptive IQR) | ``keep=`` | ``ratio=``, attention inputs, ``metric=``,
                     ``neighbours=32``
 ``prumerge_plus``   as ``prumerge``
+``dart``            ``keep=`` | ``ratio=``, ``pivots=4``, ``keys=`` (pivots by key L1 norm),
+                    ``metric=`` (cosine; default the tokens); no attention map needed
 ==================  ==========================================================================
 
 Every method is also a plain function of the same name in ``vtok_fast``; see each one for its
@@ -29,6 +31,7 @@ import torch
 
 from vtok_fast.reduce._common import check_tokens, resolve_grid
 from vtok_fast.reduce.compressed import Compressed
+from vtok_fast.reduce.dart import dart
 from vtok_fast.reduce.merge import tome
 from vtok_fast.reduce.pool import pixel_shuffle, pool
 from vtok_fast.reduce.prumerge import prumerge, prumerge_plus
@@ -42,6 +45,7 @@ METHODS = {
     "visionzip": visionzip,
     "prumerge": prumerge,
     "prumerge_plus": prumerge_plus,
+    "dart": dart,
 }
 GRID_METHODS = ("pool", "pixel_shuffle")
 

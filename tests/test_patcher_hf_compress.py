@@ -323,9 +323,13 @@ def test_configure_processor_checks_the_processor():
 
 def test_projector_outside_the_tower_and_stale_prompts():
     model, processor = tiny_llava(), offline_processor()
-    stale = prompts(processor)  # built for 16 image tokens
+    full = prompts(processor)  # built for 16 image tokens: the patched model drops the removed placeholders
     hf_compress.apply(model, compress=("attn_topk", {"keep": 4}))
-    with pytest.raises(ValueError, match=r"the prompt holds 32 <image> tokens, but its images give 8 image features"
+    with torch.no_grad():
+        assert model(**full).logits.shape[1] == full["input_ids"].shape[1] - 12  # 12 per row
+    stale = dict(full, input_ids=full["input_ids"][:, 1:], attention_mask=full["attention_mask"][:, 1:])
+    stale["input_ids"][0, -3] = IMAGE_TOKEN  # 33 <image> tokens: neither count
+    with pytest.raises(ValueError, match=r"the prompt holds 33 <image> tokens, but its images give 8 image features"
                                          r".*image_token_count\(model\).*configure_processor\(processor, model\)"):
         model(**stale)
     with pytest.raises(ValueError, match="needs the vision tower's attention"):

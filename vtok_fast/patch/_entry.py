@@ -66,8 +66,10 @@ def hf(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: 
     method name or ``(method, budget)`` reducing the image tokens a LLaVA model's projector
     receives (any ``vtok_fast.compress`` method; it composes with the fused projector and replaces
     an earlier vision compression), or ``("fastv", {"layer": K, "ratio": R})`` pruning them inside
-    its language model; ``image_token_count`` / ``configure_processor`` then give the processor
-    the new count. ``tome_r`` and a vision ``compress`` cannot be combined (a ValueError, whatever
+    its language model. With a vision method the processor's normal prompt runs unchanged (the
+    model drops the placeholders of removed tokens; budget option ``positions="original"`` or
+    ``"compact"``), or ``image_token_count`` / ``configure_processor`` give the processor the new
+    count. ``tome_r`` and a vision ``compress`` cannot be combined (a ValueError, whatever
     the order of the calls). Other arguments as :func:`timm`; a call that raises changes nothing."""
     _check_module(1, model)
     method = None if compress is None else parse_spec(compress)[0]

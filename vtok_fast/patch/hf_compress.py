@@ -15,8 +15,12 @@ language model instead (:mod:`vtok_fast.patch.hf_fastv`). Replaced, on these ins
 - ``multi_modal_projector.forward``: compresses its input, then runs the projector's forward as
   it was (the fused one of ``vtok_fast.patch.hf(model)``, else the class's: compression and fusion
   compose; remove the compression first, as ``unpatch`` does);
-- ``get_placeholder_mask``: a prompt whose ``<image>`` count differs from the compressed features
-  raises a ValueError naming :func:`image_token_count` / :func:`configure_processor` first.
+- ``get_placeholder_mask``: a prompt holding the compressed count is filled as before; a prompt
+  holding the uncompressed count (the processor's normal prompt) gets the placeholders of the kept
+  tokens filled, and the language model drops the others (:mod:`vtok_fast.patch.placeholder_drop`);
+  any other count raises a ValueError naming :func:`image_token_count` / :func:`configure_processor`;
+- the language model's forward pre-hooks (a copy with one more: the placeholder drop), and the
+  ``LlavaForConditionalGeneration``'s ``loss_function`` (``labels`` gathered with the kept index).
 
 The tokens compressed are exactly what the projector receives: the selected layer's patch tokens,
 with the CLS token as a kept prefix under ``vision_feature_select_strategy="full"``. The attention
@@ -27,10 +31,16 @@ produces ``vision_feature_layer`` (``-2`` → ``layers[-2]``, as VisionZip); ``p
 full-width head (scale ``C ** -0.5``, metric the ``k_proj`` output), default the last layer (as
 PruMerge). ``tome`` merges by the features themselves (``compress``'s default metric).
 
-The prompt must hold as many ``<image>`` tokens as the projector now returns per image:
-:func:`image_token_count` gives that count, and :func:`configure_processor` sets a
-``LlavaProcessor`` (``num_additional_image_tokens``) so that ``processor(...)`` then
-``model.generate(...)`` run end to end. Methods whose count depends on the image (PruMerge's
+Drop-in: the processor's normal prompt (``N`` placeholders per image) runs unchanged through
+``model(...)`` and ``model.generate(...)``: each compressed token fills the placeholder of its slot
+(its own / its destination's index, a pooled token its window's first), the other placeholders are
+dropped from the embeddings, attention mask, position ids and labels before the language model.
+Budget option ``positions``: ``"original"`` (default: the kept tokens keep the position ids of the
+full layout) or ``"compact"`` (renumbered consecutively, as a prompt holding only the kept tokens),
+e.g. ``("pool", {"stride": 2, "positions": "compact"})``. Rows keeping different counts are
+left-padded. Alternatively the prompt holds as many ``<image>`` tokens as the projector returns per
+image: :func:`image_token_count` gives that count, and :func:`configure_processor` sets a
+``LlavaProcessor`` (``num_additional_image_tokens``) to insert it (no drop happens then). Methods whose count depends on the image (PruMerge's
 adaptive IQR selection, ``prumerge_plus``) are refused: a LLaVA prompt has a fixed count. The last
 forward's :class:`~vtok_fast.reduce.compressed.Compressed` (positions / source for visualisation)
 is in ``model._compress_info["compressed"]``. ``remove(model)`` restores every method;
@@ -48,15 +58,16 @@ merging) raises one ``ValueError`` naming the reason; nothing is ever left silen
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch import hf_fastv, hf_tome
+from vtok_fast.patch import hf_fastv, hf_tome, placeholder_drop
 from vtok_fast.patch._common import Api, all_or_nothing, check_api, is_patched, patch, restore
 from vtok_fast.patch.hf_tome import encoder_of, num_prefix_tokens, tower_classes
-from vtok_fast.patch.llava_common import find_llava, pair, parse_spec, placeholder_apis, prompt_check
+from vtok_fast.patch.llava_common import find_llava, image_token_mask, pair, parse_spec, placeholder_apis
 from vtok_fast.reduce.attention_scores import attention_scores
 from vtok_fast.reduce.compress import METHODS, compress as run_compress
 
@@ -82,16 +93,24 @@ def apply(model: nn.Module, *, compress) -> nn.Module:
     with all_or_nothing():
         remove(model)
         info = {"method": method, "budget": dict(plan["budget"]), "attn_layer": plan["attn_layer"],
-                "compressed": None}
+                "positions": plan["positions"], "compressed": None, "kept": None}
         plan["info"] = info
-        run = {"grid": None, "capture": None, "captured": None}
+        run = {"grid": None, "capture": None, "captured": None, "drop": None, "kept": None, "info": info}
         tower, projector = llava.vision_tower, llava.multi_modal_projector
         project = projector.forward  # the fused projector of hf(model), else the class's forward
         replacements = [(tower, "forward", functools.partial(_tower_forward, tower, plan, run)),
                         (projector, "forward", functools.partial(_projector_forward, project, plan, run)),
-                        prompt_check(llava), (llava, "_compress_info", info), (llava, "_compress_plan", plan)]
+                        (llava, "get_placeholder_mask", functools.partial(_placeholder_mask, llava, run)),
+                        *placeholder_drop.pre_hook_replacements(
+                            llava.language_model, functools.partial(placeholder_drop.lm_pre_hook, run,
+                                                                    plan["positions"])),
+                        (llava, "_compress_info", info), (llava, "_compress_plan", plan)]
         if model is not llava:
             replacements.append((model, "_compress_info", info))
+            if hasattr(model, "loss_function"):
+                loss = functools.partial(placeholder_drop.aligned_loss, model.loss_function, run)
+                loss.__signature__ = inspect.signature(model.loss_function)  # hf_fastv's check_api reads it
+                replacements.append((model, "_loss_function", loss))  # what the loss_function property returns
         if plan["attn_layer"] is not None:
             attn = _encoder_layers(tower)[plan["attn_layer"]].self_attn
             for name in ("q_proj", "k_proj"):
@@ -173,13 +192,18 @@ def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
         raise ValueError(f"the vision tower is {type(tower).__name__}; supported: CLIPVisionModel, SiglipVisionModel")
     check_api(_PATCHER, [Api(LlavaModel, "get_image_features",
                              ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")),
-                         Api(type(tower), "forward", ("pixel_values",), True), *placeholder_apis()])
+                         Api(type(tower), "forward", ("pixel_values",), True), *placeholder_apis(),
+                         *_drop_apis(llava)])
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"vision_feature_layer={config.vision_feature_layer!r} concatenates several layers; "
                          "compression needs one int layer")
     if any("forward" in layer.__dict__ for layer in _encoder_layers(tower)):
         raise ValueError("the vision encoder's layers are already patched (ToMe merging, tome_r=?): ToMe merging "
                          "and compress= cannot be combined; use compress=('tome', {...}) instead")
+    positions = budget.pop("positions", "original")
+    if positions not in placeholder_drop.POSITIONS:
+        raise ValueError(f"positions must be one of {placeholder_drop.POSITIONS} (the position ids of the kept image "
+                         f"tokens when a full prompt is given), got {positions!r}")
     given = sorted(set(budget) & set(_COMPUTED))
     if given:
         raise TypeError(f"compress budget must not contain {', '.join(given)}: the patcher computes them from the "
@@ -211,7 +235,7 @@ def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
     vision = config.vision_config
     grid = (vision.image_size // vision.patch_size,) * 2
     plan = {"method": method, "budget": budget, "attn_layer": attn_layer, "cls": cls, "attn": attn,
-            "patch_size": vision.patch_size, "native_grid": grid}
+            "patch_size": vision.patch_size, "native_grid": grid, "positions": positions}
     prefix = cls if config.vision_feature_select_strategy == "full" else 0
     probe = _probe(plan, grid, prefix)  # validates the budget on the native grid
     if probe.counts is not None:
@@ -224,6 +248,18 @@ def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
         raise ValueError(f"{method} makes tokens {width}x wider ({width * vision.hidden_size} channels), but the "
                          f"projector takes {linear.in_features}")
     return plan
+
+
+def _drop_apis(llava: nn.Module) -> list[Api]:
+    """The call conventions the placeholder drop relies on: ``LlavaModel.forward`` passes the
+    language model ``attention_mask`` / ``position_ids`` / ``cache`` / ``inputs_embeds`` by keyword
+    (read by a forward pre-hook with kwargs)."""
+    from transformers.models.llava.modeling_llava import LlavaModel
+
+    lm = llava.language_model
+    params = ("attention_mask", "position_ids", "cache", "inputs_embeds")
+    return [Api(LlavaModel, "forward", ("input_ids",) + params), Api(type(lm), "forward", params),
+            Api(lm, "_forward_pre_hooks"), Api(lm, "_forward_pre_hooks_with_kwargs")]
 
 
 def _probe(plan: dict, grid: tuple[int, int], prefix: int):
@@ -272,6 +308,33 @@ def _projector_forward(project, plan: dict, run: dict, image_features: torch.Ten
     compressed = _compress_features(image_features, plan, run)
     plan["info"]["compressed"] = compressed
     return project(compressed.tokens)
+
+
+def _placeholder_mask(llava: nn.Module, run: dict, input_ids, inputs_embeds=None, image_features=None):
+    """Patched ``get_placeholder_mask``: a prompt holding the compressed count gets transformers'
+    mask; one holding the uncompressed count (the processor's normal prompt) gets the placeholders
+    of the kept tokens (:func:`placeholder_drop.placeholder_mask`: the language model then drops the
+    others); any other count raises a ValueError naming both counts."""
+    run["drop"] = None
+    original = type(llava).get_placeholder_mask
+    if torch.compiler.is_compiling():  # a compiled graph keeps transformers' own check
+        return original(llava, input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+    tokens = int(image_token_mask(llava, input_ids, inputs_embeds).sum())
+    features = image_features.shape[0]
+    compressed = run["info"]["compressed"]
+    full = None if compressed is None or compressed.positions.numel() != features else compressed.source.numel()
+    if tokens != features and tokens == full:
+        if is_patched(llava, hf_fastv.FEATURE):
+            raise ValueError("FastV runs on the prompt's layout: with compress= and FastV together, give the prompt "
+                             "the compressed count (vtok_fast.patch.configure_processor(processor, model))")
+        return placeholder_drop.placeholder_mask(llava, run, compressed, input_ids, inputs_embeds)
+    if tokens != features:
+        raise ValueError(
+            f"the prompt holds {tokens} <image> tokens, but its images give {features} image features under "
+            f"vtok_fast's patch ({full} uncompressed): give the processor's normal prompt, or put "
+            "vtok_fast.patch.image_token_count(model) <image> tokens per image in the prompt "
+            "(vtok_fast.patch.configure_processor(processor, model) makes a LlavaProcessor do it)")
+    return original(llava, input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
 
 
 def _compress_features(features: torch.Tensor, plan: dict, run: dict):

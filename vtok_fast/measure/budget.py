@@ -447,14 +447,23 @@ def _pinpoints(value, tile: int = CLIP_SIZE) -> tuple[tuple[int, int], ...]:
     return points
 
 
+def _anyres_views(size, pinpoints, tile: int, patch: int):
+    """LLaVA-NeXT / OneVision anyres: ``(rows, cols, g, vit)`` for the pinpoint closest to
+    ``size``: a rows x cols grid of ``tile``-px crops besides the base view, g x g patches each,
+    and the ViT lines of the breakdown."""
+    best_h, best_w = _best_resolution(*size, pinpoints)
+    rows, cols = best_h // tile, best_w // tile
+    crops, g = rows * cols, tile // patch
+    vit = [(f"base view {tile}x{tile}, {g}x{g} patches of {patch} px", g * g),
+           (f"{crops} crops of {tile}x{tile} ({rows}x{cols} for the {best_h}x{best_w} "
+            f"pinpoint), {g}x{g} patches each", crops * g * g)]
+    return rows, cols, g, vit
+
+
 def _llava_next(size, spec, *, grid_pinpoints=LLAVA_NEXT_PINPOINTS):
     height, width = size
-    best_h, best_w = _best_resolution(height, width, _pinpoints(grid_pinpoints))
-    rows, cols = best_h // CLIP_SIZE, best_w // CLIP_SIZE
-    crops, g = rows * cols, CLIP_SIZE // CLIP_PATCH
-    vit = [(f"base view {CLIP_SIZE}x{CLIP_SIZE}, {g}x{g} patches of {CLIP_PATCH} px", g * g),
-           (f"{crops} crops of {CLIP_SIZE}x{CLIP_SIZE} ({rows}x{cols} for the {best_h}x{best_w} "
-            f"pinpoint), {g}x{g} patches each", crops * g * g)]
+    rows, cols, g, vit = _anyres_views(size, _pinpoints(grid_pinpoints), CLIP_SIZE, CLIP_PATCH)
+    crops = rows * cols
     n, grid = _reduce_grid(spec, g, g, f"a {g}x{g} view")
     if grid is None:
         return vit, [(f"base view: {_grid_text(spec, g, g, n, grid)}", n),
@@ -576,12 +585,8 @@ def _llava_onevision(size, spec, *, grid_pinpoints=OV_PINPOINTS, anyres_max=OV_A
     """LLaVA-OneVision, one image: ``LlavaOnevisionProcessor._get_number_of_features``."""
     height, width = size
     _need_positive("anyres_max", anyres_max)
-    best_h, best_w = _best_resolution(height, width, _pinpoints(grid_pinpoints, OV_TILE))
-    rows, cols = best_h // OV_TILE, best_w // OV_TILE
-    crops, g = rows * cols, OV_TILE // SIGLIP_PATCH
-    vit = [(f"base view {OV_TILE}x{OV_TILE}, {g}x{g} patches of {SIGLIP_PATCH} px", g * g),
-           (f"{crops} crops of {OV_TILE}x{OV_TILE} ({rows}x{cols} for the {best_h}x{best_w} "
-            f"pinpoint), {g}x{g} patches each", crops * g * g)]
+    rows, cols, g, vit = _anyres_views(size, _pinpoints(grid_pinpoints, OV_TILE), OV_TILE, SIGLIP_PATCH)
+    crops = rows * cols
     n, grid = _reduce_grid(spec, g, g, f"a {g}x{g} view")
     if grid is None:
         return vit, [(f"base view: {_grid_text(spec, g, g, n, grid)}", n),

@@ -14,3 +14,9 @@ OPS = {
     "fastv": "vtok_fast.bench.fastv",
     "adaptive": "vtok_fast.bench.adaptive",
 }
+# Benchmarks that are not timing ops on the harness: ``vtok-fast bench NAME`` calls the module's
+# ``run(args)``; ``bench all`` leaves them out (the quality curves take minutes, not a timing).
+SUITES = {
+    "quality": "vtok_fast.bench.quality",
+    "vlm": "vtok_fast.bench.vlm",
+}

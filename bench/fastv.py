@@ -8,6 +8,9 @@ length: left padding). Every provider runs greedy ``generate`` for a fixed numbe
 
 - ``vtok_fast``: ``vtok_fast.patch.hf_fastv`` with FastV's defaults (``layer=2``, ``ratio=0.5``),
   SDPA attention;
+- ``pyramiddrop``: ``compress=("pyramiddrop", {"ratio": 0.5})``, its default stages (boundaries at
+  a quarter, half and three quarters of the depth, half of the remaining image tokens pruned at
+  each), SDPA attention;
 - ``unpruned``: the same model unpatched (SDPA);
 - ``unpruned_eager`` / ``vtok_fast_eager``: both with ``attn_implementation="eager"``, the only
   attention the official FastV code runs (its batch-1 code path is not a peer here: it cannot run
@@ -105,14 +108,15 @@ def cases(quick: bool, device) -> list[Case]:
             for batch in batches]
 
 
-def _generate(inputs: dict, *, impl: str, fastv: bool):
+def _generate(inputs: dict, *, impl: str, fastv: bool, method: str = "fastv"):
     """Greedy ``generate`` closure on a copy of the case's model (``run.model`` is that copy)."""
     model = copy.deepcopy(inputs["model"])
     model.set_attn_implementation(impl)
     if fastv:
         from vtok_fast.patch import hf_fastv
 
-        hf_fastv.apply(model, compress=("fastv", {"layer": LAYER, "ratio": RATIO}))
+        budget = {"layer": LAYER, "ratio": RATIO} if method == "fastv" else {"ratio": RATIO}
+        hf_fastv.apply(model, compress=(method, budget))
     prompt, steps = inputs["prompt"], inputs["new_tokens"]
 
     def run():
@@ -125,6 +129,8 @@ def providers(device=None) -> list[Provider]:
     return [
         Provider("vtok_fast", lambda inp: _generate(inp, impl="sdpa", fastv=True), modes=MODES),
         Provider("unpruned", lambda inp: _generate(inp, impl="sdpa", fastv=False), modes=MODES),
+        Provider("pyramiddrop", lambda inp: _generate(inp, impl="sdpa", fastv=True, method="pyramiddrop"),
+                 modes=MODES),
         Provider("vtok_fast_eager", lambda inp: _generate(inp, impl="eager", fastv=True), modes=MODES),
         Provider("unpruned_eager", lambda inp: _generate(inp, impl="eager", fastv=False), modes=MODES),
     ]
@@ -143,7 +149,8 @@ def summarize(results, device, quick: bool = False) -> tuple[str, dict]:
         for prov, rate in rates.items():
             summary[f"{case}_{prov}_tokens_per_s"] = rate
         pairs = [("vtok_fast", "unpruned", "SDPA"), ("vtok_fast_eager", "unpruned_eager", "eager"),
-                 ("vtok_fast", "unpruned_eager", "FastV on SDPA vs unpruned eager")]
+                 ("vtok_fast", "unpruned_eager", "FastV on SDPA vs unpruned eager"),
+                 ("pyramiddrop", "unpruned", "PyramidDrop on SDPA")]
         parts = []
         for ours, base, label in pairs:
             if ours in rates and base in rates:

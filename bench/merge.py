@@ -14,6 +14,23 @@ Cases (GPU sizes from the issue; CPU sizes reduced so a full run stays within a 
 - ``swin_b_stage2``: timm Swin-B's ``PatchMerging`` between stages 1 and 2, (B, 56, 56, 128) ->
   (B, 28, 28, 256); B = 64 on GPU, 8 on CPU.
 
+Issue 21, one case per family at its checkpoint's widths (``vtok_fast.project.vlm_projectors``
+against the transformers class; GPU / CPU token counts):
+
+- ``qwen2_5_vl``: Qwen2.5-VL-7B merger, RMS ``ln_q``, 1280 -> 5120 -> 3584, 4,096 / 1,024 patches;
+- ``qwen3_vl``: Qwen3-VL-8B merger, LayerNorm over C, 1152 -> 4608 -> 4096, 4,096 / 1,024 patches;
+- ``gemma3``: Gemma 3 4B projector, 64 x 64 SigLIP tokens of 1152 pooled 4 x 4 to 256, Gemma RMS
+  norm, -> 2560; 8 / 1 images;
+- ``idefics3``: Idefics3-8B connector, 26 x 26 tokens of 1152, shuffle 2 -> 4608 -> 4096; 16 / 1 images;
+- ``llama4``: Llama 4 vision adapter, 24 x 24 tokens of 1408, shuffle 2 -> 5632 -> 4096 (GELU) ->
+  4096 (GELU); 16 / 1 images;
+- ``mistral3``: Mistral Small 3.1 projector, RMS norm, 2 x 2 unfold 4096 -> 1024, 1024 -> 5120 ->
+  5120; a 64 x 64 / 32 x 32 patch image;
+- ``glm4v``: GLM-4.1V merger, 4096 -> 4096, LayerNorm, GELU, SwiGLU 4096 -> 2 x 13696, -> 4096;
+  4,096 / 64 merged tokens;
+- ``aya_vision``: Aya Vision 8B projector, 26 x 26 (CPU: 16 x 16) tokens of 1152, shuffle 2 ->
+  4608, LayerNorm, -> 28672 (SwiGLU halves) -> 4096; 8 / 1 images.
+
 fp32 on CPU, bf16 on CUDA. The summary reports each case against the targets (CPU: vtok_fast time
 <= 1.0x eager; GPU: >= 1.5x eager and >= 1.1x torch.compile, bf16) and the bytes a forward must
 move (fused kernel vs eager) against the memory-bandwidth bound.
@@ -34,6 +51,8 @@ GPU_BANDWIDTH_GBS = 4800.0  # H200 HBM3e; H100 SXM: 3350
 
 def _sizes(name: str, quick: bool, gpu: bool) -> dict:
     """Problem sizes: tokens in, merged rows R, first Linear K -> H, second H -> D (0: none)."""
+    if name in FAMILY_SIZES:
+        return _family_sizes(name, quick, gpu)
     if name == "qwen2vl":
         n, c, d = (64, 64, 96) if quick else (4096 if gpu else 1024, 1280, 3584)
         return dict(B=1, N=n, C=c, R=n // 4, K=4 * c, H=4 * c, D=d, gather=False, act=True)
@@ -58,6 +77,8 @@ def _make_inputs(name: str, sizes: dict):
     def make(device: torch.device) -> dict:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         gen = torch.Generator().manual_seed(0)
+        if name in FAMILY_SIZES:
+            return _family_inputs(name, sizes, gen, device, dtype)
         if name == "qwen2vl":
             from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger as Real
 
@@ -108,12 +129,116 @@ def _make_inputs(name: str, sizes: dict):
 def cases(quick: bool, device) -> list[Case]:
     gpu = torch.device(device).type == "cuda"
     out = []
-    for name in ("qwen2vl", "internvl", "swin_b_stage2"):
+    for name in ("qwen2vl", "internvl", "swin_b_stage2", *FAMILY_SIZES):
         s = _sizes(name, quick, gpu)
-        flops = 2.0 * s["R"] * s["K"] * s["H"] + 2.0 * s["R"] * s["H"] * s["D"]
+        flops = 2.0 * s["R"] * s["K"] * s["H"] + 2.0 * s["R"] * s["H"] * s["D"] + s.get("extra_flops", 0)
         params = {k: v for k, v in s.items() if isinstance(v, (int, bool))}
         out.append(Case(name, params, _make_inputs(name, s), flops=flops))
     return out
+
+
+# --- issue 21: the remaining transformers families -------------------------------------------------
+
+# name -> (images or rows (GPU, CPU, quick), grid side, C, s, K, H, D, act) at checkpoint widths
+FAMILY_SIZES = {
+    "qwen2_5_vl": ((4096, 1024, 64), 0, 1280, 2, 5120, 5120, 3584, True),
+    "qwen3_vl": ((4096, 1024, 64), 0, 1152, 2, 4608, 4608, 4096, True),
+    "gemma3": ((8, 1, 1), 64, 1152, 4, 1152, 2560, 0, False),
+    "idefics3": ((16, 1, 1), 26, 1152, 2, 4608, 4096, 0, False),
+    "llama4": ((16, 1, 1), 24, 1408, 2, 5632, 4096, 4096, True),
+    "mistral3": ((1, 1, 1), 64, 1024, 2, 4096, 1024, 5120, True),
+    "glm4v": ((4096, 64, 16), 0, 4096, 1, 4096, 2 * 13696, 4096, True),
+    "aya_vision": ((8, 1, 1), 26, 1152, 2, 4608, 28672, 4096, True),
+}
+QUICK_WIDTHS = {"C": 16, "H": 32, "D": 24}
+
+
+def _family_sizes(name: str, quick: bool, gpu: bool) -> dict:
+    """Sizes of an issue-21 case (quick: the same structure at widths 16 / 32 / 24)."""
+    counts, side, C, s, K, H, D, act = FAMILY_SIZES[name]
+    count = counts[2] if quick else counts[0] if gpu else counts[1]
+    if not gpu:  # CPU: fewer tokens, same widths (a run stays within minutes on 2 cores)
+        side = {"mistral3": 32, "aya_vision": 16}.get(name, side)
+    if quick:
+        side = {"gemma3": 8, "idefics3": 4, "llama4": 4, "mistral3": 4, "aya_vision": 4}.get(name, 0)
+        C, H, D = QUICK_WIDTHS["C"], QUICK_WIDTHS["H"], QUICK_WIDTHS["D"] if D else 0
+        D = H if name == "llama4" else D  # fc2 is square: projector_output_dim = projector_input_dim
+        K = C if name == "gemma3" else C * s * s
+        if name == "mistral3":
+            H = C
+    B = count if side else 1
+    N = B * side * side if side else count * s * s
+    R = N // (s * s)
+    extra = 0
+    if name == "mistral3":  # linear_2 after linear_1: merging K -> C, C -> H, H -> D with H = D here
+        extra, H, D = 2.0 * R * (D if not quick else 24) ** 2, C, D
+    if name == "glm4v":  # proj before the GLU, down_proj after it
+        extra = 2.0 * R * K * K + 2.0 * R * (H // 2) * D - 2.0 * R * H * D
+    return dict(B=B, N=N, C=C, side=side, s=s, R=R, K=K, H=H, D=D, gather=name != "glm4v", act=act,
+                extra_flops=extra)
+
+
+def _family_modules(name: str, sz: dict):
+    """(transformers module, vtok_fast drop-in) of an issue-21 case, built from its config."""
+    import transformers
+    from transformers.models.glm4v.modeling_glm4v import Glm4vVisionPatchMerger
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger
+
+    from vtok_fast.project import vlm_projectors as vp
+    C, s, K, H, D, side = sz["C"], sz["s"], sz["K"], sz["H"], sz["D"], sz["side"]
+    if name == "qwen2_5_vl":
+        return Qwen2_5_VLPatchMerger(dim=D, context_dim=C), vp.Qwen25VLPatchMerger(D, C)
+    if name == "glm4v":
+        real = Glm4vVisionPatchMerger(dim=K, context_dim=H // 2, hidden_act="silu")
+        return real, vp.Glm4vPatchMerger(K, H // 2, "silu")
+    vision = dict(hidden_size=C)
+    if name == "qwen3_vl":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig, Qwen3VLVisionPatchMerger
+        config = Qwen3VLVisionConfig(hidden_size=C, out_hidden_size=D, spatial_merge_size=s)
+        return Qwen3VLVisionPatchMerger(config), vp.Qwen3VLPatchMerger(config)
+    if name == "llama4":
+        from transformers.models.llama4.modeling_llama4 import Llama4VisionConfig, Llama4VisionPixelShuffleMLP
+        config = Llama4VisionConfig(hidden_size=C, intermediate_size=K, projector_input_dim=H, projector_output_dim=D,
+                                    pixel_shuffle_ratio=1 / s, projector_dropout=0.0)
+        return Llama4VisionPixelShuffleMLP(config), vp.Llama4PixelShuffleMLP(config)
+    if name == "gemma3":
+        config = transformers.Gemma3Config(vision_config=dict(vision, image_size=side * 14, patch_size=14),
+                                           text_config=dict(hidden_size=H), mm_tokens_per_image=(side // s) ** 2)
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector as Real
+        return Real(config), vp.Gemma3Projector(config)
+    if name == "idefics3":
+        config = transformers.Idefics3Config(vision_config=vision, text_config=dict(hidden_size=H), scale_factor=s)
+        from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector as Real
+        return Real(config), vp.PixelShuffleConnector(config)
+    if name == "mistral3":
+        config = transformers.Mistral3Config(vision_config=dict(vision, patch_size=14), text_config=dict(hidden_size=D),
+                                             spatial_merge_size=s)
+        from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector as Real
+        return Real(config), vp.Mistral3Projector(config)
+    config = transformers.AyaVisionConfig(vision_config=vision, text_config=dict(hidden_size=D), downsample_factor=s,
+                                          alignment_intermediate_size=H)
+    from transformers.models.aya_vision.modeling_aya_vision import AyaVisionMultiModalProjector as Real
+    return Real(config), vp.AyaProjector(config)
+
+
+def _family_inputs(name: str, sz: dict, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> dict:
+    real, ours = _family_modules(name, sz)
+    _randomized(real, gen)
+    ours.load_state_dict(real.state_dict(), strict=True)
+    real.to(device, dtype).eval()
+    ours.to(device, dtype).eval()
+    side, C = sz["side"], sz["C"]
+    if name == "mistral3":
+        x = torch.randn(side * side, C, generator=gen)
+        extra = (torch.tensor([[side * 14, side * 14]]),)
+    elif side:
+        x = torch.randn(sz["B"], side * side, C, generator=gen)
+        extra = ()
+    else:
+        x = torch.randn(sz["N"], C, generator=gen)
+        extra = ()
+    return dict(x=x.to(device, dtype).requires_grad_(), real=lambda t: real(t, *extra), ours=lambda t: ours(t, *extra),
+                sizes=sz, name=name)
 
 
 def _vtok(inputs):

@@ -167,16 +167,18 @@ def test_deepseek_ocr_gundam():
     ("llava-1.5", (336, 336), {}, ("fastv", {"layer": 2, "ratio": 0.5}), 288),  # FastV K=2, R=50 %
     ("llava-1.5", (336, 336), {}, ("fastv", {"ratio": 0.75}), 144),  # FastV's R: the fraction pruned
     ("llava-next", (480, 640), {}, ("fastv", {"ratio": 0.5}), 1170),  # newlines are in the span
-    ("llava-next", (480, 640), {}, ("tome", {"keep": 100}), 5 * 100),  # flat: 5 views, no newlines
+    # after packing, as vtok_fast.patch.hf: the base view and the unpadded 36x48 grid each keep 100, + 36 newlines
+    ("llava-next", (480, 640), {}, ("tome", {"keep": 100}), 100 + 100 + 36),
     ("qwen2-vl", (1080, 1920), {}, ("pool", {"stride": 2}), 13 * 23),  # the 26x47 merged grid
     ("qwen2-vl", (1080, 1920), {}, ("pool", {"stride": 2, "mode": "bilinear"}), 13 * 24),
     ("deepseek-ocr", (1024, 1024), {"mode": "base"}, ("pool", {"stride": 2}), (8 + 1) * 8 + 1),
     ("deepseek-ocr", (1024, 1024), {"mode": "base"}, ("tome", {"keep": 100}), 100 + 1),
     ("deepseek-ocr", (1280, 1920), {}, ("pool", {"stride": 2}), (8 + 1) * 8 + (3 * 5 + 1) * (2 * 5) + 1),
     ("llava-uhd", (672, 1008), {}, ("attn_topk", {"keep": 32}), 7 * 32),
-    # 13x13 base + crops 39x65 unpadded to 37x65, shrunk by sqrt(37 * 65 / (9 * 13 * 13)) to 29x51 + 29 newlines
-    ("llava-onevision", (1080, 1920), {}, ("pool", {"stride": 2}), 169 + 29 * 51 + 29),
-    ("llava-onevision", (1080, 1920), {}, ("tome", {"keep": 100}), 16 * 100),  # flat: 16 views, no newlines
+    # after packing, as vtok_fast.patch.hf: 13x13 base + the crops' 81x135 unpadded to 75x135, shrunk by
+    # sqrt(75 * 135 / (9 * 27 * 27)) to 60x108, pooled to 30x54; the 60 newlines kept
+    ("llava-onevision", (1080, 1920), {}, ("pool", {"stride": 2}), 169 + 30 * 54 + 60),
+    ("llava-onevision", (1080, 1920), {}, ("tome", {"keep": 100}), 100 + 100 + 60),
     ("llava-onevision", (1080, 1920), {}, ("fastv", {"ratio": 0.5}), round(7269 / 2)),
     ("qwen2.5-vl", (1080, 1920), {}, ("pool", {"stride": 2}), 13 * 23),  # the 26x47 merged grid
     ("qwen3-vl", (1080, 1920), {}, ("pool", {"stride": 2}), 11 * 20),  # the 23x41 merged grid
@@ -383,15 +385,25 @@ def test_llava_next_degenerate_sizes_match_transformers():
 
 
 @pytest.mark.parametrize("stride", [2, 3])
-def test_llava_next_pooled_matches_transformers(stride):
-    """Pooling each crop to (24 / s)^2 tokens and unpadding the pooled grid is the arithmetic
-    transformers does for a vision tower of patch 14 s."""
-    sizes = _random_sizes(200)
-    processor = _llava_next_processor(patch_size=14 * stride)
-    expected = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
-    for (height, width), llm in zip(sizes, expected):
-        budget = count_tokens("llava-next", (height, width), compress=("pool", {"stride": stride}))
-        assert budget.llm_tokens == llm, (height, width)
+def test_llava_next_pooled_matches_the_model_packing(stride):
+    """``vtok_fast.patch.hf`` pools after ``LlavaNextModel.pack_image_features``: the base view's
+    24x24 grid and the unpadded grid each pooled (floor), every row's newline kept. The unpadded
+    grid's rows and columns are read from the model's own packing of marked dummy features."""
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=336, patch_size=14),
+                             image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS])
+    sizes = _random_sizes(24, high=2000)
+    features = [torch.zeros(image_size_to_num_patches(s, config.image_grid_pinpoints, 336), 576, 1) for s in sizes]
+    packed, lengths = LlavaNextModel.pack_image_features(SimpleNamespace(config=config), features,
+                                                         torch.tensor(sizes), "default", image_newline=torch.ones(1))
+    for size, piece, length in zip(sizes, packed, lengths.tolist()):
+        rows = int(piece[576:].sum())  # one newline (the marker) per row of the unpadded grid
+        cols = (length - 576) // rows - 1 if rows else 0
+        expected = (24 // stride) ** 2 + (rows // stride) * (cols // stride) + rows
+        if 0 < min(rows, cols) < stride:  # a pooling window larger than the grid: refused, as vtok_fast.pool
+            with pytest.raises(ValueError, match="larger than"):
+                count_tokens("llava-next", tuple(size), compress=("pool", {"stride": stride}))
+            continue
+        assert count_tokens("llava-next", tuple(size), compress=("pool", {"stride": stride})).llm_tokens == expected
 
 
 def test_llava_next_matches_the_model_packing():
@@ -514,15 +526,32 @@ def test_llava_onevision_matches_transformers():
     assert 0 < shrunk < len(sizes)  # the anyres_max_9 shrink is exercised, and so is its absence
 
 
-@pytest.mark.parametrize("compress, grid", [("pool:stride=2", 13), ("pool:stride=2,mode=bilinear", 14),
-                                            ("pool:stride=3", 9)])
-def test_llava_onevision_pooled_matches_transformers(compress, grid):
-    """Pooling each 27x27 view to g x g, then unpadding, shrinking (against 9 pooled views) and
-    adding newlines is the processor's arithmetic for a tower of g x g tokens per view."""
-    sizes = _family_sizes(200)
-    expected = _onevision_processor(grid * grid)._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
-    for (height, width), llm in zip(sizes, expected):
-        assert count_tokens("llava-onevision", (height, width), compress=compress).llm_tokens == llm, (height, width)
+@pytest.mark.parametrize("stride, mode", [(2, "avg"), (2, "bilinear"), (3, "avg")])
+def test_llava_onevision_pooled_matches_the_model_packing(stride, mode):
+    """``vtok_fast.patch.hf`` pools after ``LlavaOnevisionModel.pack_image_features``: the base
+    view's 27x27 grid and the unpadded (and shrunk) grid each pooled, every row's newline kept.
+    The packed grid's rows and columns are read from the model's own packing of marked dummy
+    features."""
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=384, patch_size=14),
+                             image_grid_pinpoints=[list(p) for p in OV_PINPOINTS])
+    sizes = _random_sizes(24, high=3000)
+    features = [torch.zeros(image_size_to_num_patches(s, config.image_grid_pinpoints, 384), 729, 1) for s in sizes]
+    packed, lengths = LlavaOnevisionModel.pack_image_features(SimpleNamespace(config=config), features,
+                                                              torch.tensor(sizes), image_newline=torch.ones(1))
+
+    def side(n):
+        return -(-n // stride) if mode == "bilinear" else n // stride
+
+    for size, piece, length in zip(sizes, packed, lengths.tolist()):
+        rows = int(piece[729:].sum())  # one newline (the marker) per row of the packed grid
+        cols = (length - 729) // rows - 1 if rows else 0
+        spec = ("pool", {"stride": stride, "mode": mode})
+        if 0 < min(rows, cols) < stride:  # a pooling window larger than the grid: refused, as vtok_fast.pool
+            with pytest.raises(ValueError, match="larger than"):
+                count_tokens("llava-onevision", tuple(size), compress=spec)
+            continue
+        expected = side(27) ** 2 + side(rows) * side(cols) + rows
+        assert count_tokens("llava-onevision", tuple(size), compress=spec).llm_tokens == expected, size
 
 
 def test_llava_onevision_matches_the_model_packing():
@@ -758,7 +787,7 @@ def test_cli_options_of_the_added_families(capsys):
     assert "8160 ViT tokens, 2040 LLM tokens" in capsys.readouterr().out
     assert budget_cli.main(["budget", "llava-onevision", "1080x1920", "--compress", "pool:stride=2"]) == 0
     out = capsys.readouterr().out
-    assert "compressed with pool(stride=2): 7269 -> 1677 LLM tokens" in out and "\nnote: " in out
+    assert "compressed with pool(stride=2): 7269 -> 1849 LLM tokens" in out and "\nnote: " not in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -852,21 +881,13 @@ def test_fastv_ratio_defaults_to_half_as_the_patcher():
 
 
 @pytest.mark.parametrize("model, compress, words", [
-    ("qwen2-vl", "visionzip:dominant=54,contextual=10",
-     "runs visionzip inside LLaVA-1.5 models only, not in qwen2-vl: this count is arithmetic"),
-    ("qwen2-vl", "fastv", "runs fastv inside LLaVA-1.5 models only, not in qwen2-vl"),
-    ("llava-next", "pool:stride=2", "runs pool inside LLaVA-1.5 models only, not in llava-next"),
+    ("llava-uhd", "fastv", "runs fastv in llava-1.5, llava-next, llava-onevision, qwen2-vl"),
     ("deepseek-ocr", "tome:keep=64", "runs tome inside LLaVA-1.5 models only, not in deepseek-ocr"),
     ("llava-uhd", "attn_topk:keep=32", "runs attn_topk inside LLaVA-1.5 models only, not in llava-uhd"),
     ("vit-b/16", "fastv", "fastv prunes inside a language model; vit-b/16 has none"),
     ("llava-1.5", "pixel_shuffle", "pixel_shuffle makes tokens stride**2 times wider"),
-    ("llava-onevision", "pool:stride=2", "runs pool inside LLaVA-1.5 models only, not in llava-onevision"),
-    ("qwen2.5-vl", "fastv", "runs fastv inside LLaVA-1.5 models only, not in qwen2.5-vl"),
-    ("qwen3-vl", "tome:keep=64", "runs tome inside LLaVA-1.5 models only, not in qwen3-vl"),
-    ("internvl", "visionzip:dominant=54,contextual=10", "runs visionzip inside LLaVA-1.5 models only, not in internvl"),
-    ("gemma3", "attn_topk:ratio=0.5", "runs attn_topk inside LLaVA-1.5 models only, not in gemma3"),
-    ("smolvlm", "prumerge:keep=32", "runs prumerge inside LLaVA-1.5 models only, not in smolvlm"),
-    ("idefics3", "pool:stride=2,mode=bilinear", "runs pool inside LLaVA-1.5 models only, not in idefics3"),
+    ("deepseek-ocr", "pyramiddrop", "smolvlm models, not in deepseek-ocr: this count is arithmetic"),
+    ("qwen2.5-vl", "pixel_shuffle:stride=2", "image tokens of qwen2.5-vl, not pixel_shuffle"),
 ])
 def test_a_method_the_library_cannot_run_in_the_model_gets_a_note(model, compress, words, capsys):
     budget = count_tokens(model, (672, 672), compress=compress)
@@ -883,8 +904,37 @@ def test_a_method_the_library_cannot_run_in_the_model_gets_a_note(model, compres
     ("llava-1.5", "visionzip:dominant=54,contextual=10"), ("llava-1.5", "fastv:ratio=0.5"),
     ("llava-1.5", "pool:stride=2"), ("vit-b/16", "tome:keep=49"), ("qwen2-vl", None),
     ("llava-onevision", None), ("qwen2.5-vl", None), ("qwen3-vl", None), ("internvl", None), ("gemma3", None),
-    ("smolvlm", None), ("idefics3", None),
+    ("smolvlm", None), ("idefics3", None), ("llava-next", "pool:stride=2"), ("llava-onevision", "pool:stride=2"),
+    ("qwen3-vl", "tome:keep=64"), ("idefics3", "pool:stride=2,mode=bilinear"), ("gemma3", "dart:ratio=0.25"),
+    ("internvl", "visionzip:dominant=54,contextual=10"), ("gemma3", "attn_topk:ratio=0.5"), ("smolvlm", "prumerge:keep=32"),
+    ("qwen2-vl", "visionzip:dominant=54,contextual=10"),
 ])
 def test_methods_the_library_runs_have_no_note(model, compress):
     budget = count_tokens(model, (672, 672), compress=compress)
     assert budget.notes == () and "note:" not in str(budget)
+
+
+@pytest.mark.parametrize("model", ["llava-1.5", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl",
+                                   "internvl", "idefics3", "smolvlm"])
+@pytest.mark.parametrize("compress", ["fastv", "pyramiddrop", "pyramiddrop:layers=8,ratio=0.25"])
+def test_fastv_and_pyramiddrop_in_the_families_the_library_runs_them_in_have_no_note(model, compress):
+    """vtok_fast.patch.hf runs both inside these models' language models (vtok_fast.patch.hf_fastv)."""
+    assert count_tokens(model, (672, 672), compress=compress).notes == ()
+
+
+def test_gemma3_fastv_notes_the_sliding_window():
+    assert "sliding window" in count_tokens("gemma3", (672, 672), compress="pyramiddrop").notes[0]
+
+
+def test_pyramiddrop_counts_every_stage():
+    """n_s = round(n_{s-1} * (1 - R_s)) from the image span; llm_tokens is the last stage's."""
+    budget = count_tokens("llava-1.5", (336, 336), compress=("pyramiddrop", {"layers": [8, 16, 24],
+                                                                              "ratios": [0.5, 0.25, 0.75]}))
+    assert [c for _, c in budget.stages] == [576, 288, 216, 54] and budget.llm_tokens == 54
+    assert budget.stages[1] == ("from layer 8 on", 288) and budget.uncompressed_llm_tokens == 576
+    assert sum(c for label, c in budget.breakdown if label.startswith("LLM: ")) == budget.llm_tokens
+    assert count_tokens("llava-1.5", (336, 336), compress="pyramiddrop").compress == ("pyramiddrop", {"ratio": 0.5})
+    with pytest.raises(ValueError, match="keep no image token"):
+        count_tokens("llava-1.5", (336, 336), compress=("pyramiddrop", {"ratios": [0.99, 0.99, 0.99]}))
+    with pytest.raises(ValueError, match="layers must be strictly increasing integers >= 1"):
+        count_tokens("llava-1.5", (336, 336), compress=("pyramiddrop", {"layers": [16, 8]}))

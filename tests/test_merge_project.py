@@ -3,6 +3,7 @@ float64 ground truth; window orders, norms, prefix, tails, every gradient, autoc
 torch.compile, bad input, and ahead-of-time compilation for sm_80 / sm_90."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers import assert_close, compile_as_launched, config_constexprs, tensor_core_instructions
@@ -16,16 +17,22 @@ ORDERS = ["swin", "row_major", "contiguous"]
 
 
 def make_inputs(B, h, w, C, D, s, *, prefix=0, norm="post_concat", norm_type="layernorm", bias=True,
-                dtype=torch.float32, shift=0.0):
+                dtype=torch.float32, shift=0.0, merge="concat", gate=False):
     """Tokens ``(B, prefix + h*w, C)`` and the op's parameters, all leaves requiring grad.
-    ``shift`` offsets the tokens (a large mean tests the norm's statistics)."""
-    K = s * s * C
+    ``shift`` offsets the tokens (a large mean tests the norm's statistics); ``gate`` adds a GLU
+    gate projection."""
+    K = C if merge == "mean" else s * s * C
     p = {"tokens": torch.randn(B, prefix + h * w, C) + shift, "weight": torch.randn(D, K) / K ** 0.5}
     p["bias"] = torch.randn(D) if bias else None
+    if gate:
+        p["gate_weight"] = torch.randn(D, K) / K ** 0.5
+        p["gate_bias"] = torch.randn(D) if bias else None
     if norm is not None:
         width = C if norm == "pre_concat" else K
         p["norm_weight"] = 1 + 0.5 * torch.randn(width)
         p["norm_bias"] = 0.5 * torch.randn(width) if norm_type == "layernorm" else None
+        if norm_type == "gemma_rmsnorm":  # scale 1 + w: Gemma's weights sit around 0
+            p["norm_weight"] = 0.5 * torch.randn(width)
     p = {k: (None if v is None else v.to(dtype).requires_grad_()) for k, v in p.items()}
     return p
 
@@ -242,6 +249,91 @@ def test_torch_compile_fullgraph(backend):
 
 # --- bad input ----------------------------------------------------------------------------------------
 
+# --- the projectors of issue 21: mean pooling, Gemma's 1 + w, channel-major weights, GLU epilogue ---
+
+@pytest.mark.parametrize("order", ["row_major", "contiguous"])
+@pytest.mark.parametrize("norm, norm_type", [(None, "layernorm"), ("post_concat", "layernorm"),
+                                             ("post_concat", "rmsnorm"), ("post_concat", "gemma_rmsnorm")])
+@pytest.mark.parametrize("window", [2, 3])
+def test_mean_merge_matches_float64(backend, order, norm, norm_type, window):
+    # Gemma 3 / Phi-4: AvgPool2d(s) then the norm over C; C = 40 spans a full and a masked channel
+    # step of both kernels; a shifted mean checks the pooled statistics
+    s = window
+    p = make_inputs(2, 2 * s, 4 * s, 40, 24, s, prefix=1, norm=norm, norm_type=norm_type, merge="mean", shift=3.0)
+    check_against_float64(p, (2 * s, 4 * s), torch.float32, window=s, order=order, merge="mean", norm=norm,
+                          norm_type=norm_type, prefix=1)
+
+
+def test_mean_merge_is_avg_pool2d(backend):
+    # Gemma3MultiModalProjector's pooling: NCHW AvgPool2d over the row-major token grid
+    x = torch.randn(2, 8 * 12, 16)
+    eye = torch.eye(16)
+    got = merge_project(x, (8, 12), weight=eye, window=4, order="row_major", merge="mean", norm=None)
+    want = F.avg_pool2d(x.transpose(1, 2).reshape(2, 16, 8, 12), 4).flatten(2).transpose(1, 2)
+    assert_close(got, want.double(), dtype=torch.float32, reduction=16)
+
+
+@pytest.mark.parametrize("norm", ["pre_concat", "post_concat"])
+def test_gemma_rmsnorm_scales_by_one_plus_weight(backend, norm):
+    p = make_inputs(1, 4, 4, 12, 10, 2, norm=norm, norm_type="gemma_rmsnorm")
+    check_against_float64(p, (4, 4), torch.float32, window=2, order="swin", norm=norm, norm_type="gemma_rmsnorm")
+    q = {k: (None if v is None else v.detach()) for k, v in p.items()}
+    plain = dict(q, norm_weight=1 + q["norm_weight"])
+    torch.testing.assert_close(call(merge_project, q, (4, 4), window=2, norm=norm, norm_type="gemma_rmsnorm"),
+                               call(merge_project, plain, (4, 4), window=2, norm=norm, norm_type="rmsnorm"))
+
+
+@pytest.mark.parametrize("norm, norm_type", [(None, "layernorm"), ("pre_concat", "rmsnorm"),
+                                             ("post_concat", "layernorm")])
+@pytest.mark.parametrize("order", ["row_major", "contiguous"])
+def test_channel_major_weight(backend, norm, norm_type, order):
+    # GLM-4V's Conv2d(k=s, stride=s) downsample and Mistral 3's F.unfold: column c * s*s + q
+    p = make_inputs(2, 4, 6, 40, 20, 2, norm=norm, norm_type=norm_type)
+    check_against_float64(p, (4, 6), torch.float32, window=2, order=order, norm=norm, norm_type=norm_type,
+                          weight_layout="channel_major")
+
+
+def test_channel_major_is_the_conv2d_flattening(backend):
+    # the GLM-4V vision model: tokens (N, C) viewed (-1, s, s, C), permuted NCHW, Conv2d(k=s, stride=s)
+    conv = nn.Conv2d(16, 24, kernel_size=2, stride=2)
+    x = torch.randn(5 * 4, 16)
+    with torch.no_grad():
+        want = conv(x.view(-1, 2, 2, 16).permute(0, 3, 1, 2)).view(-1, 24)
+        got = merge_project(x, None, weight=conv.weight.flatten(1), bias=conv.bias, window=2, order="contiguous",
+                            norm=None, weight_layout="channel_major")
+    assert_close(got, want.double(), dtype=torch.float32, reduction=64)
+
+
+@pytest.mark.parametrize("activation", [None, "silu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_glu_epilogue(backend, activation, bias):
+    # Aya / Cohere2 / GLM-4V: activation(a @ gate.T) * (a @ up.T); D = 80: two column tiles
+    p = make_inputs(2, 8, 6, 24, 80, 2, norm="post_concat", bias=bias, gate=True)
+    check_against_float64(p, (8, 6), torch.float32, window=2, order="row_major", activation=activation)
+
+
+@pytest.mark.parametrize("case", ["mean", "glu", "channel_major"])
+def test_fp16_triton_new_modes(triton_backend, case):
+    kw = {"mean": dict(merge="mean", norm_type="gemma_rmsnorm"), "glu": dict(activation="silu"),
+          "channel_major": dict(weight_layout="channel_major", norm="pre_concat", norm_type="rmsnorm")}[case]
+    norm = kw.pop("norm", "post_concat")
+    p = make_inputs(2, 4, 6, 40, 24, 2, norm=norm, norm_type=kw.get("norm_type", "layernorm"),
+                    merge=kw.get("merge", "concat"), gate=case == "glu", dtype=torch.float16)
+    check_against_float64(p, (4, 6), torch.float16, window=2, order="row_major", norm=norm, **kw)
+
+
+def test_new_modes_under_torch_compile(backend):
+    p = make_inputs(1, 4, 4, 8, 16, 2, norm="post_concat", merge="mean", norm_type="gemma_rmsnorm", gate=True)
+    q = {k: (None if v is None else v.detach()) for k, v in p.items()}
+
+    def fn(t, w, b, g, gw, gb):
+        return merge_project(t, (4, 4), weight=w, bias=b, norm_weight=g, merge="mean", window=2,
+                             norm_type="gemma_rmsnorm", gate_weight=gw, gate_bias=gb, activation="silu")
+
+    args = (q["tokens"], q["weight"], q["bias"], q["norm_weight"], q["gate_weight"], q["gate_bias"])
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(*args), fn(*args))
+
+
 def _bad(**overrides):
     kw = dict(tokens=torch.randn(2, 16, 8), grid=(4, 4), weight=torch.randn(6, 32), bias=None,
               norm_weight=None, norm_bias=None)
@@ -290,6 +382,17 @@ def _bad(**overrides):
     (_bad(grid=(-2, 4)), TypeError, r"grid must be a pair of non-negative ints \(h, w\), got \(-2, 4\)"),
     (_bad(weight=torch.randn(6, 32, device="meta")), ValueError, "weight is on meta"),
     ([1.0], TypeError, "torch.Tensor"),
+    (_bad(merge="max"), ValueError, "merge must be one of"),
+    (_bad(merge="mean", norm="pre_concat", norm_weight=torch.randn(8)), ValueError, "needs merge='concat'"),
+    (_bad(merge="mean"), ValueError, r"weight must have C \(merge='mean'\) = 8 columns"),
+    (_bad(weight_layout="c_major"), ValueError, "weight_layout must be one of"),
+    (_bad(norm_type="gemma_rmsnorm", norm_bias=torch.randn(32)), ValueError, "norm_bias must be None"),
+    (_bad(gate_bias=torch.randn(6)), ValueError, "gate_bias needs gate_weight"),
+    (_bad(gate_weight=torch.randn(6, 16)), ValueError, "gate_weight must have the weight's shape"),
+    (_bad(gate_weight=torch.randn(6, 32).half()), TypeError, "gate_weight must have the weight's dtype"),
+    (_bad(gate_weight=torch.randn(6, 32), bias=torch.randn(6)), ValueError, "both or neither"),
+    (_bad(gate_weight=torch.randn(6, 32), gate_bias=torch.randn(6), bias=torch.randn(6).half()), TypeError,
+     "bias must have the weight's dtype"),
 ])
 def test_bad_input(call_, err, words):
     fn = call_ if callable(call_) else (lambda: merge_project(call_, (4, 4), weight=torch.randn(6, 32)))
@@ -310,20 +413,53 @@ QWEN = dict(B=1, L=4096, C=1280, D=5120, s=2)
 # (autocast), fp32 with IEEE and with TF32 products
 FWD_VARIANTS = [("fp16", "fp16", False), ("bf16", "bf16", False), ("fp32", "bf16", False),
                 ("fp32", "fp32", False), ("fp32", "fp32", True)]
-# module flavours: (ORDER, NORM, activation, bias, SAVE_PRE)
-FLAVOURS = {"qwen": ("contiguous", "pre", "gelu", True, True), "swin": ("swin", "post", "none", False, False),
-            "internvl": ("row_major", "post", "gelu", True, False), "llava": ("contiguous", "none", "gelu", True, True)}
+# module flavours: the constexprs each family's launch sets (besides the tiles and dtypes)
+_BASE = dict(S=2, POOL=False, G_OFFSET=0.0, HAS_GATE=False)
+FLAVOURS = {
+    "qwen": dict(_BASE, ORDER="contiguous", NORM="pre", ACTIVATION="gelu", HAS_BIAS=True, SAVE_PRE=True),
+    "swin": dict(_BASE, ORDER="swin", NORM="post", ACTIVATION="none", HAS_BIAS=False, SAVE_PRE=False),
+    "internvl": dict(_BASE, ORDER="row_major", NORM="post", ACTIVATION="gelu", HAS_BIAS=True, SAVE_PRE=False),
+    "llava": dict(_BASE, S=1, ORDER="contiguous", NORM="none", ACTIVATION="gelu", HAS_BIAS=True, SAVE_PRE=True),
+    # Gemma 3: 4x4 AvgPool, RMS norm scaled by 1 + w, no bias
+    "gemma3": dict(_BASE, S=4, ORDER="row_major", NORM="post", POOL=True, G_OFFSET=1.0, ACTIVATION="none",
+                   HAS_BIAS=False, SAVE_PRE=False),
+    # GLM-4V's downsample: per-token RMS norm, Conv2d weight read channel-major
+    "glm4v": dict(_BASE, ORDER="contiguous", NORM="pre", ACTIVATION="none", HAS_BIAS=True, SAVE_PRE=False,
+                  stride_wq=1, stride_wc=4, stride_gq=1, stride_gc=4),
+    # Aya: pixel shuffle, LayerNorm, SwiGLU epilogue (the GLU configs)
+    "aya": dict(_BASE, ORDER="row_major", NORM="post", ACTIVATION="silu", HAS_BIAS=True, SAVE_PRE=True,
+                HAS_GATE=True),
+}
+STATS_VARIANTS = [("contiguous", True, False, False), ("swin", False, False, False),
+                  ("row_major", False, True, False), ("row_major", False, True, True)]  # order, per-token, RMS, POOL
+
+
+def fwd_configs(flavour: str) -> list:
+    """The tile configs compiled for a flavour: every one of its kernel for Qwen and Aya."""
+    from vtok_fast.kernels import merge_project as km
+
+    if flavour == "aya":
+        return km.GLU_CONFIGS
+    return km.FWD_CONFIGS if flavour == "qwen" else km.FWD_CONFIGS[:1]
+
+
+def aot_record_count() -> int:
+    return 3 * len(STATS_VARIANTS) + len(FWD_VARIANTS) * sum(len(fwd_configs(f)) for f in FLAVOURS)
 
 
 def _values():
     B, L, C, D, s = QWEN["B"], QWEN["L"], QWEN["C"], QWEN["D"], QWEN["s"]
     K, M = s * s * C, B * L // (s * s)
-    return dict(stride_om=D, stride_od=1, stride_pm=D, stride_pd=1, stride_xb=L * C, stride_xl=C,
-                stride_xc=1, stride_wd=K, stride_wk=1, M=M, R=M, D=D, C=C, P=0, W=64, WS=32)
+    return dict(stride_om=D, stride_od=1, stride_xb=L * C, stride_xl=C, stride_xc=1, stride_wd=K, stride_wq=C,
+                stride_wc=1, stride_gd=K, stride_gq=C, stride_gc=1, M=M, R=M, D=D, C=C, P=0, W=64, WS=32)
 
 
 def _compile(kernel, pointers, consts, arch, num_warps, num_stages, floats=()):
-    return compile_as_launched(kernel, pointers, _values(), consts, arch=arch, num_warps=num_warps,
+    """Compile as launched; ``stride_*`` entries of ``consts`` are run-time values (JIT-specialized
+    like any launch argument), the rest constexprs."""
+    values = dict(_values(), **{k: v for k, v in consts.items() if k.startswith("stride_") and v != 1})
+    consts = {k: v for k, v in consts.items() if k not in values or v == 1}
+    return compile_as_launched(kernel, pointers, values, consts, arch=arch, num_warps=num_warps,
                                num_stages=num_stages, floats=floats)
 
 
@@ -345,28 +481,29 @@ def aot_compile_all(arch: int) -> list[dict]:
         records.append(rec)
 
     for tokens in ("fp32", "fp16", "bf16"):
-        for order, per_token, rms in (("contiguous", True, False), ("swin", False, False), ("row_major", False, True)):
-            consts = dict(S=2, ORDER=order, PER_TOKEN=per_token, RMS=rms, BLOCK_M=km.STATS_BLOCK_M,
+        for order, per_token, rms, pool in STATS_VARIANTS:
+            consts = dict(S=2, ORDER=order, PER_TOKEN=per_token, RMS=rms, POOL=pool, BLOCK_M=km.STATS_BLOCK_M,
                           BLOCK_C=km.STATS_BLOCK_C, stride_xc=1)
-            run(f"stats {tokens} {order} per_token={per_token} rms={rms}", "stats",
+            run(f"stats {tokens} {order} per_token={per_token} rms={rms} pool={pool}", "stats",
                 lambda consts=consts, tokens=tokens: _compile(
                     km._merge_project_stats, dict(mean_ptr="fp32", rstd_ptr="fp32", x_ptr=tokens), consts,
                     arch, km.STATS_NUM_WARPS, 1, floats=("eps",)))
 
     for tokens, weight, tf32 in FWD_VARIANTS:
-        for flavour, (order, norm, act, bias, save) in FLAVOURS.items():
-            configs = km.FWD_CONFIGS if flavour == "qwen" else km.FWD_CONFIGS[:1]
-            for config in configs:
+        for flavour, flags in FLAVOURS.items():
+            for config in fwd_configs(flavour):
                 tuned, warps, stages = config_constexprs(config)
-                consts = dict(tuned, S=1 if norm == "none" else 2, ORDER=order, NORM=norm, HAS_G=norm != "none",
-                              HAS_BETA=norm != "none", HAS_BIAS=bias, ACTIVATION=act, SAVE_PRE=save,
-                              ALLOW_TF32=tf32, stride_od=1, stride_pd=1, stride_xc=1, stride_wk=1)
-                pointers = dict(out_ptr=weight, pre_ptr=weight, x_ptr=tokens, mean_ptr="fp32", rstd_ptr="fp32",
-                                g_ptr=tokens, beta_ptr=tokens, w_ptr=weight, bias_ptr=weight)
+                norm = flags["NORM"] != "none"
+                consts = dict(tuned, HAS_G=norm, HAS_BETA=norm and flags["G_OFFSET"] == 0.0 and flavour != "glm4v",
+                              ALLOW_TF32=tf32, stride_od=1, stride_xc=1, stride_wc=1, stride_gc=1)
+                consts.update(flags)
+                pointers = dict(out_ptr=weight, pre_ptr=weight, gpre_ptr=weight, x_ptr=tokens, mean_ptr="fp32",
+                                rstd_ptr="fp32", g_ptr=tokens, beta_ptr=tokens, w_ptr=weight, wg_ptr=weight,
+                                bias_ptr=weight, gbias_ptr=weight)
                 kind = "fwd_ieee" if weight == "fp32" and not tf32 else "fwd"
                 run(f"fwd {tokens}->{weight} tf32={tf32} {flavour} {tuned} warps={warps}", kind,
                     lambda consts=consts, pointers=pointers, warps=warps, stages=stages: _compile(
-                        km._merge_project_fwd, pointers, consts, arch, warps, stages))
+                        km._merge_project_fwd_kernel, pointers, consts, arch, warps, stages))
     return records
 
 

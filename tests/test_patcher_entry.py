@@ -47,14 +47,19 @@ def test_image_token_count_answers_for_every_patch():
 
 
 def test_compress_on_another_model_names_the_supported_classes():
-    model = qwen2_vl()[0]
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=IMG, patch_size=8)
+    model = transformers.CLIPVisionModel(config).eval()  # its embedding is fused by this call, then rolled back
     before = state(model)
     with pytest.raises(ValueError, match=r"model must be a LlavaForConditionalGeneration or LlavaModel \(LLaVA-1\.5\)"
-                                         r".*got Qwen2VLForConditionalGeneration, which holds no LlavaModel"):
+                                         r".*which holds no LlavaModel; compress= also runs in the families keyed by "
+                                         r"config.model_type \[.*'qwen2_5_vl'.*\] \(this model's: 'clip_vision_model'\)"):
         vtok_fast.patch.hf(model, compress=("pool", {"stride": 2}))
     assert_state_equal(before, state(model))  # the fused merger of this call is rolled back too
     with pytest.raises(ValueError, match="which holds no LlavaModel"):
         vtok_fast.patch.image_token_count(model)
+    qwen = qwen2_vl()[0]  # a family of the table: compressed (tests/test_family_compress.py)
+    assert vtok_fast.patch.hf(qwen, compress=("pool", {"stride": 2}))._compress_info["family"] == "Qwen2-VL"
 
 
 # --- bad-input sweep item 1: a failing call changes nothing -----------------------------------------

@@ -1,4 +1,4 @@
-"""``vtok-fast`` command line: ``demo``, ``info``, ``bench`` and ``budget``.
+"""``vtok-fast`` command line: ``demo``, ``info``, ``bench``, ``budget`` and ``eval``.
 
 Also ``python -m vtok_fast ...``. Errors are one line on stderr (``vtok-fast: error: ...``) with
 exit status 2, checked (output paths included) before any work starts.
@@ -66,7 +66,12 @@ def _bench(args) -> int:
     from vtok_fast.bench import OPS
     from vtok_fast.bench.harness import (QUICK_NO_VERDICT, default_out_dir, format_table, load_warning,
                                          run_benchmark, text_progress, write_json)
+    from vtok_fast.bench import SUITES
 
+    if args.op in SUITES:
+        return _suite(args, SUITES[args.op])
+    if args.retrain:
+        return _error(f"--retrain is for the quality benchmark, got {args.op!r}")
     names = list(OPS) if args.op == "all" else [args.op]
     if args.device == "cuda" and not torch.cuda.is_available():
         return _error("--device cuda: no CUDA device is available here "
@@ -120,14 +125,38 @@ def _bench(args) -> int:
     return status
 
 
+def _suite(args, module: str) -> int:
+    """A benchmark that is not a timing harness op (``bench quality``): its module's ``run(args)``."""
+    from vtok_fast.bench.harness import QUICK_NO_VERDICT, default_out_dir, load_warning
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return _error("--device cuda: no CUDA device is available here "
+                          "(torch.cuda.is_available() is False); use --device cpu")
+    for flag, given in (("--profile", args.profile), ("--modes", args.modes),
+                        ("--retrain", args.retrain and args.op != "quality")):
+        if given:
+            return _error(f"{flag} is not an option of bench {args.op}")
+    problem = output_dir_problem("--out", default_out_dir() if args.out is None else args.out)
+    if problem:
+        return _error(problem)
+    if args.quick:
+        print(f"{QUICK_NO_VERDICT} (few questions: a smoke run, whose numbers judge nothing)")
+    elif busy := load_warning():
+        warn(busy)
+    return importlib.import_module(module).run(args)
+
+
 def main(argv=None) -> int:
     parser = OneLineParser(prog="vtok-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, backend and device")
-    from vtok_fast.bench import OPS
+    from vtok_fast.bench import OPS, SUITES
 
     b = sub.add_parser("bench", help="run a benchmark and print its table")
-    b.add_argument("op", choices=[*OPS, "all"])
+    b.add_argument("op", choices=[*OPS, *SUITES, "all"])
     b.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     b.add_argument("--quick", action="store_true",
                    help="small shapes (smoke run); writes <op>_<cpu|gpu>_quick.json")
@@ -138,16 +167,19 @@ def main(argv=None) -> int:
                                  "./vtok_fast_bench_results)")
     b.add_argument("--min-time", type=float, default=0.4, help="seconds of timing per provider")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--retrain", action="store_true", help="quality only: train the reference model again")
     b.add_argument("--profile", action="store_true",
                    help="tome only: one unpatched and one patched forward under torch.profiler, time per "
                         "bucket (attention, linear, merge, norm, other), tome_profile_<cpu|gpu>.json")
     from vtok_fast.measure.budget_cli import add_budget_parser, run_budget
     from vtok_fast.measure.demo import add_demo_parser, run_demo
+    from vtok_fast.measure.quality.eval_cli import add_eval_parser, run_eval
 
     add_budget_parser(sub)
     add_demo_parser(sub)
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
-    return {"info": _info, "bench": _bench, "budget": run_budget, "demo": run_demo}[args.command](args)
+    return {"info": _info, "bench": _bench, "budget": run_budget, "demo": run_demo, "eval": run_eval}[args.command](args)
 
 
 if __name__ == "__main__":

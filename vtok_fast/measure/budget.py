@@ -81,6 +81,12 @@ the method's own terms, those of ``vtok_fast.compress`` (same names, defaults an
 - ``("fastv", {"ratio": R, "layer": K})`` (or ``keep=``): in the language model; FastV's ``R`` is
   the fraction *pruned* (default 0.5, ``FASTV_DEFAULT_RATIO``): from layer K on (default 2) the
   LLM sees ``round(N * (1 - R))`` of the N image tokens, newlines included.
+- ``("pyramiddrop", {"layers": [K1, K2, ...], "ratios": [R1, R2, ...]})`` or ``{"ratio": R}`` (one
+  for every stage; default 0.5, three stages, PyramidDrop's 4 stages of 8 layers at 32): in the
+  language model, FastV in stages; ``R_s`` is the fraction of the *remaining* image tokens pruned
+  at boundary ``s`` (PyramidDrop's λ = 1 − R_s kept): ``n_0 = N``, ``n_s = round(n_{s-1} * (1 −
+  R_s))``. ``llm_tokens`` is the last stage's ``n``; ``stages`` lists every stage's count (the
+  layers are labels only: the counts do not depend on the depth).
 
 Grid methods keep a grid, so the model's layout is recomputed on the reduced grid (LLaVA-NeXT
 and LLaVA-OneVision unpad the pooled crops, OneVision's ``anyres_max`` shrink then compares with
@@ -93,9 +99,10 @@ row newlines (the view separator stays), and LLaVA-UHD's 64 resampler queries pe
 grid) accept only token-count methods. Keep counts are per view.
 
 The count is arithmetic: it does not say the library can run the method inside that model.
-``vtok_fast.patch.hf(model, compress=...)`` runs the vision methods and FastV in LLaVA-1.5
-models (``LlavaForConditionalGeneration``) only; for any other model a compressed budget
-carries a ``notes`` line saying so (``vtok-fast budget`` prints it), as it does for ``fastv`` on
+``vtok_fast.patch.hf(model, compress=...)`` runs the vision methods in LLaVA-1.5 models
+(``LlavaForConditionalGeneration``), and FastV / PyramidDrop in LLaVA-1.5 and the families of
+``IN_LLM_FAMILIES`` (Gemma 3: while the sequence fits its sliding window, a note says so); for any
+other model a compressed budget carries a ``notes`` line saying so (``vtok-fast budget`` prints it), as it does for ``fastv`` on
 a ViT (no language model) and ``pixel_shuffle`` in LLaVA-1.5 (its projector takes 1024-channel
 tokens, not the 4x wider ones).
 
@@ -147,14 +154,24 @@ BUDGET_TERMS = {
     "visionzip": ("dominant", "contextual"),
     "prumerge": ("keep", "ratio"),
     "prumerge_plus": ("keep", "ratio"),
-    "dart": ("keep", "ratio"),
+    "dart": ("keep", "ratio", "pivots"),  # pivots does not change the count
     "fastv": ("keep", "ratio", "layer"),
+    "pyramiddrop": ("layers", "ratios", "ratio"),
 }
+LLM_METHODS = ("fastv", "pyramiddrop")  # pruned inside the language model: the vision side is unchanged
+PYRAMIDDROP_DEFAULT_RATIO = 0.5  # the fraction of the remaining image tokens pruned per stage (lambda = 0.5 kept)
+PYRAMIDDROP_DEFAULT_STAGES = 3  # boundaries (4 stages), as the paper's layers 8, 16, 24 of 32
 FASTV_DEFAULT_LAYER = 2
 FASTV_DEFAULT_RATIO = 0.5  # FastV's R (the fraction pruned); vtok_fast.patch.hf_fastv's default too
 MAX_IMAGE_SIDE = 2**31 - 1
 # model families whose Hugging Face model vtok_fast.patch.hf(model, compress=...) can run a method in
 IN_MODEL_FAMILIES = ("llava-1.5",)
+# where vtok_fast.patch.hf compresses the image tokens after the family's projector (patch.families)
+VISION_FAMILIES = ("llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma3",
+                   "idefics3", "smolvlm")
+VISION_FAMILY_METHODS = ("pool", "tome", "dart", "attn_topk", "visionzip", "prumerge", "prumerge_plus")
+# models whose Hugging Face model vtok_fast.patch.hf runs fastv / pyramiddrop in (vtok_fast.patch.hf_fastv)
+IN_LLM_FAMILIES = ("llava-1.5", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma3", "idefics3", "smolvlm")
 VIT_MODELS = ("vit-b/16", "vit-l/14-336", "vit")
 
 
@@ -167,7 +184,9 @@ class TokenBudget:
     the newline and separator tokens the model inserts included, begin/end-of-image markers
     excluded (after ``compress``). ``pixels_per_token``: ``H * W / llm_tokens`` of the image as
     given. ``breakdown``: ``(label, count)`` rows; the ``"ViT: "`` rows add up to ``vit_tokens``,
-    the ``"LLM: "`` rows to ``llm_tokens``. ``uncompressed_llm_tokens``: ``llm_tokens`` without
+    the ``"LLM: "`` rows to ``llm_tokens``. ``stages``: ``(label, count)`` of the image tokens each
+    stage of the language model sees (``pyramiddrop`` only, the first row the uncompressed span).
+    ``uncompressed_llm_tokens``: ``llm_tokens`` without
     ``compress``; ``compress``: the normalized ``(method, {budget})`` or None. ``notes``: lines
     about the compression, e.g. that the library cannot run it inside this model.
     """
@@ -181,6 +200,7 @@ class TokenBudget:
     uncompressed_llm_tokens: int
     compress: tuple[str, dict] | None = None
     notes: tuple[str, ...] = ()
+    stages: tuple[tuple[str, int], ...] = ()
 
     def __str__(self) -> str:
         height, width = self.image_size
@@ -191,6 +211,7 @@ class TokenBudget:
                          f"{self.uncompressed_llm_tokens} -> {self.llm_tokens} LLM tokens")
         wide = max(len(label) for label, _ in self.breakdown)
         lines += [f"  {label:<{wide}}  {count:>7}" for label, count in self.breakdown]
+        lines += [f"  stage {label}: {count} image tokens" for label, count in self.stages]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -224,7 +245,37 @@ def _need_one(method: str, params: dict, *keys: str) -> None:
                          f"got {', '.join(f'{k}=' for k in given) or 'none'}")
 
 
+def _check_pyramiddrop(params: dict) -> None:
+    if "ratio" in params and "ratios" in params:
+        raise ValueError("compress pyramiddrop: give ratio= (every stage) or ratios= (one per stage), not both")
+    layers = params.get("layers")
+    if layers is not None:
+        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        if not layers or not all(_is_int(k) and k >= 1 for k in layers) or any(a >= b for a, b in
+                                                                                 zip(layers, layers[1:])):
+            raise ValueError(f"compress pyramiddrop: layers must be strictly increasing integers >= 1, got "
+                             f"{params['layers']!r}")
+        params["layers"] = layers
+    if "ratios" in params:
+        ratios = list(params["ratios"]) if isinstance(params["ratios"], (list, tuple)) else [params["ratios"]]
+        stages = len(layers) if layers is not None else len(ratios)
+        if len(ratios) != stages or not ratios:
+            raise ValueError(f"compress pyramiddrop: ratios must give one fraction per stage ({stages}), got "
+                             f"{params['ratios']!r}")
+        params["ratios"] = ratios
+    else:
+        count = len(layers) if layers is not None else PYRAMIDDROP_DEFAULT_STAGES
+        params.setdefault("ratio", PYRAMIDDROP_DEFAULT_RATIO)
+        ratios = [params["ratio"]] * count
+    if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= r < 1 for r in ratios):
+        raise ValueError(f"compress pyramiddrop: ratios (the fraction of the remaining image tokens pruned per "
+                         f"stage) must be numbers in [0, 1), got {params.get('ratios', params.get('ratio'))!r}")
+
+
 def _check_budget(method: str, params: dict) -> None:
+    if method == "pyramiddrop":
+        _check_pyramiddrop(params)
+        return
     if method in GRID_METHODS:
         _need_int(method, "stride", params.setdefault("stride", 2), 1)
         if params.get("mode", "avg") not in POOL_MODES:
@@ -334,7 +385,7 @@ def _keep(method: str, params: dict, n: int, what: str) -> int:
 
 def _reduce_grid(spec, h: int, w: int, what: str) -> tuple[int, tuple[int, int] | None]:
     """``(count, grid)`` of an h x w token grid after ``spec``; grid None when no longer a grid."""
-    if spec is None or spec[0] == "fastv":
+    if spec is None or spec[0] in LLM_METHODS:
         return h * w, (h, w)
     method, params = spec
     if method in GRID_METHODS:
@@ -355,7 +406,7 @@ def _reduce_grid(spec, h: int, w: int, what: str) -> tuple[int, tuple[int, int] 
 
 def _reduce_count(spec, n: int, what: str) -> int:
     """Tokens left of ``n`` tokens that form no grid."""
-    if spec is None or spec[0] == "fastv":
+    if spec is None or spec[0] in LLM_METHODS:
         return n
     if spec[0] in GRID_METHODS:
         raise ValueError(f"compress {spec[0]} needs a token grid, but {what} is {n} tokens without one")
@@ -364,7 +415,7 @@ def _reduce_count(spec, n: int, what: str) -> int:
 
 def _grid_text(spec, h: int, w: int, n: int, grid) -> str:
     """How an h x w grid came out of the compression, for the breakdown."""
-    if spec is None or spec[0] == "fastv":
+    if spec is None or spec[0] in LLM_METHODS:
         return f"{h}x{w}"
     if grid is not None:
         return f"{grid[0]}x{grid[1]} ({format_compress(spec)} of {h}x{w})"
@@ -377,10 +428,23 @@ def _notes(model: str, spec) -> tuple[str, ...]:
         return ()
     method = spec[0]
     if model in VIT_MODELS:
-        if method != "fastv":
+        if method not in LLM_METHODS:
             return ()  # vtok_fast.compress runs every vision method on the encoder's tokens
-        return (f"fastv prunes inside a language model; {model} has none: the count is what one placed after "
+        return (f"{method} prunes inside a language model; {model} has none: the count is what one placed after "
                 "this encoder would see from layer K on",)
+    if method in LLM_METHODS and model in IN_LLM_FAMILIES:
+        if model == "gemma3":
+            return (f"vtok_fast.patch.hf runs {method} in Gemma 3 while the prompt and the generated tokens fit "
+                    "its sliding window (1024 tokens in Gemma 3 4B and larger; a ValueError beyond it)",)
+        return ()
+    if method in LLM_METHODS:
+        return (f"vtok_fast.patch.hf(model, compress=...) runs {method} in {', '.join(IN_LLM_FAMILIES)} models, not "
+                f"in {model}: this count is arithmetic, the library cannot run {method} in that model",)
+    if model in VISION_FAMILIES and method not in LLM_METHODS:
+        if method in VISION_FAMILY_METHODS:
+            return ()
+        return (f"vtok_fast.patch.hf runs {', '.join(VISION_FAMILY_METHODS)} on the image tokens of {model}, not "
+                f"{method} (it makes tokens wider than the language model takes): this count is arithmetic",)
     if model not in IN_MODEL_FAMILIES:
         return (f"vtok_fast.patch.hf(model, compress=...) runs {method} inside LLaVA-1.5 models only, not in "
                 f"{model}: this count is arithmetic, the library cannot run {method} in that model",)
@@ -460,20 +524,23 @@ def _anyres_views(size, pinpoints, tile: int, patch: int):
     return rows, cols, g, vit
 
 
+def _anyres_llm(spec, g: int, uh: int, uw: int, label: str) -> list[tuple[str, int]]:
+    """The LLM lines of an anyres image: the base view's g x g grid and the unpadded uh x uw grid
+    of the crops (``label``), each reduced by ``spec`` as ``vtok_fast.patch.hf`` does (after the
+    projector and the packing: the newline closing each of the uh rows is kept)."""
+    n, grid = _reduce_grid(spec, g, g, f"the base view's {g}x{g} grid")
+    if uh * uw == 0:  # no grid token of the crops survives unpadding (a sliver of an image): newlines only
+        return [(f"base view {_grid_text(spec, g, g, n, grid)}", n), ("one newline per row", uh)]
+    m, crops = _reduce_grid(spec, uh, uw, f"the crops' unpadded {uh}x{uw} grid")
+    return [(f"base view {_grid_text(spec, g, g, n, grid)}", n), (f"{label}: {_grid_text(spec, uh, uw, m, crops)}", m),
+            ("one newline per row", uh)]
+
+
 def _llava_next(size, spec, *, grid_pinpoints=LLAVA_NEXT_PINPOINTS):
     height, width = size
     rows, cols, g, vit = _anyres_views(size, _pinpoints(grid_pinpoints), CLIP_SIZE, CLIP_PATCH)
-    crops = rows * cols
-    n, grid = _reduce_grid(spec, g, g, f"a {g}x{g} view")
-    if grid is None:
-        return vit, [(f"base view: {_grid_text(spec, g, g, n, grid)}", n),
-                     (f"{crops} crops x {n} (no grid left: the flat layout, no unpadding or newlines)",
-                      crops * n)]
-    gh, gw = grid
-    uh, uw = _unpad(height, width, rows * gh, cols * gw)
-    return vit, [(f"base view {_grid_text(spec, g, g, n, grid)}", n),
-                 (f"crops {rows * gh}x{cols * gw} unpadded to {uh}x{uw}", uh * uw),
-                 ("one newline per row", uh)]
+    uh, uw = _unpad(height, width, rows * g, cols * g)
+    return vit, _anyres_llm(spec, g, uh, uw, f"crops {rows * g}x{cols * g} unpadded to {uh}x{uw}")
 
 
 def _uhd_grid(height: int, width: int) -> tuple[int, int]:
@@ -586,21 +653,13 @@ def _llava_onevision(size, spec, *, grid_pinpoints=OV_PINPOINTS, anyres_max=OV_A
     height, width = size
     _need_positive("anyres_max", anyres_max)
     rows, cols, g, vit = _anyres_views(size, _pinpoints(grid_pinpoints, OV_TILE), OV_TILE, SIGLIP_PATCH)
-    crops = rows * cols
-    n, grid = _reduce_grid(spec, g, g, f"a {g}x{g} view")
-    if grid is None:
-        return vit, [(f"base view: {_grid_text(spec, g, g, n, grid)}", n),
-                     (f"{crops} crops x {n} (no grid left: the flat layout, no unpadding, shrinking or "
-                      "newlines)", crops * n)]
-    gh, gw = grid
-    uh, uw = _unpad(height, width, rows * gh, cols * gw)
-    label = f"crops {rows * gh}x{cols * gw} unpadded to {uh}x{uw}"
-    ratio = math.sqrt(uh * uw / (anyres_max * gh * gw))  # the processor's formula, float for float
+    uh, uw = _unpad(height, width, rows * g, cols * g)
+    label = f"crops {rows * g}x{cols * g} unpadded to {uh}x{uw}"
+    ratio = math.sqrt(uh * uw / (anyres_max * g * g))  # the processor's formula, float for float
     if ratio > 1.1:
         uh, uw = int(uh // ratio), int(uw // ratio)
         label += f", shrunk bilinearly to {uh}x{uw} (anyres_max_{anyres_max})"
-    return vit, [(f"base view {_grid_text(spec, g, g, n, grid)}", n), (label, uh * uw),
-                 ("one newline per row", uh)]
+    return vit, _anyres_llm(spec, g, uh, uw, label)
 
 
 def _got_ocr2_canvas(height: int, width: int, min_tiles: int, max_tiles: int, tile: int):
@@ -871,8 +930,28 @@ def count_tokens(model: str, image_size, *, compress=None, **options) -> TokenBu
         layer = spec[1].get("layer", FASTV_DEFAULT_LAYER)
         keep = _keep("fastv", spec[1], seen, "the image span")
         llm = [(f"image tokens from layer {layer} on (layers 0..{layer - 1} see all {seen})", keep)]
+    stages = ()
+    if spec is not None and spec[0] == "pyramiddrop":
+        llm, stages = _pyramiddrop(spec[1], sum(c for _, c in llm))
     vit_tokens, llm_tokens = sum(c for _, c in vit), sum(c for _, c in llm)
     breakdown = tuple([(f"ViT: {label}", c) for label, c in vit] + [(f"LLM: {label}", c) for label, c in llm])
     return TokenBudget(model=name, image_size=size, vit_tokens=vit_tokens, llm_tokens=llm_tokens,
                        pixels_per_token=size[0] * size[1] / llm_tokens, breakdown=breakdown,
-                       uncompressed_llm_tokens=uncompressed, compress=spec, notes=_notes(name, spec))
+                       uncompressed_llm_tokens=uncompressed, compress=spec, notes=_notes(name, spec), stages=stages)
+
+
+def _pyramiddrop(params: dict, seen: int) -> tuple[list, tuple]:
+    """The LLM line and the per-stage counts of PyramidDrop over ``seen`` image tokens."""
+    layers = params.get("layers")
+    ratios = params.get("ratios") or [params["ratio"]] * (len(layers) if layers else PYRAMIDDROP_DEFAULT_STAGES)
+    labels = [f"from layer {k} on" for k in layers] if layers else [f"{s + 1}" for s in range(len(ratios))]
+    counts, n = [], seen
+    for ratio in ratios:
+        n = round(n * (1 - ratio))
+        counts.append(n)
+    if n < 1:
+        raise ValueError(f"compress pyramiddrop: ratios {ratios} keep no image token of the {seen} of the image span")
+    first = f"before layer {layers[0]}" if layers else "0"
+    stages = ((first, seen), *zip(labels, counts))
+    last = f"from layer {layers[-1]} on" if layers else f"in the last of {len(ratios) + 1} stages"
+    return [(f"image tokens {last} (stages: {' -> '.join(str(c) for _, c in stages)})", n)], stages

@@ -74,7 +74,7 @@ def hf(model: nn.Module, *, fuse_embed: bool = True, tome_r=None, trace_source: 
     _check_module(1, model)
     method = None if compress is None else parse_spec(compress)[0]
     with all_or_nothing():
-        if method not in (None, "fastv"):
+        if method not in (None, "fastv", "pyramiddrop"):
             hf_compress.remove(model)  # replaced below: the projector is fused first, then wrapped
         _apply(1, model, fuse_embed, tome_r, trace_source, prop_attn, fuse_project)
         if compress is not None:

@@ -6,7 +6,10 @@ by :func:`vtok_fast.reduce.compress.compress` with ``method`` (any of its method
 ``pixel_shuffle``, ``tome``, ``attn_topk``, ``visionzip``, ``prumerge``) and ``budget`` (that
 method's own arguments, e.g. ``("pool", {"stride": 2})``, ``("visionzip", {"dominant": 54,
 "contextual": 10})``, ``("prumerge", {"keep": 32})``). ``compress=("fastv", {...})`` is FastV in the
-language model instead (:mod:`vtok_fast.patch.hf_fastv`). Replaced, on these instances only:
+language model instead (:mod:`vtok_fast.patch.hf_fastv`). A model of a family of
+:mod:`vtok_fast.patch.families` (LLaVA-NeXT, OneVision, Qwen2/2.5/3-VL, InternVL, Gemma 3, Idefics3,
+SmolVLM; by ``config.model_type``) is compressed by :mod:`vtok_fast.patch.hf_family_compress`
+instead. In a LLaVA-1.5 model, replaced on these instances only:
 
 - ``vision_tower.forward``: the original forward; it records the pixel grid (``H // p, W // p``)
   and, for the attention methods, the query (CLS row) and key projections of one encoder layer;
@@ -40,10 +43,11 @@ full layout) or ``"compact"`` (renumbered consecutively, as a prompt holding onl
 e.g. ``("pool", {"stride": 2, "positions": "compact"})``. Rows keeping different counts are
 left-padded. Alternatively the prompt holds as many ``<image>`` tokens as the projector returns per
 image: :func:`image_token_count` gives that count, and :func:`configure_processor` sets a
-``LlavaProcessor`` (``num_additional_image_tokens``) to insert it (no drop happens then). Methods whose count depends on the image (PruMerge's
-adaptive IQR selection, ``prumerge_plus``) are refused: a LLaVA prompt has a fixed count. The last
-forward's :class:`~vtok_fast.reduce.compressed.Compressed` (positions / source for visualisation)
-is in ``model._compress_info["compressed"]``. ``remove(model)`` restores every method;
+``LlavaProcessor`` (``num_additional_image_tokens``) to insert it (no drop happens then). Methods
+whose count depends on the image (PruMerge's adaptive IQR selection, ``prumerge_plus``) are
+refused: a LLaVA prompt has a fixed count. The last forward's
+:class:`~vtok_fast.reduce.compressed.Compressed` (positions / source for visualisation) is in
+``model._compress_info["compressed"]``. ``remove(model)`` restores every method;
 parameters and ``state_dict`` are never changed; a failing ``apply`` changes nothing.
 
 Supported: transformers ``TRANSFORMERS_TESTED`` (``vtok_fast.patch._common``; the patch relies on
@@ -64,7 +68,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch import hf_fastv, hf_tome, placeholder_drop
+from vtok_fast.patch import families, hf_family_compress, hf_fastv, hf_tome, placeholder_drop
 from vtok_fast.patch._common import Api, all_or_nothing, check_api, is_patched, patch, restore
 from vtok_fast.patch.hf_tome import encoder_of, num_prefix_tokens, tower_classes
 from vtok_fast.patch.llava_common import find_llava, image_token_mask, pair, parse_spec, placeholder_apis
@@ -84,11 +88,17 @@ def apply(model: nn.Module, *, compress) -> nn.Module:
     module docstring); ``("fastv", {...})`` patches the language model instead. Re-applying
     replaces the previous compression; a call that raises changes nothing."""
     method, budget = parse_spec(compress)
-    if method == "fastv":
+    if method in hf_fastv.METHODS:
         return hf_fastv.apply(model, compress=compress)
     if method not in METHODS:
         raise ValueError(f"compress method must be one of {sorted(METHODS) + ['fastv']}, got {method!r}")
-    llava = find_llava(model)
+    if hf_family_compress.finds(model):
+        return hf_family_compress.apply(model, method=method, budget=budget)
+    try:
+        llava = find_llava(model)
+    except ValueError as error:  # neither LLaVA-1.5 nor a family of the table
+        raise ValueError(f"{error}; compress= also runs in the families keyed by config.model_type "
+                         f"{sorted(families.FAMILIES)} (this model's: {families.model_type(model)!r})") from None
     plan = _plan(llava, method, budget)
     with all_or_nothing():
         remove(model)
@@ -123,6 +133,7 @@ def apply(model: nn.Module, *, compress) -> nn.Module:
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply` (no-op if not patched)."""
     restore(model, FEATURE)
+    hf_family_compress.remove(model)
     return model
 
 

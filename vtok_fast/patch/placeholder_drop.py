@@ -152,28 +152,36 @@ def _prefill(run: dict, drop: dict, positions: str, kwargs: dict, cache) -> dict
     return kwargs
 
 
-def _decode(state: dict, kwargs: dict, cache) -> dict:
-    """A step after a dropping prefill: the full-layout mask ``(B, L + t)`` -> the cache's slots
-    (kept columns, then the tokens added since), positions shifted in compact mode."""
-    columns, length, shift = state["columns"], state["length"], state["shift"]
-    embeds = kwargs.get("inputs_embeds")
-    batch, steps = embeds.shape[:2]
-    added = cache.get_seq_length() - columns.shape[1]
-    total = length + added + steps
+def step_mask(state: dict, kwargs: dict, reference: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step after a dropping prefill: its full-layout 2-D mask ``(B, L + t)`` (ones when none
+    is given; ``reference``: the step's ``input_ids`` or ``inputs_embeds``) and that mask mapped to
+    the cache's slots (the kept prompt columns, then the tokens added since)."""
+    columns, length = state["columns"], state["length"]
+    batch, steps = reference.shape[:2]
+    total = length + cache.get_seq_length() - columns.shape[1] + steps
     mask = kwargs.get("attention_mask")
     if mask is None:
-        mask = torch.ones(batch, total, dtype=torch.long, device=embeds.device)
+        mask = torch.ones(batch, total, dtype=torch.long, device=reference.device)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != (batch, total) \
             or columns.shape[0] != batch:
         raise ValueError(f"a step after dropping image placeholders needs the full-layout 2-D attention_mask "
                          f"({columns.shape[0]}, {total}) (or none), got {getattr(mask, 'shape', type(mask).__name__)}")
     columns = columns.to(mask.device)
     prompt = mask[:, :length].gather(1, columns.clamp(min=0)).masked_fill(columns < 0, 0)
+    return mask, torch.cat([prompt, mask[:, length:]], dim=1)
+
+
+def _decode(state: dict, kwargs: dict, cache) -> dict:
+    """A step after a dropping prefill: the full-layout mask -> the cache's slots
+    (:func:`step_mask`), positions shifted in compact mode."""
+    embeds = kwargs.get("inputs_embeds")
+    mask, slots_mask = step_mask(state, kwargs, embeds, cache)
+    steps = embeds.shape[1]
     position_ids = kwargs.get("position_ids")
     if position_ids is None:  # what the language model computes on the full layout
-        position_ids = (torch.arange(steps, device=embeds.device) + length + added)[None]
-    kwargs.update(attention_mask=torch.cat([prompt, mask[:, length:]], dim=1),
-                  position_ids=position_ids - shift.to(position_ids.device)[:, None])
+        position_ids = (torch.arange(steps, device=embeds.device) + mask.shape[1] - steps)[None]
+    shift = state["shift"].to(position_ids.device)[:, None]
+    kwargs.update(attention_mask=slots_mask, position_ids=position_ids - shift)
     return kwargs
 
 

@@ -94,7 +94,8 @@ class RMSNorm(nn.Module):
 
 # Hugging Face RMS norms computing exactly ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``
 # (not Gemma's ``1 + weight``)
-HF_RMS_NORMS = ("Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm", "Idefics2RMSNorm")
+HF_RMS_NORMS = ("Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm", "Idefics2RMSNorm", "Mistral3RMSNorm",
+                "Glm4vRMSNorm")
 
 
 def norm_args(norm: nn.Module) -> Optional[dict]:

@@ -1,0 +1,102 @@
+"""Token drop between the projector and the decoder of a LLaVA model, shared by training and evaluation.
+
+``answer_logits(model, batch, keep, positions)``:
+
+1. ``model.model.get_image_features(pixel_values)`` -> ``(B, N, D)`` projected image features
+   (every token; the vision tower is not changed).
+2. The text embeddings of ``input_ids`` with the features scattered into the ``N`` placeholder
+   positions of each row (what ``LlavaModel.forward`` does).
+3. Keep, per row, the text tokens and the image tokens with ``keep[b, j]`` true (kept tokens stay
+   in order); dropped placeholders are removed from the sequence, which is re-packed with left
+   padding to the longest row.
+4. ``position_ids``: ``"original"``: every kept token keeps the position it has in the full
+   sequence (text after the image continues from the full length, as if nothing were dropped);
+   ``"compact"``: kept tokens are renumbered ``0..L_b-1`` (what a model sees when the processor
+   inserts fewer placeholders). Padding gets position 0 and attention mask 0; an explicit 2-D
+   mask is always passed, so the decoder never reads position jumps as packed sequences.
+5. The decoder runs on ``inputs_embeds``; the result is the last position's logits ``(B, V)``.
+
+With ``keep`` all true and ``"original"`` positions this is ``model(**batch).logits[:, -1]``
+(up to float rounding). Gradients flow through every step (training uses the same function).
+"""
+from __future__ import annotations
+
+import torch
+
+POSITIONS = ("original", "compact")
+
+
+def keep_mask(counts: torch.Tensor, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """``(B, num_tokens)`` bool: row ``b`` keeps ``counts[b]`` tokens chosen uniformly at random
+    (a random permutation per row from ``generator``; CPU)."""
+    scores = torch.rand(counts.shape[0], num_tokens, generator=generator)
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    return rank < counts[:, None]
+
+
+def drop_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor,
+                keep: torch.Tensor, positions: str = "original") -> dict:
+    """``inputs_embeds``, ``attention_mask`` and ``position_ids`` of the sequences with only the
+    kept image tokens (steps 2-4 above). ``input_ids``/``attention_mask``: ``(B, L)`` left-padded,
+    each row with exactly ``N`` image placeholders; ``features``: ``(B, N, D)``; ``keep``: ``(B, N)``."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    is_image = input_ids == model.config.image_token_id
+    if not bool((is_image.sum(1) == features.shape[1]).all()) or keep.shape != features.shape[:2]:
+        raise ValueError(f"each row needs {features.shape[1]} image placeholders and keep must be "
+                         f"{tuple(features.shape[:2])}, got {is_image.sum(1).tolist()} and {tuple(keep.shape)}")
+    embeds = model.get_input_embeddings()(input_ids)
+    embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+    valid = attention_mask.bool()
+    kept = valid & ~is_image
+    kept = kept.masked_scatter(is_image, keep.to(kept.device))
+    original = (valid.long().cumsum(1) - 1).clamp(min=0)
+    compact = (kept.long().cumsum(1) - 1).clamp(min=0)
+    pos = original if positions == "original" else compact
+    # stable sort on kept: dropped / padding first, kept tokens last, each in their order
+    order = torch.sort(kept.to(torch.int8), dim=1, stable=True).indices
+    length = int(kept.sum(1).max())
+    order = order[:, order.shape[1] - length:]
+    mask = kept.gather(1, order)
+    embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
+    position_ids = pos.gather(1, order).masked_fill(~mask, 0)
+    return {"inputs_embeds": embeds, "attention_mask": mask.long(), "position_ids": position_ids}
+
+
+def last_logits(model, batch, keep: torch.Tensor | None = None, positions: str = "original",
+                num_last: int = 1) -> torch.Tensor:
+    """Logits ``(B, num_last, V)`` of the last ``num_last`` positions of ``batch`` (a processor
+    output: ``input_ids``, ``attention_mask``, ``pixel_values``; left-padded) with only the image
+    tokens in ``keep`` (default: all). Text tokens are never dropped, so a text token's offset from
+    the end is the same with and without the drop."""
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+    if keep is None:
+        keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    inputs = drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
+    return model(**inputs, logits_to_keep=num_last).logits
+
+
+def answer_logits(model, batch, keep: torch.Tensor | None = None, positions: str = "original") -> torch.Tensor:
+    """Last-position logits ``(B, V)``: ``last_logits(...)[:, -1]``."""
+    return last_logits(model, batch, keep, positions, 1)[:, -1]
+
+
+@torch.no_grad()
+def greedy(model, batch, keep: torch.Tensor, positions: str, steps: int) -> torch.Tensor:
+    """``(B, steps)`` greedy new token ids of ``batch`` with only the image tokens in ``keep``:
+    each step re-runs the whole (short) sequence without a cache, the new token at the next
+    position id of its row."""
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
+    features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+    inputs = drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
+    embeds, mask, pos = inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"]
+    new = []
+    for _ in range(steps):
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
+        token = logits[:, -1].argmax(-1)
+        new.append(token)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+    return torch.stack(new, dim=1)

@@ -222,7 +222,8 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
+    """A ``key=value`` value of a compress spec string: a bool, an int, a float, else the text."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind in (int, float):
@@ -330,7 +331,7 @@ def parse_compress(spec) -> tuple[str, dict]:
             key, equals, value = item.partition("=")
             if not equals:
                 raise ValueError(f"compress={spec!r}: expected key=value after the method name, got {item!r}")
-            params[key.strip()] = _parse_value(value.strip())
+            params[key.strip()] = parse_value(value.strip())
     elif (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
           and isinstance(spec[1], dict)):
         method, params = spec[0], dict(spec[1])

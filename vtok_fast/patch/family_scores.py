@@ -2,9 +2,9 @@
 ``prumerge``, ``prumerge_plus``) in the VLM families, on the tokens the language model receives.
 
 The family adapter names the attention module of the layer its features come from
-(``Family.attention``); :func:`capture` records that module's inputs while the tower runs, and
-:func:`tower_scores` recomputes its queries and keys (the module's own projections, norms and
-rotary embedding) and scores every token with
+(``Family.attention``); :func:`capture` hooks that module while the tower runs, and right after
+each call :func:`tower_scores` recomputes its queries and keys from the call's inputs (the
+module's own projections, norms and rotary embedding) and scores every token with
 :func:`vtok_fast.reduce.attention_scores.attention_scores` (no ``N x N`` matrix is stored):
 
 - towers with a CLS token (CLIP in LLaVA-NeXT, InternViT): the CLS row's attention, averaged over
@@ -29,12 +29,14 @@ from vtok_fast.reduce.attention_scores import attention_scores
 
 
 @contextlib.contextmanager
-def capture(module: nn.Module, store: dict):
-    """While the block runs, ``store["args"]`` / ``store["kwargs"]`` hold ``module``'s last inputs."""
-    def hook(_, args, kwargs):
-        store["args"], store["kwargs"] = args, kwargs
+def capture(module: nn.Module, store: dict, cls: bool):
+    """While the block runs, each call of ``module`` (the tower's attention) leaves its token
+    scores in ``store["scores"]`` (:func:`tower_scores`), computed as soon as the call returns, so
+    that its inputs are not kept alive while the rest of the tower and the projector run."""
+    def hook(attn, args, kwargs, output):
+        store["scores"] = tower_scores(attn, args, kwargs, cls)
 
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         yield store
     finally:
@@ -46,41 +48,79 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(*x.shape[:2], heads, -1).transpose(1, 2)
 
 
+QUERY_CHUNK = 1024  # query rows projected at once: the scores never hold all N queries and N keys
+
+
+def _mean_over_rows(queries_of, rows: int, keys: torch.Tensor, scale) -> torch.Tensor:
+    """``attention_scores`` averaged over all ``rows`` query rows, taken ``QUERY_CHUNK`` at a time
+    (``queries_of(start, end)`` projects rows ``start:end``), so that only the keys and one chunk
+    of queries are alive at once."""
+    total = None
+    for start in range(0, rows, QUERY_CHUNK):
+        end = min(start + QUERY_CHUNK, rows)
+        part = attention_scores(queries_of(start, end), keys, scale) * (end - start)
+        total = part if total is None else total + part
+    return total / rows
+
+
 def _projected_scores(attn: nn.Module, hidden: torch.Tensor, cls: bool) -> torch.Tensor:
-    """``(B, N')`` scores of a ``q_proj`` / ``k_proj`` attention (CLIP, SigLIP, InternViT)."""
-    query, key = attn.q_proj(hidden), attn.k_proj(hidden)
-    if hasattr(attn, "q_norm"):  # InternViT's optional qk-norm over the full width
-        query, key = attn.q_norm(query), attn.k_norm(key)
+    """``(B, N')`` scores of a ``q_proj`` / ``k_proj`` attention (CLIP, SigLIP, InternViT), one
+    view (tile, image) at a time."""
+    views = [_view_scores(attn, hidden[b:b + 1], cls) for b in range(hidden.shape[0])]
+    return torch.cat(views) if views else hidden.new_zeros(0, hidden.shape[1] - int(cls), dtype=torch.float32)
+
+
+def _view_scores(attn: nn.Module, hidden: torch.Tensor, cls: bool) -> torch.Tensor:
+    """:func:`_projected_scores` of one view ``(1, N, C)``."""
+    norm_q = getattr(attn, "q_norm", None)  # InternViT's optional qk-norm over the full width
+    key = attn.k_proj(hidden)
+    if norm_q is not None:
+        key = attn.k_norm(key)
     heads = attn.num_heads
-    query, key = _heads(query, heads), _heads(key, heads)
+    key = _heads(key, heads)
     scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+
+    def queries(start: int, end: int) -> torch.Tensor:
+        query = attn.q_proj(hidden[:, start:end])
+        return _heads(norm_q(query) if norm_q is not None else query, heads)
+
     if cls:
-        return attention_scores(query[:, :, :1], key, scale)[:, 1:]
-    return attention_scores(query, key, scale)
+        return attention_scores(queries(0, 1), key, scale)[:, 1:]
+    return _mean_over_rows(queries, hidden.shape[1], key, scale)
 
 
 def _qkv_scores(attn: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """``(N,)`` scores of Qwen's fused-``qkv`` attention with its 2-D rotary embedding, each
-    attention segment (``cu_seqlens``) alone."""
-    length = hidden.shape[0]
-    query, key, _ = attn.qkv(hidden).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    attention segment (``cu_seqlens``) alone: the keys of a segment at once, its queries a chunk
+    at a time (the value third of ``qkv`` is never computed)."""
+    width, heads = hidden.shape[-1], attn.num_heads
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+
+    def project(rows: slice, part: int) -> torch.Tensor:  # part 0: queries, 1: keys; (n, H, d)
+        part_bias = None if bias is None else bias[part * width:(part + 1) * width]
+        out = torch.nn.functional.linear(hidden[rows], weight[part * width:(part + 1) * width], part_bias)
+        return out.view(out.shape[0], heads, -1)
+
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     cos, sin = kwargs["position_embeddings"]
-    query, key = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(query, key, cos, sin)
     bounds = kwargs["cu_seqlens"].tolist()
     scores = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        q = query[start:end].transpose(0, 1)[None]  # (1, H, n, d)
-        k = key[start:end].transpose(0, 1)[None]
-        scores.append(attention_scores(q, k, attn.scaling)[0])
+        key = project(slice(start, end), 1)
+        key = rotary(key, key, cos[start:end], sin[start:end])[1].transpose(0, 1)[None]  # (1, H, n, d)
+
+        def queries(a: int, b: int, start=start) -> torch.Tensor:
+            query = project(slice(start + a, start + b), 0)
+            rows = slice(start + a, start + b)
+            return rotary(query, query, cos[rows], sin[rows])[0].transpose(0, 1)[None]
+
+        scores.append(_mean_over_rows(queries, end - start, key, attn.scaling)[0])
     return torch.cat(scores)
 
 
-def tower_scores(attn: nn.Module, store: dict, cls: bool) -> torch.Tensor:
-    """The scores of the tokens the captured attention call saw: ``(B, N)`` (``N`` without the
-    CLS token), or ``(N,)`` for Qwen's packed sequences."""
-    if "args" not in store:
-        raise ValueError(f"the vision tower did not run {type(attn).__name__}: no attention to rank tokens by")
-    args, kwargs = store["args"], store["kwargs"]
+def tower_scores(attn: nn.Module, args: tuple, kwargs: dict, cls: bool) -> torch.Tensor:
+    """The scores of the tokens one attention call saw (its ``args`` / ``kwargs``): ``(B, N)``
+    (``N`` without the CLS token), or ``(N,)`` for Qwen's packed sequences."""
     hidden = args[0] if args else kwargs["hidden_states"]
     with torch.no_grad():
         if hasattr(attn, "qkv"):

@@ -145,13 +145,17 @@ def _features_of(inner: nn.Module, plan: dict, run: dict, name: str):
         attention, captured = None, {}
         if plan["method"] in ATTENTION_METHODS:
             attention = family.attention(inner)
-        with family_scores.capture(attention, captured) if attention is not None else contextlib.nullcontext():
+        scoring = family_scores.capture(attention, captured, family.cls) if attention is not None else None
+        with scoring or contextlib.nullcontext():
             output = getattr(type(inner), name)(inner, *args, return_dict=True, **kwargs)
         call = signature.bind(inner, *args, **kwargs).arguments
         units = family.units(inner, output, call)
         scores = None
         if attention is not None:
-            scores = family.score_map(inner, family_scores.tower_scores(attention, captured, family.cls), call, units)
+            if "scores" not in captured:
+                raise ValueError(f"the vision tower did not run {type(attention).__name__}: no attention to rank "
+                                 "tokens by")
+            scores = family.score_map(inner, captured["scores"], call, units)
         pieces, keep, done = family_units.compress_units(units, plan["method"], plan["budget"], scores)
         output = family.rebuild(inner, output, pieces, functools.partial(family_units.replay, done))
         run["pending"][name] = keep

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 import vtok_fast.patch as vpatch
+from vtok_fast.measure.budget import parse_value
 from vtok_fast.measure.quality import drop
 from vtok_fast.patch import hf_compress, hf_family_compress, hf_fastv
 from vtok_fast.patch._common import is_patched
@@ -83,22 +84,11 @@ def parse_spec(spec) -> tuple[str, dict] | None:
             key, equals, value = item.partition("=")
             if not equals or not key.strip():
                 raise ValueError(f"compress={spec!r}: expected key=value after the method name, got {item!r}")
-            budget[key.strip()] = _value(value.strip())
+            budget[key.strip()] = parse_value(value.strip())
         return method.strip(), budget
     if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
         return spec[0], dict(spec[1])
     raise TypeError(f"compress must be None, (method, {{budget}}) or 'method:key=value,...', got {spec!r}")
-
-
-def _value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def format_spec(spec) -> str:

@@ -409,3 +409,16 @@ def test_scores_taken_a_chunk_of_queries_at_a_time_are_the_same(family, tiny, mo
     patched(model, "attn_topk", {"ratio": 0.5})
     logits(model, inputs)
     torch.testing.assert_close(seen[0].flatten(), expected.flatten(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_generate_without_a_cache_drops_at_every_step(family, tiny):
+    """``generate(use_cache=False)`` reruns the whole prompt at every step on the features it
+    computed once: each of those forwards drops the same placeholders, so the tokens equal the
+    cached generation's."""
+    model = patched(tiny(family), "pool", {"stride": 2})
+    inputs = two(family)
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, cached)

@@ -11,7 +11,9 @@ SmolVLM): fewer image tokens reach the language model, the caller's ``processor(
   ``method`` and ``budget``, one batched call per distinct grid; the result keeps the full count (the kept tokens at their slots), so the model's
   own placeholder check and merge run as they are (:mod:`vtok_fast.patch.family_units`);
 - the inner model's forward pre-hooks (a copy with one more): records where the image
-  placeholders are, and maps a decoding step's mask and positions after a dropping prefill;
+  placeholders are (and the keep flags of features ``generate`` computed once and passes to
+  every forward in ``mm_encoder_outputs``: ``use_cache=False`` drops at every step), and maps a
+  decoding step's mask and positions after a dropping prefill;
 - the language model's forward pre-hooks: drops the placeholders of removed tokens
   (:mod:`vtok_fast.patch.family_drop`);
 - the ``...ForConditionalGeneration``'s ``loss_function``: ``labels`` gathered at the kept columns.
@@ -54,6 +56,7 @@ ATTENTION_METHODS = ("attn_topk", "visionzip", "prumerge", "prumerge_plus")
 RUNS = ("pool", "tome", "dart", *ATTENTION_METHODS)
 _REFUSED = {"pixel_shuffle": "it makes every token stride**2 times wider than the language model takes"}
 _PATCHER = "vtok_fast.patch.hf compress (family adapters)"
+KEEP = "_vtok_fast_keep"  # on a compressed features output: its (Σn,) keep flags
 
 
 def finds(model: nn.Module) -> bool:
@@ -158,6 +161,7 @@ def _features_of(inner: nn.Module, plan: dict, run: dict, name: str):
             scores = family.score_map(inner, captured["scores"], call, units)
         pieces, keep, done = family_units.compress_units(units, plan["method"], plan["budget"], scores)
         output = family.rebuild(inner, output, pieces, functools.partial(family_units.replay, done))
+        output.__dict__[KEEP] = keep  # travels with the features: generate() may pass them to several forwards
         run["pending"][name] = keep
         return output if return_dict else output.to_tuple()
 
@@ -191,6 +195,10 @@ def _inner_hook(plan: dict, run: dict, module: nn.Module, args: tuple, kwargs: d
         del cache.__dict__[placeholder_drop.STATE]
         state = None
     run["masks"] = _placeholder_masks(module, plan, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+    for stream, output in (kwargs.get("mm_encoder_outputs") or {}).items():  # features computed earlier
+        keep = getattr(output, "__dict__", {}).get(KEEP)
+        if keep is not None:
+            run["pending"][f"get_{stream}_features"] = keep
     if state is None:
         return args, kwargs
     rope = getattr(module, "rope_deltas", None) if plan["family"].mrope else None

@@ -317,14 +317,10 @@ def _eager_reference_scores(model, inputs, family) -> torch.Tensor:
     return torch.cat([w.mean(dim=(1, 2)).flatten() for w in recorded])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "idefics3",
-                                    "llava_next", "llava_onevision"])
-def test_scores_are_the_towers_attention(family, tiny, monkeypatch):
-    """The scores the attention methods rank by are the tower's own attention probabilities (its
-    eager attention, recorded), before the family's merge."""
+def _scores_and_reference(model, family, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores ``attn_topk`` ranks by in one forward on the astronaut, and the eager reference."""
     from vtok_fast.patch import family_scores
 
-    model = tiny(family)
     inputs = batch(family, [ASTRONAUT], [vlm_zoo.prompt(family)])
     expected = _eager_reference_scores(model, inputs, family)
     seen = []
@@ -332,7 +328,16 @@ def test_scores_are_the_towers_attention(family, tiny, monkeypatch):
     monkeypatch.setattr(family_scores, "tower_scores", lambda *a: seen.append(original(*a)) or seen[-1])
     patched(model, "attn_topk", {"ratio": 0.5})
     logits(model, inputs)
-    torch.testing.assert_close(seen[0].flatten(), expected.flatten(), atol=1e-6, rtol=1e-4)
+    return seen[0], expected
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3", "idefics3",
+                                    "llava_next", "llava_onevision"])
+def test_scores_are_the_towers_attention(family, tiny, monkeypatch):
+    """The scores the attention methods rank by are the tower's own attention probabilities (its
+    eager attention, recorded), before the family's merge."""
+    seen, expected = _scores_and_reference(tiny(family), family, monkeypatch)
+    torch.testing.assert_close(seen.flatten(), expected.flatten(), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -399,16 +404,9 @@ def test_scores_taken_a_chunk_of_queries_at_a_time_are_the_same(family, tiny, mo
     taken over every query row at once."""
     from vtok_fast.patch import family_scores
 
-    model = tiny(family)
-    inputs = batch(family, [ASTRONAUT], [vlm_zoo.prompt(family)])
-    expected = _eager_reference_scores(model, inputs, family)
-    seen = []
-    original = family_scores.tower_scores
     monkeypatch.setattr(family_scores, "QUERY_CHUNK", 5)
-    monkeypatch.setattr(family_scores, "tower_scores", lambda *a: seen.append(original(*a)) or seen[-1])
-    patched(model, "attn_topk", {"ratio": 0.5})
-    logits(model, inputs)
-    torch.testing.assert_close(seen[0].flatten(), expected.flatten(), atol=1e-6, rtol=1e-4)
+    seen, expected = _scores_and_reference(tiny(family), family, monkeypatch)
+    torch.testing.assert_close(seen.flatten(), expected.flatten(), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])

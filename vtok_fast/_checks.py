@@ -99,3 +99,12 @@ def check_positive_real(name: str, value) -> float:
     if not 0 < float(value) < math.inf:
         raise ValueError(f"{name} must be a number in (0, inf), got {value!r}")
     return float(value)
+
+
+def square_side(tokens: int, what: str) -> int:
+    """The side ``g`` of ``tokens = g * g`` (a square grid of tokens), else a ValueError naming
+    ``what``."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{what} must hold a square grid of tokens, got {tokens}")
+    return side

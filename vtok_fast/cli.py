@@ -60,12 +60,22 @@ def _parse_modes(text: str | None, op_modes: dict[str, tuple[str, ...]]) -> dict
     return {op: tuple(m for m in requested if m in modes) for op, modes in op_modes.items()}
 
 
+def _announce(quick: bool, what: str) -> None:
+    """Before a benchmark: a quick run says it gives no verdict (``what`` it is); a full run on a
+    loaded machine warns that its timings are inflated."""
+    from vtok_fast.bench.harness import QUICK_NO_VERDICT, load_warning
+
+    if quick:
+        print(f"{QUICK_NO_VERDICT} ({what})")
+    elif busy := load_warning():
+        warn(busy)
+
+
 def _bench(args) -> int:
     import torch
 
     from vtok_fast.bench import OPS
-    from vtok_fast.bench.harness import (QUICK_NO_VERDICT, default_out_dir, format_table, load_warning,
-                                         run_benchmark, text_progress, write_json)
+    from vtok_fast.bench.harness import default_out_dir, format_table, run_benchmark, text_progress, write_json
     from vtok_fast.bench import SUITES
 
     if args.op in SUITES:
@@ -89,10 +99,7 @@ def _bench(args) -> int:
     modes = _parse_modes(args.modes, {name: tuple(mod.MODES) for name, mod in mods.items()}) if mods else {}
     if isinstance(modes, str):
         return _error(modes)
-    if args.quick:
-        print(f"{QUICK_NO_VERDICT} (small shapes: a smoke run, whose numbers judge no target)")
-    elif busy := load_warning():
-        warn(busy)
+    _announce(args.quick, "small shapes: a smoke run, whose numbers judge no target")
     if args.profile:
         from vtok_fast.bench.tome_profile import run
 
@@ -127,7 +134,7 @@ def _bench(args) -> int:
 
 def _suite(args, module: str) -> int:
     """A benchmark that is not a timing harness op (``bench quality``): its module's ``run(args)``."""
-    from vtok_fast.bench.harness import QUICK_NO_VERDICT, default_out_dir, load_warning
+    from vtok_fast.bench.harness import default_out_dir
 
     if args.device == "cuda":
         import torch
@@ -142,10 +149,7 @@ def _suite(args, module: str) -> int:
     problem = output_dir_problem("--out", default_out_dir() if args.out is None else args.out)
     if problem:
         return _error(problem)
-    if args.quick:
-        print(f"{QUICK_NO_VERDICT} (few questions: a smoke run, whose numbers judge nothing)")
-    elif busy := load_warning():
-        warn(busy)
+    _announce(args.quick, "few questions: a smoke run, whose numbers judge nothing")
     return importlib.import_module(module).run(args)
 
 

@@ -2,7 +2,7 @@
 tokens, while the caller's prompt (one placeholder per uncompressed token) and code stay as they
 are.
 
-- :func:`prefill_kwargs` (a forward pre-hook of the language model): gathers the kept rows of
+- :func:`placeholder_drop.drop_columns` (at the language model's forward pre-hook): gathers the kept rows of
   ``inputs_embeds``, the attention mask (2-D, or the dict of 4-D masks Gemma 3 builds before its
   language model: rows and columns), the position ids (``(B, L)``, or M-RoPE's ``(3 | 4, B, L)``
   along the last dim), the family's per-token kwargs (Qwen3-VL's ``visual_pos_masks``) and
@@ -21,77 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from vtok_fast.patch.placeholder_drop import STATE, _left_padded, step_mask
+from vtok_fast.patch.placeholder_drop import POSITIONS, drop_columns, step_mask
 
-POSITIONS = ("original", "compact")
-
-
-def _gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(..., B, L)`` at ``index`` ``(B, L')`` along the last dim (index clamped)."""
-    lead = x.shape[:-2]
-    x = x.expand(*lead, index.shape[0], x.shape[-1])
-    return x.gather(-1, index.clamp(min=0).expand(*lead, *index.shape))
-
-
-def _gather_4d(mask: torch.Tensor | None, index: torch.Tensor, pad: torch.Tensor):
-    """A ``(B | 1, H, L, L)`` mask at the kept rows and columns; pad columns masked, pad rows
-    attending to themselves only."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        raise ValueError(f"dropping image placeholders needs 4-D masks in the language model's mask dict, got "
-                         f"{getattr(mask, 'shape', type(mask).__name__)}")
-    batch, width = index.shape
-    safe = index.clamp(min=0)
-    mask = mask.expand(batch, *mask.shape[1:])
-    rows = mask.gather(2, safe[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
-    out = rows.gather(3, safe[:, None, None, :].expand(-1, mask.shape[1], width, -1))
-    blocked = False if out.dtype == torch.bool else torch.finfo(out.dtype).min
-    allowed = True if out.dtype == torch.bool else 0.0
-    out = out.masked_fill(pad[:, None, None, :], blocked)
-    eye = torch.eye(width, dtype=torch.bool, device=out.device)
-    return out.masked_fill((pad[:, :, None] & eye)[:, None], allowed)
-
-
-def prefill_kwargs(keep: torch.Tensor, kwargs: dict, positions: str, per_token: tuple[str, ...], cache) -> tuple:
-    """The language model's ``kwargs`` keeping the ``(B, L)`` ``keep`` columns; returns
-    ``(kwargs, index)`` with ``index`` ``(B, L')`` the kept columns (-1 at pads)."""
-    embeds = kwargs["inputs_embeds"]
-    batch, length, width = embeds.shape
-    if cache is not None and cache.get_seq_length() > 0:
-        raise ValueError("dropping image placeholders needs an empty cache at the forward that holds the images")
-    keep = keep.to(embeds.device)
-    index = _left_padded(keep)
-    pad, safe = index < 0, index.clamp(min=0)
-    dropped = (~keep).long().cumsum(dim=1)
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, dict):
-        mask = {name: _gather_4d(m, index, pad) for name, m in mask.items()}
-    elif mask is None or (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, length)):
-        base = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
-        mask = base.gather(1, safe).masked_fill(pad, 0)
-    else:
-        raise ValueError(f"dropping image placeholders needs a 2-D (B, L) = ({batch}, {length}) attention_mask, a "
-                         f"dict of 4-D masks or none, got {getattr(mask, 'shape', type(mask).__name__)}")
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(length, device=embeds.device)[None]
-    if position_ids.shape[-1] != length:
-        raise ValueError(f"dropping image placeholders needs position ids over the {length} columns, got "
-                         f"{tuple(position_ids.shape)}")
-    new_positions = _gather_last(position_ids, index)
-    shift = torch.zeros(batch, dtype=torch.long, device=embeds.device)
-    if positions == "compact":
-        new_positions = new_positions - dropped.gather(1, safe)
-        shift = dropped[:, -1] if length else shift
-    kwargs.update(inputs_embeds=embeds.gather(1, safe[..., None].expand(-1, -1, width)).masked_fill(pad[..., None], 0),
-                  attention_mask=mask, position_ids=new_positions.masked_fill(pad, 0))
-    for name in per_token:
-        if isinstance(kwargs.get(name), torch.Tensor):
-            kwargs[name] = kwargs[name].gather(1, safe.to(kwargs[name].device)).masked_fill(pad, False)
-    if cache is not None:
-        cache.__dict__[STATE] = {"columns": index, "length": length, "shift": shift}
-    return kwargs, index
+__all__ = ["POSITIONS", "decode_kwargs", "deepstack_rows", "drop_columns"]
 
 
 def deepstack_rows(embeds: list[torch.Tensor], visual: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:

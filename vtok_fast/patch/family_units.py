@@ -113,7 +113,7 @@ def _full_count(units, cuts: list[Cut], results: list) -> tuple:
         keep[cut.piece][fixed] = True
         if result is not None:
             rows = grid_rows[result.slot.to(grid_rows.device)]
-            pieces[cut.piece] = pieces[cut.piece].index_copy(0, rows, result.tokens.to(pieces[cut.piece].dtype))
+            pieces[cut.piece].index_copy_(0, rows, result.tokens.to(pieces[cut.piece].dtype))  # in place: no new piece per unit
             keep[cut.piece][rows] = True
     flags = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
     return pieces, flags, (cuts, results)
@@ -138,5 +138,5 @@ def replay(plan, others: list[torch.Tensor]) -> list[torch.Tensor]:
         counts = torch.zeros(width, dtype=x.dtype, device=x.device).index_add(
             0, source[valid], torch.ones_like(source[valid], dtype=x.dtype))
         merged = sums / counts.clamp(min=1)[:, None]
-        out[piece] = out[piece].index_copy(0, grid_rows[result.slot.to(x.device)], merged)
+        out[piece].index_copy_(0, grid_rows[result.slot.to(x.device)], merged)
     return out

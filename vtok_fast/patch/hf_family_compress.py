@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from vtok_fast.patch import families, family_drop, family_scores, family_units, lm_prune, placeholder_drop
 from vtok_fast.patch._common import Api, all_or_nothing, check_api, is_patched, patch, restore
+from vtok_fast.patch.llava_common import token_mask
 from vtok_fast.reduce.compress import compress as run_compress
 
 FEATURE = "hf_family_compress"
@@ -173,15 +174,8 @@ def _placeholder_masks(inner: nn.Module, plan: dict, input_ids, inputs_embeds) -
     """``{features method: (B, L) bool}``: where each modality's placeholders are."""
     if input_ids is None and inputs_embeds is None:
         return None
-    masks = {}
-    for name, attribute in _streams(plan["family"]):
-        token = getattr(inner.config, attribute)
-        if input_ids is not None:
-            masks[name] = input_ids == token
-        else:
-            embedding = inner.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
-            masks[name] = (inputs_embeds == embedding).all(dim=-1)
-    return masks
+    return {name: token_mask(inner, getattr(inner.config, attribute), input_ids, inputs_embeds)
+            for name, attribute in _streams(plan["family"])}
 
 
 def _inner_hook(plan: dict, run: dict, module: nn.Module, args: tuple, kwargs: dict):
@@ -223,7 +217,7 @@ def _lm_hook(plan: dict, run: dict, module: nn.Module, args: tuple, kwargs: dict
     visual = kwargs.get("visual_pos_masks")
     if kwargs.get("deepstack_visual_embeds") is not None and visual is not None:
         kwargs["deepstack_visual_embeds"] = family_drop.deepstack_rows(kwargs["deepstack_visual_embeds"], visual, keep)
-    kwargs, index = family_drop.prefill_kwargs(keep, kwargs, plan["positions"], plan["family"].lm_kwargs, cache)
+    kwargs, index = family_drop.drop_columns(keep, kwargs, plan["positions"], plan["family"].lm_kwargs, cache)
     run["kept"], run["length"] = index, keep.shape[1]
     run["info"]["kept"] = index
     return args, kwargs

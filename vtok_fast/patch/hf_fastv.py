@@ -69,7 +69,7 @@ from vtok_fast.measure.budget import FASTV_DEFAULT_LAYER as DEFAULT_LAYER
 from vtok_fast.measure.budget import FASTV_DEFAULT_RATIO as DEFAULT_RATIO
 from vtok_fast.patch import families, lm_prune
 from vtok_fast.patch._common import Api, all_or_nothing, check_api, is_patched, overridden, patch, restore
-from vtok_fast.patch.llava_common import image_token_mask, parse_spec
+from vtok_fast.patch.llava_common import image_token_mask, parse_spec, token_mask
 
 FEATURE = lm_prune.FEATURE
 METHODS = ("fastv", "pyramiddrop")
@@ -130,7 +130,7 @@ def _host(model: nn.Module) -> dict:
         family, inner = found
         lm = getattr(inner, family.language_model)
         token = getattr(inner.config, family.image_token)
-        mask = functools.partial(_image_mask, inner, token)
+        mask = functools.partial(token_mask, inner, token)
         return {"inner": inner, "lm": lm, "family": family, "name": family.name, "image_mask": mask,
                 "window": _window(family, lm)}
     llavas = [m for m in model.modules() if isinstance(m, LlavaModel)]
@@ -142,16 +142,6 @@ def _host(model: nn.Module) -> dict:
     llava = llavas[0]
     return {"inner": llava, "lm": llava.language_model, "family": None, "name": "LLaVA-1.5",
             "image_mask": functools.partial(image_token_mask, llava), "window": None}
-
-
-def _image_mask(inner: nn.Module, token: int, input_ids, inputs_embeds) -> torch.Tensor | None:
-    """``(B, L)`` bool: where the image placeholders are; None without either input."""
-    if input_ids is not None:
-        return input_ids == token
-    if inputs_embeds is None:
-        return None
-    embedding = inner.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
-    return (inputs_embeds == embedding).all(dim=-1)
 
 
 def _window(family, lm: nn.Module) -> int | None:

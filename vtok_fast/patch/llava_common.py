@@ -52,16 +52,22 @@ def pair(size, name: str) -> tuple[int, int]:
     return int(pair_[0]), int(pair_[1])
 
 
+def token_mask(model: nn.Module, token: int, input_ids, inputs_embeds) -> torch.Tensor | None:
+    """``(B, L)`` bool: where ``token`` is in a prompt, from ``input_ids`` or, without them, by
+    comparing ``inputs_embeds`` with the token's embedding (as transformers' placeholder masks
+    do); None without either input."""
+    if input_ids is not None:
+        return input_ids == token
+    if inputs_embeds is None:  # the model's forward raises its own error
+        return None
+    embedding = model.get_input_embeddings()(torch.tensor(token, device=inputs_embeds.device))
+    return (inputs_embeds == embedding).all(dim=-1)
+
+
 def image_token_mask(llava: nn.Module, input_ids, inputs_embeds) -> torch.Tensor | None:
     """``(B, L)`` bool: where the image tokens are (as ``LlavaModel.get_placeholder_mask``); None
     without either input."""
-    image_token_id = llava.config.image_token_id
-    if input_ids is not None:
-        return input_ids == image_token_id
-    if inputs_embeds is None:  # LlavaModel.forward raises its own error
-        return None
-    embedding = llava.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
-    return (inputs_embeds == embedding).all(dim=-1)
+    return token_mask(llava, llava.config.image_token_id, input_ids, inputs_embeds)
 
 
 def placeholder_apis() -> list[Api]:

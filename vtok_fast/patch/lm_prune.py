@@ -37,7 +37,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from vtok_fast.patch.placeholder_drop import _left_padded
+from vtok_fast.patch.placeholder_drop import _left_padded, gather_4d, gather_last
 from vtok_fast.reduce.attention_scores import attention_scores
 
 FEATURE = "hf_fastv"  # the patch feature of FastV / PyramidDrop (hf_fastv); hf_family_compress refuses it
@@ -348,8 +348,6 @@ def _causal(index: torch.Tensor) -> torch.Tensor:
 
 def _gathered(job: dict, kwargs: dict) -> dict:
     """The layer's kwargs at the current rows (each full-layout tensor gathered once per stage)."""
-    from vtok_fast.patch.family_drop import _gather_4d, _gather_last
-
     index = job["index"]
     if index is None:  # nothing pruned yet
         return kwargs
@@ -363,14 +361,14 @@ def _gathered(job: dict, kwargs: dict) -> dict:
                 if value is None:
                     new = _causal(index) if job["pads"] else None
                 elif isinstance(value, torch.Tensor) and value.dim() == 4:
-                    new = _gather_4d(value, index.to(value.device), pad.to(value.device))
+                    new = gather_4d(value, index.to(value.device), pad.to(value.device))
                 else:
                     raise ValueError(f"FastV / PyramidDrop prune 4-D attention masks, the language model built "
                                      f"{getattr(value, 'shape', type(value).__name__)}")
             elif value is None:
                 new = None
             elif name == "position_ids":
-                new = _gather_last(value, index.to(value.device))
+                new = gather_last(value, index.to(value.device))
             else:
                 new = tuple(t.expand(index.shape[0], *t.shape[1:]).gather(
                     1, index.clamp(min=0).to(t.device)[..., None].expand(-1, -1, t.shape[-1])) for t in value)

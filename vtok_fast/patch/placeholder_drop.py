@@ -16,6 +16,10 @@ read as packed sequences. With a cache, the prefill records on the cache which p
 slot holds; later steps map the full-layout mask onto the cache's slots and shift positions in
 compact mode. :func:`aligned_loss` gathers ``labels`` with the same index (-100 at pads).
 
+The column drop itself (:func:`drop_columns`, with :func:`gather_last` / :func:`gather_4d`) is
+shared: the family adapters' engine (:mod:`vtok_fast.patch.family_drop`, M-RoPE ids and Gemma 3's
+mask dict) and FastV / PyramidDrop's stages (:mod:`vtok_fast.patch.lm_prune`) call it too.
+
 Engine only: the patcher builds the replacements (:func:`pre_hook_replacements`) and owns
 ``run`` = ``{"drop": ..., "kept": ..., "info": ...}`` (``info["kept"]``: the last dropping
 forward's ``(B, L')`` prompt columns, ``-1`` at pads). transformers is never imported here.
@@ -118,38 +122,93 @@ def _prefill(run: dict, drop: dict, positions: str, kwargs: dict, cache) -> dict
     """The language model's kwargs with the dropped placeholders removed (see the module doc)."""
     embeds = kwargs.get("inputs_embeds")
     batch, length, width = embeds.shape
-    if cache is not None and cache.get_seq_length() > 0:
-        raise ValueError("dropping image placeholders needs an empty cache at the forward that holds the images")
     mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, length)):
         raise ValueError(f"dropping image placeholders needs a 2-D (B, L) = ({batch}, {length}) attention_mask "
                          f"(or none), got {getattr(mask, 'shape', type(mask).__name__)}")
-    if position_ids is None:
-        position_ids = torch.arange(length, device=embeds.device)[None]
-    if position_ids.dim() != 2 or position_ids.shape[-1] != length:
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[-1] != length):
         raise ValueError(f"dropping image placeholders needs (B, L) position_ids, got {tuple(position_ids.shape)}")
-    keep = drop["keep"].to(embeds.device)
     if drop["embed_src"] is not None:
         embeds = embeds.reshape(batch * length, width)[drop["embed_src"].to(embeds.device)].view(batch, length, width)
-    index = _left_padded(keep)
-    pad, safe = index < 0, index.clamp(min=0)
-    if mask is None:
-        mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
-    dropped = (~keep).long()
-    new_positions = position_ids.expand(batch, length).gather(1, safe)
-    shift = torch.zeros(batch, dtype=torch.long, device=embeds.device)
-    if positions == "compact":
-        new_positions = new_positions - dropped.cumsum(dim=1).gather(1, safe)
-        shift = dropped.sum(dim=1)
-    kwargs.update(inputs_embeds=embeds.gather(1, safe[..., None].expand(-1, -1, width)).masked_fill(pad[..., None], 0),
-                  attention_mask=mask.gather(1, safe).masked_fill(pad, 0),
-                  position_ids=new_positions.masked_fill(pad, 0))
-    if cache is not None:
-        cache.__dict__[STATE] = {"columns": index, "length": length, "shift": shift}
+        kwargs["inputs_embeds"] = embeds
+    kwargs, index = drop_columns(drop["keep"], kwargs, positions, cache=cache)
     run["kept"], run["length"] = index, length
     if run.get("info") is not None:
         run["info"]["kept"] = index
     return kwargs
+
+
+def gather_last(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., B, L)`` at ``index`` ``(B, L')`` along the last dim (index clamped)."""
+    lead = x.shape[:-2]
+    x = x.expand(*lead, index.shape[0], x.shape[-1])
+    return x.gather(-1, index.clamp(min=0).expand(*lead, *index.shape))
+
+
+def gather_4d(mask: torch.Tensor | None, index: torch.Tensor, pad: torch.Tensor):
+    """A ``(B | 1, H, L, L)`` mask at the kept rows and columns; pad columns masked, pad rows
+    attending to themselves only."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise ValueError(f"dropping image placeholders needs 4-D masks in the language model's mask dict, got "
+                         f"{getattr(mask, 'shape', type(mask).__name__)}")
+    batch, width = index.shape
+    safe = index.clamp(min=0)
+    mask = mask.expand(batch, *mask.shape[1:])
+    rows = mask.gather(2, safe[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+    out = rows.gather(3, safe[:, None, None, :].expand(-1, mask.shape[1], width, -1))
+    blocked = False if out.dtype == torch.bool else torch.finfo(out.dtype).min
+    allowed = True if out.dtype == torch.bool else 0.0
+    out = out.masked_fill(pad[:, None, None, :], blocked)
+    eye = torch.eye(width, dtype=torch.bool, device=out.device)
+    return out.masked_fill((pad[:, :, None] & eye)[:, None], allowed)
+
+
+def drop_columns(keep: torch.Tensor, kwargs: dict, positions: str, per_token: tuple[str, ...] = (),
+                 cache=None) -> tuple:
+    """The language model's ``kwargs`` keeping the ``(B, L)`` ``keep`` columns, left-padded:
+    ``inputs_embeds``, the attention mask (2-D, or a dict of 4-D masks: rows and columns), the
+    position ids (``(B, L)`` or M-RoPE's ``(3 | 4, B, L)``, on the last dim; ``positions``:
+    ``"original"`` or ``"compact"``) and the ``per_token`` ``(B, L)`` kwargs; records the kept
+    columns on ``cache``. Returns ``(kwargs, index)``, ``index`` ``(B, L')`` the kept columns (-1
+    at pads)."""
+    embeds = kwargs["inputs_embeds"]
+    batch, length, width = embeds.shape
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("dropping image placeholders needs an empty cache at the forward that holds the images")
+    keep = keep.to(embeds.device)
+    index = _left_padded(keep)
+    pad, safe = index < 0, index.clamp(min=0)
+    dropped = (~keep).long().cumsum(dim=1)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict):
+        mask = {name: gather_4d(m, index, pad) for name, m in mask.items()}
+    elif mask is None or (isinstance(mask, torch.Tensor) and tuple(mask.shape) == (batch, length)):
+        base = torch.ones(batch, length, dtype=torch.long, device=embeds.device) if mask is None else mask
+        mask = base.gather(1, safe).masked_fill(pad, 0)
+    else:
+        raise ValueError(f"dropping image placeholders needs a 2-D (B, L) = ({batch}, {length}) attention_mask, a "
+                         f"dict of 4-D masks or none, got {getattr(mask, 'shape', type(mask).__name__)}")
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(length, device=embeds.device)[None]
+    if position_ids.shape[-1] != length:
+        raise ValueError(f"dropping image placeholders needs position ids over the {length} columns, got "
+                         f"{tuple(position_ids.shape)}")
+    new_positions = gather_last(position_ids, index)
+    shift = torch.zeros(batch, dtype=torch.long, device=embeds.device)
+    if positions == "compact":
+        new_positions = new_positions - dropped.gather(1, safe)
+        shift = dropped[:, -1] if length else shift
+    kwargs.update(inputs_embeds=embeds.gather(1, safe[..., None].expand(-1, -1, width)).masked_fill(pad[..., None], 0),
+                  attention_mask=mask, position_ids=new_positions.masked_fill(pad, 0))
+    for name in per_token:
+        if isinstance(kwargs.get(name), torch.Tensor):
+            kwargs[name] = kwargs[name].gather(1, safe.to(kwargs[name].device)).masked_fill(pad, False)
+    if cache is not None:
+        cache.__dict__[STATE] = {"columns": index, "length": length, "shift": shift}
+    return kwargs, index
 
 
 def step_mask(state: dict, kwargs: dict, reference: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:

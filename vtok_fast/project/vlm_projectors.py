@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vtok_fast._checks import square_side
 from vtok_fast.project.merge_project import merge_project
 from vtok_fast.project.modules import PatchMerger, RMSNorm, activation_module, activation_of, hf_activation, norm_args
 
@@ -56,13 +57,6 @@ class GemmaRMSNorm(nn.Module):
         y = x.float()
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.weight.float())).type_as(x)
-
-
-def _square(tokens: int, what: str) -> int:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"{what} must hold a square grid of tokens, got {tokens}")
-    return side
 
 
 def _int_window(ratio_or_factor: float, name: str, inverse: bool = False) -> int:
@@ -160,7 +154,7 @@ class Gemma3Projector(nn.Module):
 def connector_forward(self, image_hidden_states: torch.Tensor) -> torch.Tensor:
     """Pixel shuffle (``scale_factor``, row-major windows) + ``modality_projection.proj``:
     ``(B, seq, C)`` with a square grid -> ``(B, seq / scale_factor**2, D)``."""
-    side = _square(image_hidden_states.shape[1], "image_hidden_states")
+    side = square_side(image_hidden_states.shape[1], "image_hidden_states")
     return merge_project(image_hidden_states, (side, side), window=self.scale_factor, order="row_major",
                          norm=None, weight=self.modality_projection.proj.weight,
                          bias=self.modality_projection.proj.bias)
@@ -190,7 +184,7 @@ class PixelShuffleConnector(nn.Module):
 def llama4_adapter_forward(self, encoded_patches: torch.Tensor) -> torch.Tensor:
     """Pixel shuffle (ratio 1/s) + fc1 + GELU in one op, dropout, fc2 + GELU in a second."""
     mlp = self.mlp
-    side = _square(encoded_patches.shape[1], "encoded_patches")
+    side = square_side(encoded_patches.shape[1], "encoded_patches")
     window = _int_window(self.pixel_shuffle_ratio, "pixel_shuffle_ratio", inverse=True)
     act = activation_of(mlp.activation_fn)[1]
     y = merge_project(encoded_patches, (side, side), window=window, order="row_major", norm=None,
@@ -326,7 +320,7 @@ def glm4v_downsample(hidden_states: torch.Tensor, post_layernorm: nn.Module, dow
 def aya_projector_forward(self, image_features: torch.Tensor) -> torch.Tensor:
     """``(B, S, C)`` square grid -> ``(B, side/f, side/f, D)``: pixel shuffle, LayerNorm (Aya),
     linear_1 with the SwiGLU ``act(gate) * x`` in its epilogue, linear_2."""
-    side = _square(image_features.shape[1], "image_features")
+    side = square_side(image_features.shape[1], "image_features")
     f = self.downsample_factor
     w, b = self.linear_1.weight, self.linear_1.bias
     half = w.shape[0] // 2

@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from vtok_fast._checks import square_side
+
 
 class Units(NamedTuple):
     """``pieces``: tensors ``(n_i, D)`` in placeholder order; ``grids[i]``: the grids that cut piece
@@ -65,9 +67,7 @@ class Family:
 
 def square(count: int, what: str) -> tuple[int, int]:
     """``(g, g)`` for ``count = g * g`` tokens, else a ValueError naming ``what``."""
-    side = int(round(count ** 0.5))
-    if side * side != count:
-        raise ValueError(f"{what} holds {count} tokens, not a square grid")
+    side = square_side(count, what)
     return side, side
 
 

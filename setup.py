@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=[*find_packages(include=["vtok_fast", "vtok_fast.*"]), "vtok_fast.bench"],
     package_dir={"vtok_fast.bench": "bench"},
-    package_data={"vtok_fast": ["data/*.png", "data/*.md", "data/quality_llava/*"]},
+    package_data={"vtok_fast": ["data/*.png", "data/*.md", "data/quality_llava/*", "data/quality_qwen2_vl/*"]},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         "test": [

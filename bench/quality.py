@@ -1,19 +1,22 @@
 """``vtok-fast bench quality``: answer accuracy against image tokens for every compression method.
 
-Runs ``vtok_fast.measure.quality.curves`` on the trained LLaVA reference model (the committed
-checkpoint, else the cached or a freshly trained one; ``--retrain`` trains it again) over the
-held-out questions (500, 100 per type; ``--quick``: 40 questions at 1x and 4x), and prints:
+Runs ``vtok_fast.measure.quality.curves`` on each trained reference model -- LLaVA (64 image
+tokens at 1-D positions), then Qwen2-VL (16 merged image tokens at M-RoPE positions) -- (the
+committed checkpoint, else the cached or a freshly trained one; ``--retrain`` trains it again)
+over the held-out questions (500, 100 per type; ``--quick``: 40 questions at 1x and 4x), and
+prints for each:
 
-- overall accuracy per method and position mode at each ratio (1x, 2x, 4x, 8x, 16x of 64 tokens);
+- overall accuracy per method and position mode at each ratio (1x, 2x, 4x, 8x, 16x of its tokens);
 - per question type at 4x, with the image tokens the LLM sees and the prefill time;
 - the checks: every keep-all (1x) method reproduces the uncompressed answers exactly; each method's
   margin over the random floor (same ratio and position mode) at each ratio; on the
   query-dependent type ``letter_at``, FastV (ranked by the last, question, token) against the
   query-blind methods at 4x. A ``--quick`` run prints its numbers and "quick run: no verdict".
 
-Writes ``<out>/quality_<cpu|gpu>.json`` (``_quick`` for a quick run: every point, the checks,
-the model's training record, the machine) and the panels ``<out>/quality_<cpu|gpu>.png``
-(``measure.quality.plot``; the README's copy is ``docs/quality_curves.png``).
+Writes ``<out>/quality_<cpu|gpu>.json`` (LLaVA) and ``<out>/quality_qwen2_vl_<cpu|gpu>.json``
+(``_quick`` for a quick run: every point, the checks, the model's training record, the machine)
+and their panels (``.png``, ``measure.quality.plot``; the README's copies are
+``docs/quality_curves.png`` and ``docs/quality_curves_qwen2_vl.png``).
 """
 from __future__ import annotations
 
@@ -75,9 +78,21 @@ def checks(rows, ratios, quick: bool) -> tuple[str, dict]:
     return "\n".join(lines), {"keep_all_exact": keep_all, "margins_over_random": margins, "query_type_at_4x": query}
 
 
+TITLES = {"llava": "Reference LLaVA", "qwen2_vl": "Reference Qwen2-VL (M-RoPE)"}
+
+
 def run(args) -> int:
     """The ``bench quality`` command for parsed ``bench`` arguments (``quick``, ``out``,
-    ``device``, ``no_progress``, ``retrain``); returns the exit status."""
+    ``device``, ``no_progress``, ``retrain``): both reference models, one after the other;
+    returns the exit status."""
+    for arch in TITLES:
+        run_model(arch, args)
+    return 0
+
+
+def run_model(arch: str, args) -> None:
+    """The curves of one reference model (``arch``): ``quality_<device>.json`` for LLaVA,
+    ``quality_qwen2_vl_<device>.json`` for Qwen2-VL, and their plots."""
     from pathlib import Path
 
     from vtok_fast.bench.harness import default_out_dir, machine_info, results_path, text_progress
@@ -85,7 +100,8 @@ def run(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(default_out_dir() if args.out is None else args.out)
-    model, processor, record = train.reference_model(retrain=getattr(args, "retrain", False), verbose=True,
+    model, processor, record = train.reference_model(train.default_settings(arch),
+                                                     retrain=getattr(args, "retrain", False), verbose=True,
                                                      with_record=True)
     model.to(device)
     ratios = (1, 4) if args.quick else curves.RATIOS
@@ -93,19 +109,21 @@ def run(args) -> int:
     start = time.perf_counter()
     rows = curves.run(model, processor, samples, ratios, fastv_layer=train.FASTV_LAYER,
                       progress=None if args.no_progress else text_progress)
-    print(f"\n## quality on {device}: {len(samples)} held-out questions, {time.perf_counter() - start:.0f}s")
+    tokens = rows[0]["image_tokens"]
+    print(f"\n## quality of the {TITLES[arch]} on {device}: {len(samples)} held-out questions, {tokens} image tokens, "
+          f"{time.perf_counter() - start:.0f}s")
     print(_table(rows, ratios))
     print("\nper question type at 4x (tokens: image tokens the LLM sees; prefill: ms per question):")
     print(_type_table(rows, 4))
     text, summary = checks(rows, ratios, args.quick)
     print("\n" + text)
-    path = results_path(OP, device, out, args.quick)
+    path = results_path(OP if arch == "llava" else f"{OP}_{arch}", device, out, args.quick)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"op": OP, "machine": machine_info(device), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "quick": args.quick, "questions": len(samples), "ratios": list(ratios), "training": record,
-               "checks": summary, "records": [{k: v for k, v in r.items() if k != "answers"} for r in rows]}
+    payload = {"op": OP, "model": arch, "machine": machine_info(device),
+               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
+               "questions": len(samples), "ratios": list(ratios), "training": record, "checks": summary,
+               "records": [{k: v for k, v in r.items() if k != "answers"} for r in rows]}
     path.write_text(json.dumps(payload, indent=1))
     png = plot.plot_curves(rows, path.with_suffix(".png"),
-                           f"Reference LLaVA ({len(samples)} held-out questions): accuracy vs image tokens")
+                           f"{TITLES[arch]} ({len(samples)} held-out questions): accuracy vs image tokens")
     print(f"results written to {path} and {png}")
-    return 0

@@ -18,6 +18,14 @@ Families, keyed by ``config.model_type``: ``FAMILIES``. The constraints each bui
 transformers 5.25's modeling code) are in the builders' docstrings; an override that breaks one
 raises ``ValueError``.
 
+``EXTRA_FAMILIES``: Llama 4, Mistral 3, GLM-4.1V, Aya Vision and Cohere2 Vision, whose fused
+projectors ``vtok_fast.patch.hf_project`` patches. ``tiny``, ``tiny_config``, ``processor``,
+``inputs``, ``prompt`` and ``image_features`` take them like the others (their own processor
+classes, built offline; each projector the variant its default config builds); they are not in
+``FAMILIES`` (which the zoo's tests iterate; ``vtok-fast bench vlm`` names its own families) and
+have no ``real_width`` config. Llama 4's image processor gives bfloat16 ``pixel_values``;
+``inputs`` casts them to fp32 (the same values).
+
 Offline processors: every family's own processor class builds offline except SmolVLM's:
 ``SmolVLMProcessor.__init__`` raises ``ImportError`` without ``num2words`` (absent here; it is used
 only to spell frame counts in video prompts). ``processor("smolvlm")`` is therefore an
@@ -48,6 +56,11 @@ QWEN_SPECIALS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                  "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
 IDEFICS_SPECIALS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
                     *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)))
+LLAMA4_SPECIALS = ("<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>")
+GLM4V_SPECIALS = ("<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>")
+COHERE_IMAGE_SPECIALS = ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>")
+# Aya Vision's tile headers: TILE_1 ... TILE_12 (at most 12 tiles before the global view), TILE_GLOBAL
+AYA_TILE_SPECIALS = (*(f"TILE_{i}" for i in range(1, 13)), "TILE_GLOBAL")
 # family -> (named special tokens: attribute -> token, other special tokens)
 SPECIALS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "llava": ({"image_token": "<image>"}, ()),
@@ -62,6 +75,13 @@ SPECIALS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
                 "image_token": "<image_soft_token>"}, ()),
     "smolvlm": ({"image_token": "<image>"}, IDEFICS_SPECIALS),
     "idefics3": ({"image_token": "<image>"}, IDEFICS_SPECIALS),
+    # EXTRA_FAMILIES (built by ``tiny`` / ``inputs``, not listed in ``FAMILIES``)
+    "llama4": ({"image_token": "<|image|>"}, LLAMA4_SPECIALS),
+    "mistral3": ({"image_token": "[IMG]"}, ("[IMG_BREAK]", "[IMG_END]")),
+    "glm4v": ({"image_token": "<|image|>", "video_token": "<|video|>"}, GLM4V_SPECIALS),
+    "aya_vision": ({"image_token": "<image>"}, (*COHERE_IMAGE_SPECIALS, *AYA_TILE_SPECIALS)),
+    "cohere2_vision": ({"image_token": "<|IMG_PATCH|>", "boi_token": "<|START_OF_IMG|>", "eoi_token": "<|END_OF_IMG|>",
+                        "img_line_break_token": "<|IMG_LINE_BREAK|>"}, ()),
 }
 # family -> the text a user writes where an image goes (the processor expands it)
 PLACEHOLDER = {"llava": "<image>", "llava_next": "<image>", "llava_onevision": "<image>",
@@ -69,9 +89,13 @@ PLACEHOLDER = {"llava": "<image>", "llava_next": "<image>", "llava_onevision": "
                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
                "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
                "internvl": "<IMG_CONTEXT>", "gemma3": "<start_of_image>", "smolvlm": "<image>",
-               "idefics3": "<image>"}
+               "idefics3": "<image>", "llama4": "<|image|>", "mistral3": "[IMG]",
+               "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "aya_vision": "<image>",
+               "cohere2_vision": "<|IMG_PATCH|>"}
 # families whose processors take one list of images per prompt
 NESTED_IMAGES = ("gemma3", "smolvlm", "idefics3")
+# families whose image processors return bfloat16 ``pixel_values`` (``inputs`` casts them to fp32)
+BFLOAT16_PIXELS = ("llama4",)
 # family -> the deployed checkpoint whose widths ``real_width`` copies
 CHECKPOINTS = {"llava": "llava-hf/llava-1.5-7b-hf", "llava_next": "llava-hf/llava-v1.6-vicuna-7b-hf",
                "llava_onevision": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
@@ -428,13 +452,14 @@ def _idefics3_processor(config) -> transformers.Idefics3Processor:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """One row of ``FAMILIES``: the model class, the config and processor builders, and the
-    (vision, text, top-level) config kwargs of the tiny and the real-width model."""
+    """One row of ``FAMILIES`` (or ``EXTRA_FAMILIES``): the model class, the config and processor
+    builders, and the (vision, text, top-level) config kwargs of the tiny and the real-width model
+    (``real`` None: no real-width config)."""
     model_class: str
     config: Callable[[dict, dict, dict], Any]
     processor: Callable[[Any], Any]
     tiny: tuple[dict, dict, dict]
-    real: tuple[dict, dict, dict]
+    real: tuple[dict, dict, dict] | None
 
 
 def _tiny_vision(**extra) -> dict:
@@ -519,13 +544,197 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# --- EXTRA_FAMILIES: whole tiny models of the projector families outside FAMILIES ------------------
+# Built by ``tiny`` / ``processor`` / ``inputs`` like the others, but not listed in ``FAMILIES`` (which
+# tests/test_vlm_zoo.py iterates): they carry no ``real_width`` config, ``vtok_fast.patch.families``
+# has no adapter for them; ``vtok_fast.patch.hf_project`` patches their projectors.
+
+def _head_dim(text: dict) -> int:
+    """``head_dim`` of a text config's kwargs (``hidden_size / num_attention_heads`` unless given)."""
+    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+
+
+def _llama4_config(vision: dict, text: dict, top: dict) -> transformers.Llama4Config:
+    """Llama 4: its ViT (unfold patch embedding, a CLS appended then dropped, 2-D RoPE over the
+    ``image_size`` tile grid), whose ``vision_adapter`` (``Llama4VisionPixelShuffleMLP``) pixel-shuffles
+    by ``pixel_shuffle_ratio`` (0.5) then runs fc1 (from ``intermediate_size``, which must be
+    ``hidden_size / ratio^2``; the tower's MLPs share that width), GELU, fc2, GELU; fc2 is square
+    (``projector_input_dim = projector_output_dim``) and ``multi_modal_projector`` reads
+    ``vision_output_dim`` = that width; tile patches per side divisible by ``1 / ratio``. MoE text
+    model (every layer, as the default ``interleave_moe_layer_step`` 1)."""
+    ratio = vision.get("pixel_shuffle_ratio", 0.5)
+    window = round(1 / ratio)
+    _require(abs(window * ratio - 1) < 1e-9 and (vision["image_size"] // vision["patch_size"]) % window == 0,
+             "llama4: patches per side must be divisible by 1 / pixel_shuffle_ratio")
+    _require(vision["intermediate_size"] == vision["hidden_size"] * window ** 2,
+             "llama4: intermediate_size must be hidden_size / pixel_shuffle_ratio**2 (fc1's input)")
+    _require(vision["projector_input_dim"] == vision["projector_output_dim"] == vision["vision_output_dim"],
+             "llama4: projector_input_dim, projector_output_dim and vision_output_dim must be equal")
+    top = {"boi_token_index": token_id("llama4", "<|image_start|>"),
+           "eoi_token_index": token_id("llama4", "<|image_end|>"),
+           "image_token_index": token_id("llama4", "<|patch|>"), **top}
+    return transformers.Llama4Config(vision_config=transformers.Llama4VisionConfig(**vision),
+                                     text_config=transformers.Llama4TextConfig(**text), **top)
+
+
+def _mistral3_config(vision: dict, text: dict, top: dict) -> transformers.Mistral3Config:
+    """Mistral 3 (Mistral-Small-3.1): Pixtral tower (any image size up to ``image_size``, 2-D RoPE,
+    the images of a batch in one sequence), last layer; ``Mistral3MultiModalProjector``: RMS norm,
+    ``spatial_merge_size`` 2 ``patch_merger`` (unfold over each image's own grid), linear_1, GELU,
+    linear_2; Mistral text model. ``image_size`` a multiple of patch * merge."""
+    _require(vision["image_size"] % (vision["patch_size"] * top.get("spatial_merge_size", 2)) == 0,
+             "mistral3: image_size must be a multiple of patch_size * spatial_merge_size")
+    top = {"image_token_index": token_id("mistral3", "[IMG]"), "vision_feature_layer": -1,
+           "spatial_merge_size": 2, **top}
+    return transformers.Mistral3Config(vision_config=transformers.PixtralVisionConfig(**vision),
+                                       text_config=transformers.MistralConfig(**text), **top)
+
+
+def _glm4v_config(vision: dict, text: dict, top: dict) -> transformers.Glm4vConfig:
+    """GLM-4.1V: Qwen-style flat patches (``image_grid_thw``), post-norm + stride-2 Conv2d
+    ``downsample`` to ``out_hidden_size`` (= the text width), then ``Glm4vVisionPatchMerger`` (proj,
+    LayerNorm, GELU, SiLU-GLU over ``intermediate_size``, down_proj); M-RoPE over half of each head
+    (``partial_rotary_factor`` 0.5): ``mrope_section`` sums to head_dim / 4."""
+    _require(vision["out_hidden_size"] == text["hidden_size"],
+             "glm4v: out_hidden_size must equal the text hidden_size")
+    rope = text["rope_parameters"]
+    rotary = round(_head_dim(text) * rope.get("partial_rotary_factor", 1.0))
+    _require(2 * sum(rope["mrope_section"]) == rotary,
+             f"glm4v: mrope_section must sum to head_dim * partial_rotary_factor / 2 = {rotary // 2}")
+    ids = {f"{name}_id": token_id("glm4v", token) for name, token in
+           (("image_token", "<|image|>"), ("video_token", "<|video|>"), ("image_start_token", "<|begin_of_image|>"),
+            ("image_end_token", "<|end_of_image|>"), ("video_start_token", "<|begin_of_video|>"),
+            ("video_end_token", "<|end_of_video|>"))}
+    return transformers.Glm4vConfig(vision_config=transformers.Glm4vVisionConfig(**vision),
+                                    text_config=transformers.Glm4vTextConfig(**text), **{**ids, **top})
+
+
+def _aya_config(family: str, config_class, vision: dict, text: dict, top: dict):
+    """Aya Vision / Cohere2 Vision config: SigLIP tower, Cohere2 text model; patches per side
+    divisible by ``downsample_factor``; ``alignment_intermediate_size`` even (SwiGLU halves)."""
+    top = {"downsample_factor": 2, "image_token_id": token_id(family, "<|IMG_PATCH|>"), **top}
+    _require((vision["image_size"] // vision["patch_size"]) % top["downsample_factor"] == 0,
+             f"{family}: patches per side must be divisible by downsample_factor")
+    _require(top.get("alignment_intermediate_size", 0) % 2 == 0, f"{family}: alignment_intermediate_size must be even")
+    return config_class(vision_config=transformers.SiglipVisionConfig(**vision),
+                        text_config=transformers.Cohere2Config(**text), **top)
+
+
+def _aya_vision_config(vision: dict, text: dict, top: dict) -> transformers.AyaVisionConfig:
+    """Aya Vision: SigLIP (no head), last layer, "full" strategy; ``AyaVisionMultiModalProjector``:
+    pixel shuffle by ``downsample_factor`` 2, LayerNorm, linear_1 to ``alignment_intermediate_size``,
+    SwiGLU over its halves, linear_2; Cohere2 text model."""
+    vision = {"vision_use_head": False, **vision}
+    top = {"vision_feature_layer": -1, "vision_feature_select_strategy": "full", **top}
+    return _aya_config("aya_vision", transformers.AyaVisionConfig, vision, text, top)
+
+
+def _cohere2_vision_config(vision: dict, text: dict, top: dict) -> transformers.Cohere2VisionConfig:
+    """Cohere2 Vision (Command A Vision): SigLIP (its default head kept, unused), last hidden state;
+    ``Cohere2VisionMultiModalProjector``: as Aya Vision's without the LayerNorm."""
+    return _aya_config("cohere2_vision", transformers.Cohere2VisionConfig, vision, text, top)
+
+
+def _llama4_processor(config) -> transformers.Llama4Processor:
+    """``Llama4ImageProcessor``: the image fitted (no distortion, padded) onto a canvas of up to
+    ``max_patches`` 16 tower-side tiles + a global tile when more than one; each tile
+    ``(side / patch)^2 * ratio^2`` ``<|patch|>`` tokens, the layout ``<|image_start|>`` tiles with
+    ``<|tile_x_separator|>`` / ``<|tile_y_separator|>``, ``<|image|>``, the global tile,
+    ``<|image_end|>``. Its ``pixel_values`` are bfloat16 (rescaled and normalised in bfloat16)."""
+    side, patch = _side(config)
+    images = transformers.Llama4ImageProcessor(size={"height": side, "width": side})
+    return transformers.Llama4Processor(image_processor=images, tokenizer=tokenizer("llama4"), patch_size=patch,
+                                        pixel_shuffle_ratio=config.vision_config.pixel_shuffle_ratio)
+
+
+def _mistral3_processor(config) -> transformers.PixtralProcessor:
+    """``PixtralProcessor`` (Mistral-Small-3.1's): longest edge down to the tower's ``image_size``,
+    sides rounded up to patch * merge; per row of merged tokens ``[IMG]`` x width + ``[IMG_BREAK]``,
+    the last ``[IMG_END]``; ``pixel_values`` padded to the batch's largest image, ``image_sizes``."""
+    side, patch = _side(config)
+    images = transformers.PixtralImageProcessor(size={"longest_edge": side}, patch_size=patch)
+    return transformers.PixtralProcessor(image_processor=images, tokenizer=tokenizer("mistral3"), patch_size=patch,
+                                         spatial_merge_size=config.spatial_merge_size)
+
+
+def _glm4v_processor(config) -> transformers.Glm4vProcessor:
+    """``Glm4vImageProcessor``: ``smart_resize`` to multiples of patch * merge between 16 and 15000
+    merged tokens (the class defaults, 112^2 to 28^2 * 15000 pixels at patch 14), patches flattened
+    Qwen-style (``image_grid_thw``); ``<|image|>`` x merged tokens; ``mm_token_type_ids``."""
+    vision = config.vision_config
+    factor = vision.patch_size * vision.spatial_merge_size
+    geometry = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                    temporal_patch_size=vision.temporal_patch_size)
+    size = {"shortest_edge": 16 * factor ** 2, "longest_edge": 15000 * factor ** 2}
+    return transformers.Glm4vProcessor(image_processor=transformers.Glm4vImageProcessor(size=size, **geometry),
+                                       tokenizer=tokenizer("glm4v"),
+                                       video_processor=transformers.Glm4vVideoProcessor(size=size, **geometry))
+
+
+def _aya_vision_processor(config) -> transformers.AyaVisionProcessor:
+    """GotOcr2 tiling (1-12 tower-side tiles + a global one when more than one, 0.5 mean / std);
+    ``<|START_OF_IMG|>``, per tile ``TILE_i`` (``TILE_GLOBAL`` last) + ``(side / patch / f)^2``
+    ``<|IMG_PATCH|>``, ``<|END_OF_IMG|>``."""
+    side, patch = _side(config)
+    images = transformers.GotOcr2ImageProcessor(size={"height": side, "width": side}, crop_to_patches=True,
+                                                min_patches=1, max_patches=12, image_mean=[0.5, 0.5, 0.5],
+                                                image_std=[0.5, 0.5, 0.5])
+    return transformers.AyaVisionProcessor(image_processor=images, tokenizer=tokenizer("aya_vision"), patch_size=patch,
+                                           img_size=side, downsample_factor=config.downsample_factor)
+
+
+def _cohere2_vision_processor(config) -> transformers.Cohere2VisionProcessor:
+    """``Cohere2VisionImageProcessor`` tiling (1-12 tower-side tiles + a global one when more than
+    one, CLIP normalisation); ``<|START_OF_IMG|>``, per tile ``(side / patch / f)^2``
+    ``<|IMG_PATCH|>`` + ``<|IMG_LINE_BREAK|>``, ``<|END_OF_IMG|>``. The image processor's
+    ``patch_size`` is those tokens per tile side (16 for the checkpoint's 512 / 16 / 2)."""
+    side, patch = _side(config)
+    images = transformers.Cohere2VisionImageProcessor(size={"height": side, "width": side}, crop_to_patches=True,
+                                                      min_patches=1, max_patches=12)
+    images.patch_size = side // patch // config.downsample_factor
+    return transformers.Cohere2VisionProcessor(image_processor=images, tokenizer=tokenizer("cohere2_vision"))
+
+
+COHERE2_TINY_TEXT = {**TINY_TEXT, "layer_types": ["sliding_attention", "full_attention"]}
+AYA_TINY_VISION = _tiny_vision(image_size=64, patch_size=8)
+
+EXTRA_FAMILIES: dict[str, Family] = {
+    "llama4": Family(
+        "Llama4ForConditionalGeneration", _llama4_config, _llama4_processor,
+        tiny=(dict(TINY_VISION, intermediate_size=128, image_size=64, patch_size=8, projector_input_dim=64,
+                   projector_output_dim=64, vision_output_dim=64),
+              {**TINY_TEXT, "intermediate_size_mlp": 128, "head_dim": 16, "num_local_experts": 4}, {}),
+        real=None),
+    "mistral3": Family(
+        "Mistral3ForConditionalGeneration", _mistral3_config, _mistral3_processor,
+        tiny=(_tiny_vision(image_size=64, patch_size=8, head_dim=16), {**TINY_TEXT, "head_dim": 16}, {}),
+        real=None),
+    "glm4v": Family(
+        "Glm4vForConditionalGeneration", _glm4v_config, _glm4v_processor,
+        tiny=(dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, image_size=64,
+                   patch_size=8, spatial_merge_size=2, temporal_patch_size=2),
+              {**TINY_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}}, {}),
+        real=None),
+    "aya_vision": Family(
+        "AyaVisionForConditionalGeneration", _aya_vision_config, _aya_vision_processor,
+        tiny=(AYA_TINY_VISION, COHERE2_TINY_TEXT, {"alignment_intermediate_size": 128}), real=None),
+    "cohere2_vision": Family(
+        "Cohere2VisionForConditionalGeneration", _cohere2_vision_config, _cohere2_vision_processor,
+        tiny=(AYA_TINY_VISION, COHERE2_TINY_TEXT, {"alignment_intermediate_size": 128}), real=None),
+}
+
+
 # --- public API --------------------------------------------------------------------------------
 
 def _family(family: str) -> Family:
-    """The ``FAMILIES`` row of ``family``; ``KeyError`` naming the known ones otherwise."""
-    if family not in FAMILIES:
-        raise KeyError(f"unknown VLM family {family!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[family]
+    """The ``FAMILIES`` or ``EXTRA_FAMILIES`` row of ``family``; ``KeyError`` naming the known ones
+    otherwise."""
+    row = FAMILIES.get(family) or EXTRA_FAMILIES.get(family)
+    if row is None:
+        raise KeyError(f"unknown VLM family {family!r}; known: {sorted(FAMILIES)}, "
+                       f"and outside FAMILIES {sorted(EXTRA_FAMILIES)}")
+    return row
 
 
 def _build(family: str, widths: tuple[dict, dict, dict], overrides: dict):
@@ -549,7 +758,10 @@ def real_width(family: str, **overrides):
     vision and 2 text layers and a ``VOCAB``-token vocabulary (the placeholder ids are ours, not the
     checkpoint's). Not instantiated here; a model of it holds a few hundred million parameters.
     Where the checkpoint's layer indexes point past layer 2 (Qwen2.5-VL ``fullatt_block_indexes``,
-    Qwen3-VL ``deepstack_visual_indexes``) they are moved into the 2 layers (the last; [0, 1])."""
+    Qwen3-VL ``deepstack_visual_indexes``) they are moved into the 2 layers (the last; [0, 1]).
+    ``EXTRA_FAMILIES`` have none (``KeyError``)."""
+    if _family(family).real is None:
+        raise KeyError(f"{family}: no real-width config (EXTRA_FAMILIES are tiny only)")
     return _build(family, _family(family).real, overrides)
 
 
@@ -589,7 +801,10 @@ def inputs(family: str, images: list, prompts: list[str], config=None):
     _require(len(images) == len(prompts), "inputs: one image (or one list of images) per prompt")
     nested = family in NESTED_IMAGES
     flat = images if nested else [image for group in images for image in group]
-    return processor(family, config)(text=list(prompts), images=flat, padding=True, return_tensors="pt")
+    batch = processor(family, config)(text=list(prompts), images=flat, padding=True, return_tensors="pt")
+    if family in BFLOAT16_PIXELS:  # bfloat16 values, held exactly in the fp32 the tiny model takes
+        batch["pixel_values"] = batch["pixel_values"].float()
+    return batch
 
 
 def image_token_count(model, batch) -> torch.Tensor:
@@ -601,8 +816,9 @@ def image_features(model, batch) -> list[torch.Tensor]:
     """``model.model.get_image_features`` on ``batch`` (the arguments it names, from the processor's
     outputs) as a list of 2-D ``(tokens, D)`` tensors: one per entry of its ``pooler_output`` list
     (image or sample), or one per row of its tensor (tile or image). Their total length is the
-    number of placeholders the model fills; under ``torch.no_grad``."""
-    get = model.model.get_image_features
+    number of placeholders the model fills; under ``torch.no_grad``. (Llama 4 has no ``model.model``:
+    its ``get_image_features`` is the top model's.)"""
+    get = getattr(model, "model", model).get_image_features
     names = inspect.signature(get).parameters
     kwargs = {name: value for name, value in batch.items() if name in names}
     with torch.no_grad():

@@ -459,7 +459,7 @@ def aot_compile_all(arch: int) -> list[dict]:
             names = fn.arg_names
             src = ASTSource(fn=fn, signature=sig,
                             constexprs={(names.index(k),): v for k, v in consts.items()})
-            rec = {"what": f"{consts['BLOCK']} warps={warps} {dtype}", "dtype": dtype}
+            rec = {"what": f"{consts['BLOCK_K']} warps={warps} {dtype}", "dtype": dtype}
             try:
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                           options={"num_warps": warps, "num_stages": stages,

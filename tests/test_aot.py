@@ -66,7 +66,7 @@ def test_patch_embed_uses_tensor_cores_and_fits_shared_memory(patch_embed_record
         assert e["tensor_cores"] == (e["kernel"] != "fwd_ieee"), e
         if e["shared"] > patch_embed_tests.SHARED_LIMIT[arch]:
             too_big.append(e)
-    # only fp32 forward tiles may exceed shared memory (the autotuner skips them: OutOfResources),
+    # only fp32 forward tiles may exceed shared memory (pruned at launch: the kernel's estimate),
     # and at most one config per variant, so every variant keeps launchable configs
     assert all(e["kernel"] == "fwd" and e["variant"].split("-")[1] == "fp32" for e in too_big), too_big
     assert len({(e["variant"], e["p"]) for e in too_big}) == len(too_big), too_big
@@ -145,12 +145,12 @@ def test_merge_project_kernels_compile(merge_project_records, arch):
             _tensor_cores_unless_ieee(rec, rec["kind"] == "fwd_ieee")
         if rec["shared"] > merge_tests.SHARED_LIMIT[arch]:
             too_big.append(rec["what"])
-    # only fp32 tiles of the widest configs may exceed shared memory (the autotuner skips them):
-    # BN = 256, and the GLU's (Aya's) BN = 128 tiles, which load two weight tiles per step; the
-    # first (64 x 64) config of every flavour fits in every dtype
-    assert all("fp32->fp32" in w and ("'BN': 256" in w or (" aya " in w and "'BN': 128" in w))
+    # only fp32 tiles of the widest configs may exceed shared memory (pruned at launch):
+    # BLOCK_N = 256, and the GLU's (Aya's) BLOCK_N = 128 tiles, which load two weight tiles per
+    # step; the first (64 x 64) config of every flavour fits in every dtype
+    assert all("fp32->fp32" in w and ("'BLOCK_N': 256" in w or (" aya " in w and "'BLOCK_N': 128" in w))
                for w in too_big), too_big
-    assert not any("'BM': 64, 'BN': 64," in w for w in too_big), too_big
+    assert not any("'BLOCK_M': 64, 'BLOCK_N': 64," in w for w in too_big), too_big
 
 
 # --- adaptive-patch entropy -------------------------------------------------------------------------

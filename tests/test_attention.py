@@ -134,14 +134,21 @@ def test_empty_inputs(backend, batch, heads, m, n):
 
 
 class _Spy:
-    """Wraps a kernel: records the data pointers of the tensors of each launch."""
+    """Wraps a kernel: records the data pointers of the tensors of each launch, in the kernel's
+    argument order (launches pass their arguments by name)."""
 
     def __init__(self, kernel):
         self.kernel, self.launches = kernel, []
+        fn = kernel
+        while not hasattr(fn, "arg_names"):  # an autotuned kernel: unwrap
+            fn = fn.fn
+        self.arg_names = fn.arg_names
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append([a.data_ptr() for a in args if isinstance(a, torch.Tensor)])
+            named = {**dict(zip(self.arg_names, args)), **kwargs}
+            self.launches.append([named[n].data_ptr() for n in self.arg_names
+                                  if isinstance(named.get(n), torch.Tensor)])
             return self.kernel[grid](*args, **kwargs)
         return launch
 

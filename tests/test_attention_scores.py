@@ -144,8 +144,8 @@ def aot_compile_all(arch: int) -> list[dict]:
             sig = _signature(kernel.fn, dtype)
             for config in kernel.all_configs:
                 consts, warps, stages = config_constexprs(config)
-                for block_q, block_d, has_mask in [(16, 128, True), (64, 64, False)]:
-                    consts.update(BLOCK_Q=block_q, BLOCK_D=block_d, HAS_MASK=has_mask, stride_qd=1,
+                for block_m, block_d, has_mask in [(16, 128, True), (64, 64, False)]:
+                    consts.update(BLOCK_M=block_m, BLOCK_D=block_d, HAS_MASK=has_mask, stride_qd=1,
                                   stride_kd=1, PRECISION="ieee" if dtype == "fp32" else "tf32")
                     rec = {"what": f"{name} {dtype} {consts} warps={warps}", "dtype": dtype}
                     try:

@@ -530,20 +530,23 @@ def _stage1_jobs():
 
 def aot_compile_all(arch: int) -> list[dict]:
     """Compile every stage-1 job and the re-rank kernel for ``sm_<arch>``; one record per compile."""
+    from vtok_fast.kernels._autotune import shared_memory_prune
+
     records = []
     limit = SHARED_MEMORY_LIMIT[arch]
-    prune = kc.prune_for_shared_memory(limit)
     for name, configs, dtype, D, extra in _stage1_jobs():
         kernel = kc._codebook_argmin_fwd if name == "argmin" else kc._codebook_topk_fwd
+        prune = shared_memory_prune(kc.argmin_shared_memory if name == "argmin" else kc.topk_shared_memory,
+                                    limit, arch)
         sixteen = dtype != torch.float32
-        block_d, num_d = kc.block_d_for(D, sixteen)
+        block_d, num_d = codebook_mod._block_d_for(D, sixteen)
         kept = prune(configs, {"x_ptr": _FakeX(dtype)}, BLOCK_D=block_d, NUM_D=num_d, **extra)
         signature = {k: v.format(t=TRITON_TYPE[dtype]) for k, v in STAGE1_SIGNATURE.items()}
         for config in configs:
             consts, warps, stages = config_constexprs(config)
             # a config pruned at this D on this GPU is launched (so compiled) only at smaller D
             d_used = D if config in kept else 64
-            bd, nd = kc.block_d_for(d_used, sixteen)
+            bd, nd = codebook_mod._block_d_for(d_used, sixteen)
             consts.update(IEEE=not sixteen, BLOCK_D=bd, NUM_D=nd, EVEN_D=bd * nd == d_used,
                           **extra, **UNIT_STRIDES)
             rec = {"what": f"{name} {consts} warps={warps} stages={stages} {dtype}", "dtype": str(dtype),

@@ -70,4 +70,7 @@ def test_bench_quality_quick(tmp_path, capsys):
     assert data["quick"] and data["ratios"] == [1, 4] and data["records"][0]["method"] == "none"
     assert {r["method"] for r in data["records"]} >= {"random", "pool", "visionzip", "fastv"}
     assert (tmp_path / "quality_cpu_quick.png").exists()
+    qwen = json.loads((tmp_path / "quality_qwen2_vl_cpu_quick.json").read_text())
+    assert qwen["model"] == "qwen2_vl" and qwen["records"][0]["image_tokens"] == 16
+    assert (tmp_path / "quality_qwen2_vl_cpu_quick.png").exists()
     assert main(["bench", "quality", "--quick", "--profile"]) == 2

@@ -60,7 +60,8 @@ def test_answers_match_the_pixels():
             (x0, y0, x1, y1), = s.region
             white = (s.image[y0:y1, x0:x1] == 255).all(-1)
             assert white.sum() == sum(row.count("1") for row in dataset.FONT[s.answer])
-            assert (x0 // 16, y0 // 16) == (int(words[2][1:]), int(words[1][1:]))
+            row, col = dataset.CORNERS[dataset.CORNER_WORDS.index(words[1])]
+            assert (x0 // 16, y0 // 16) == (col, row)
         elif s.qtype == "glyph":
             (x0, y0, x1, y1), = s.region
             patch = s.image[y0:y1, x0:x1]

@@ -1,25 +1,29 @@
-"""``vtok_fast.measure.quality``: the tiny LLaVA reference model, its offline processor, the token
-drop shared by training and evaluation, deterministic training, and held-out accuracy of the
-committed checkpoint (uncompressed)."""
+"""``vtok_fast.measure.quality``: the tiny LLaVA and Qwen2-VL reference models, their offline
+processors, the token drop shared by training and evaluation (Qwen2-VL's against the model's own
+M-RoPE ids), deterministic training, and held-out accuracy of the committed checkpoints
+(uncompressed)."""
 import dataclasses
 import json
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, Qwen2VLProcessor
 
 from vtok_fast.measure.quality import accuracy, dataset, drop, evaluate, reference, train
 
 TINY = reference.ModelSettings(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
                                text_heads=2)
+TINY_QWEN = reference.qwen_settings(vision_width=32, vision_layers=1, vision_heads=2, text_width=64, text_layers=1,
+                                    text_heads=2)  # head_dim 32: the M-RoPE sections (4, 6, 6)
 
 
-@pytest.fixture(scope="module")
-def committed():
-    """The committed reference checkpoint (model, processor)."""
-    assert train.recorded_settings(train.COMMITTED) == train.TrainSettings(), \
-        "vtok_fast/data/quality_llava was not trained with the default TrainSettings: rerun the train command"
-    return reference.load(train.COMMITTED)
+@pytest.fixture(scope="module", params=reference.ARCHS)
+def committed(request):
+    """The committed reference checkpoint of each architecture (model, processor, arch)."""
+    arch = request.param
+    assert train.recorded_settings(train.committed(arch)) == train.default_settings(arch), \
+        f"{train.committed(arch)} was not trained with default_settings({arch!r}): rerun the train command"
+    return (*reference.load(train.committed(arch)), arch)
 
 
 @pytest.fixture(scope="module")
@@ -114,34 +118,104 @@ def test_cache_dir_and_reference_model_cache(tmp_path, monkeypatch):
     assert isinstance(model, LlavaForConditionalGeneration) and isinstance(processor, LlavaProcessor)
 
 
-def test_committed_checkpoint_is_small_and_recorded():
-    files = {p.name: p.stat().st_size for p in train.COMMITTED.iterdir()}
+@pytest.mark.parametrize("arch", reference.ARCHS)
+def test_committed_checkpoint_is_small_and_recorded(arch):
+    folder = train.committed(arch)
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert "model.safetensors" in files and "tokenizer.json" in files
     assert sum(files.values()) <= 10 * 2**20
-    record = json.loads((train.COMMITTED / "training.json").read_text())
-    assert record["key"] == train.TrainSettings().key()
-    model, processor, loaded = train.reference_model(with_record=True)
-    assert loaded["path"] == str(train.COMMITTED)
+    record = json.loads((folder / "training.json").read_text())
+    assert record["key"] == train.default_settings(arch).key()
+    model, processor, loaded = train.reference_model(train.default_settings(arch), with_record=True)
+    assert loaded["path"] == str(folder)
+    assert model.config.model_type == arch
 
 
 def test_committed_model_answers_held_out_questions(committed, held):
-    model, processor = committed
+    model, processor, arch = committed
     full = evaluate.evaluate(model, processor, held, batch_size=150)
-    # the issue's target is >= 95 %; the 400-step (5-minute) recipe reaches 86-88 %: every type
-    # but letter_at at 83-100 %, letter_at (four letters, one named) about 50 % (chance 10 %)
-    assert full.accuracy >= 0.8, full
-    assert min(v for t, v in full.per_type.items() if t != "letter_at") >= 0.75, full.per_type
-    assert full.per_type["letter_at"] >= 0.35, full.per_type
+    if arch == "llava":  # the issue's target, >= 95 %, reached: 97.4 % on 500 held-out questions
+        assert full.accuracy >= 0.93, full
+        assert min(full.per_type.values()) >= 0.85, full.per_type
+    else:  # 77-78 %: every type but the two that need where a token is from its M-RoPE ids alone
+        assert full.accuracy >= 0.7, full
+        assert min(full.per_type[t] for t in ("glyph", "letter_at")) >= 0.9, full.per_type
+        assert full.per_type["count"] >= 0.7 and full.per_type["color_at"] >= 0.4, full.per_type  # chance 1/6
     majority = max(sum(s.answer == a for s in held) for a in dataset.ANSWERS) / len(held)
     assert full.accuracy > majority + 0.5
 
 
-def test_committed_recipe_starts_as_recorded():
+@pytest.mark.parametrize("arch", reference.ARCHS)
+def test_committed_recipe_starts_as_recorded(arch):
     """The default recipe's first step, rerun here, has the committed run's first loss (same
     initialisation, data and forward; bit for bit on the CPU kind that trained it, to float
-    rounding on another; the full 400 steps are ``python -m vtok_fast.measure.quality.train --out
-    DIR``)."""
-    record = json.loads((train.COMMITTED / "training.json").read_text())
-    assert record["settings"] == train.TrainSettings().to_dict()
-    _, _, rec = train.train(dataclasses.replace(train.TrainSettings(), steps=1), threads=record["threads"])
+    rounding on another; the full runs are ``python -m vtok_fast.measure.quality.train [--arch
+    qwen2_vl] --out DIR``)."""
+    record = json.loads((train.committed(arch) / "training.json").read_text())
+    settings = train.default_settings(arch)
+    assert record["settings"] == settings.to_dict()
+    _, _, rec = train.train(dataclasses.replace(settings, steps=1), threads=record["threads"])
     assert rec["losses"][0] == pytest.approx(record["loss_first_last"][0], rel=1e-6, abs=0)
+
+
+def test_qwen_processor_builds_offline_and_matches_the_model(tmp_path):
+    settings = reference.qwen_settings()
+    processor = reference.build_processor(settings)
+    assert isinstance(processor, Qwen2VLProcessor)
+    samples = dataset.make_dataset(3, seed=0)
+    inputs = train.batch(processor, samples, "qwen2_vl")
+    n = (inputs["input_ids"] == processor.image_token_id).sum(1)
+    assert n.tolist() == [settings.num_image_tokens] * 3 == [16] * 3
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]] * 3
+    model = reference.build_model(settings)
+    assert processor.image_token_id == model.config.image_token_id
+    features = drop._features(model, inputs)
+    assert tuple(features.shape) == (3, 16, settings.text_width)
+    # the chat template (what evaluate uses) writes exactly the training prompt
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": samples[0].question}]}]
+    assert processor.apply_chat_template(turn, add_generation_prompt=True) == \
+        reference.prompt(samples[0].question, "qwen2_vl")
+    for s in dataset.make_dataset(40, seed=0, more=True):
+        for question in [s.question] + [q for q, _, _ in s.more]:
+            ids = processor.tokenizer(reference.prompt(question, "qwen2_vl"))["input_ids"]
+            assert processor.tokenizer.unk_token_id not in ids
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model2, processor2 = reference.load(tmp_path)
+    assert type(model2) is type(model) and isinstance(processor2, Qwen2VLProcessor)
+    again = train.batch(processor2, samples, "qwen2_vl")
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model2(**again).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_qwen_drop_path_keeps_the_models_own_mrope_ids():
+    model = reference.build_model(TINY_QWEN, seed=1)
+    processor = reference.build_processor(TINY_QWEN)
+    inputs = train.batch(processor, dataset.make_dataset(6, seed=2), "qwen2_vl")
+    n = TINY_QWEN.num_image_tokens
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+        torch.testing.assert_close(drop.answer_logits(model, inputs), plain, rtol=1e-5, atol=1e-5)
+        full, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"],
+                                             attention_mask=inputs["attention_mask"])
+        keep = drop.keep_mask(torch.full((6,), n // 4), n, torch.Generator().manual_seed(0))
+        features = drop._features(model, inputs)
+        is_image = inputs["input_ids"] == model.config.image_token_id
+        columns = (~is_image).masked_scatter(is_image, keep) & inputs["attention_mask"].bool()
+        for positions in drop.POSITIONS:
+            built = drop.mrope_inputs(model, inputs, features, keep, positions)
+            mask = built["attention_mask"].bool()
+            assert built["position_ids"].shape[:2] == (3, 6)
+            for b in range(6):
+                got = built["position_ids"][:, b][:, mask[b]]
+                want = full[:, b][:, columns[b]]
+                if positions == "compact":  # less the placeholders dropped before each kept token
+                    dropped = (~columns[b] & inputs["attention_mask"][b].bool()).long().cumsum(0)[columns[b]]
+                    want = want - dropped
+                assert torch.equal(got, want), (positions, b)
+        batched = drop.answer_logits(model, inputs, keep)
+        single = drop.answer_logits(model, {k: v[2:3] for k, v in inputs.items() if k != "pixel_values"}
+                                    | {"pixel_values": inputs["pixel_values"][2 * 64:3 * 64]}, keep[2:3])
+        torch.testing.assert_close(single, batched[2:3], rtol=1e-4, atol=1e-4)

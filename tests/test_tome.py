@@ -378,7 +378,8 @@ def _int_signature(kernel, pointers: dict) -> dict:
 
 def aot_compile_all(arch: int) -> list[dict]:
     """Compile every kernel with every config and dtype it is launched with for sm_<arch>."""
-    from vtok_fast.kernels.tome import PLAN_BLOCKS, PLAN_WARPS, tome_merge_fwd, tome_plan_fwd, tome_scores_fwd
+    from vtok_fast.kernels.tome import (MIN_SQ, NAN_SCORE, PLAN_BLOCKS, PLAN_WARPS, tome_merge_fwd, tome_plan_fwd,
+                                       tome_scores_fwd)
 
     report = []
     for dtype in ("fp32", "fp16", "bf16"):
@@ -389,7 +390,7 @@ def aot_compile_all(arch: int) -> list[dict]:
             consts, warps, stages = config_constexprs(config)
             for protect_a0, protect_b0 in [(False, False), (True, True)]:
                 kernel = compile_for_gpu(tome_scores_fwd.fn, sig, dict(
-                    consts, NAN_SCORE=-2.0, MIN_SQ=2.0 ** -100, PROTECT_A0=protect_a0, PROTECT_B0=protect_b0,
+                    consts, NAN_SCORE=NAN_SCORE, MIN_SQ=MIN_SQ, PROTECT_A0=protect_a0, PROTECT_B0=protect_b0,
                     PRECISION=precision),
                     arch=arch, num_warps=warps, num_stages=stages)
                 report.append({"kernel": "scores", "dtype": dtype, "config": str(consts),

@@ -108,3 +108,38 @@ def square_side(tokens: int, what: str) -> int:
     if side * side != tokens:
         raise ValueError(f"{what} must hold a square grid of tokens, got {tokens}")
     return side
+
+
+def check_bias(name: str, bias, weight: torch.Tensor) -> torch.Tensor:
+    """A conv's or Linear's ``bias``: ``(D,)`` with ``D = weight.shape[0]``, in the weight's dtype."""
+    D = weight.shape[0]
+    check_tensor(name, bias, ndim=1, shape_doc=f"(D,) with D={D}")
+    if bias.shape[0] != D:
+        raise ValueError(f"{name} must be (D,) with D={D}, got shape {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+    return bias
+
+
+def token_table(name: str, value, width: int, weight: torch.Tensor, *, rows: int | None = None,
+                shape_doc: str = "(L, D) or (1, L, D)", one_row: bool = False, rows_doc: str = "") -> torch.Tensor:
+    """A table of token rows ``width`` wide (a position table, prefix tokens) given as ``(L, D)``
+    or ``(1, L, D)`` (with ``one_row``, also ``(D,)``: a single row), as a 2-D view; ``rows``: the
+    number of rows it must have (None: any), ``rows_doc`` says why. Its dtype must be the
+    weight's. Messages name the shape the caller passed."""
+    t = check_tensor(name, value, ndim=(1, 2, 3) if one_row else (2, 3), shape_doc=shape_doc)
+    shape = tuple(value.shape)
+    if t.dim() == 3:
+        if t.shape[0] != 1:
+            raise ValueError(f"{name} must be {shape_doc}, got shape {shape}")
+        t = t.squeeze(0)  # a view whose backward is a view too (indexing would scatter)
+    elif t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.shape[1] != width:
+        raise ValueError(f"{name} must have width D={width} (weight.shape[0]), got shape {shape}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows{rows_doc}, got shape {shape}")
+    if t.dtype != weight.dtype:
+        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype} "
+                        "(cast it, e.g. with .to(weight.dtype))")
+    return t

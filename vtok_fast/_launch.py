@@ -1,8 +1,15 @@
-"""Launch helpers shared by every op's host code: ceiling division, device facts, interpreter
-detection and ahead-of-time compilation for GPUs (which works on a CPU-only machine).
+"""Launch helpers shared by every op's host code: ceiling division, launch grids, keyword
+arguments of strides, device facts, interpreter detection and ahead-of-time compilation for GPUs
+(which works on a CPU-only machine).
 
-Kernel files (``vtok_fast/kernels/``) hold only ``@triton.jit`` code and their configs; everything
-that sizes a launch from a tensor or a device lives here or in the op's host module.
+Kernel files (``vtok_fast/kernels/``) hold the ``@triton.jit`` code, its configs and what follows
+from a config alone (tile caps, shared-memory estimates); everything that sizes a launch from a
+tensor or a device lives here or in the op's host module. The device facts a kernel file's
+autotuner reads at launch to prune its configs (shared memory per block, compute capability)
+come from here too (``vtok_fast/kernels/_autotune.py``).
+
+Every launch passes its arguments by name (``kernel[grid](out_ptr=out, **strides(out, "o", "bld"),
+...)``), so host and kernel cannot drift apart by position.
 """
 from __future__ import annotations
 
@@ -15,13 +22,40 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def tile_grid(rows: int, cols: int, row_block: str = "BM", col_block: str = "BN", *more: int):
-    """The launch grid of a kernel with one program per ``(row_block, col_block)`` tile of a
-    ``rows x cols`` output, the block sizes read from the autotuned config; ``more``: further
-    grid axes (e.g. a split-K count)."""
+def tile_grid(rows: int, cols: int | None = None, *, row_block: str = "BLOCK_M",
+              col_block: str = "BLOCK_N", per: int = 1, lead: tuple[int, ...] = (),
+              more: tuple[int, ...] = ()):
+    """The grid of a launch with one program per tile, a function of the launch's constexprs
+    (``meta``: the autotuned config and the keyword arguments), so block sizes are read by name,
+    never repeated: the tile axis holds ``cdiv(rows, meta[row_block])`` tiles (times
+    ``cdiv(cols, meta[col_block])`` with ``cols``: a 2-D output whose tile order the kernel decodes)
+    for each of ``per`` independent problems (batch x heads), the tiles of one problem adjacent;
+    ``lead``: grid axes before it (then it is not axis 0), ``more``: grid axes after it (a batch,
+    a split count)."""
     def grid(meta):
-        return (cdiv(rows, meta[row_block]) * cdiv(cols, meta[col_block]), *more)
+        tiles = cdiv(rows, meta[row_block])
+        if cols is not None:
+            tiles *= cdiv(cols, meta[col_block])
+        return (*lead, tiles * per, *more)
     return grid
+
+
+def strides(tensor, name: str, dims: str) -> dict:
+    """A tensor's strides as a launch's keyword arguments: ``stride_<name><d>`` for each letter
+    ``d`` of ``dims`` (one per dim; ``strides(out, "o", "bld")`` -> ``stride_ob``, ``stride_ol``,
+    ``stride_od``). ``tensor=None`` (an absent operand, never read) gives zeros."""
+    if tensor is None:
+        return {f"stride_{name}{d}": 0 for d in dims}
+    if tensor.dim() != len(dims):
+        raise ValueError(f"strides: {len(dims)} dims named ({dims!r}) for a {tensor.dim()}-D tensor")
+    return {f"stride_{name}{d}": s for d, s in zip(dims, tensor.stride())}
+
+
+def optional_operand(tensor, stand_in):
+    """A launch's pointer argument for an optional operand: the tensor, or ``stand_in`` (a tensor
+    of the same launch) when it is absent; the kernel never reads it then (a constexpr flag, or
+    a size of 0, skips it)."""
+    return stand_in if tensor is None else tensor
 
 
 def interpreting() -> bool:
@@ -50,6 +84,16 @@ def sm_count(device) -> int:
     if torch.device(device).type != "cuda":
         return 1
     return _device_properties(_cuda_index(device)).multi_processor_count
+
+
+def compute_capability(device) -> int:
+    """``10 * major + minor`` of a CUDA device (80: A100, 90: H100); 0 for any other device."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 0
+    props = _device_properties(_cuda_index(device))
+    return 10 * props.major + props.minor
 
 
 def shared_memory_per_block(device) -> int:

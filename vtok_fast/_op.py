@@ -1,20 +1,21 @@
 """The one way an op is registered: a ``torch.library`` custom op, its fake (meta) function and
 its autograd formula.
 
-Every op module follows the same template::
+Every op module follows the same template, its functions named after the op::
 
-    def _impl(x: torch.Tensor, ...) -> torch.Tensor:        # dispatch: Triton or PyTorch path
+    def _<op>_impl(x: torch.Tensor, ...) -> torch.Tensor:    # dispatch: Triton or PyTorch path
         return _forward_triton(...) if use_triton(x) else _forward_torch(...)
 
-    def _fake(x, ...):                                       # shapes and dtypes only
+    def _<op>_fake(x, ...):                                  # shapes and dtypes only
         return x.new_empty(...)
 
     def _setup_context(ctx, inputs, output): ...             # save only what backward needs
     def _backward(ctx, grad): ...
 
-    _op = define_op("name", _impl, fake=_fake, setup_context=_setup_context, backward=_backward)
+    _<op>_op = define_op("<op>", _<op>_impl, fake=_<op>_fake, setup_context=_setup_context,
+                         backward=_backward)
 
-    def name(x, ...):                                        # public: validate, reshape, call _op
+    def <op>(x, ...):                                        # public: validate, reshape, call _<op>_op
         ...
 
 so ``torch.compile(fullgraph=True)`` keeps the op in the graph and autograd differentiates it.

@@ -49,12 +49,13 @@ import torch
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor
-from vtok_fast._launch import interpreting
+from vtok_fast._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor, token_table
+from vtok_fast._launch import interpreting, strides
 from vtok_fast._op import define_op
 from vtok_fast.encode.packed import PackedTokens
 
 NUM_BINS = 512
+_TABLE_DOC = "(L, D), (1, L, D) or (D,)"  # prefix / position tables (a single row may be (D,))
 # grayscale weights in units of 1e-4: 1e4 * gray = 2989 R + 5870 G + 1140 B (exact integers)
 GRAY_WEIGHTS = (2989, 5870, 1140)
 # bin = floor(gray * 512 / 255) = (1e4 * gray * 512) // (255 * 1e4); the product fits int32
@@ -136,28 +137,29 @@ def _entropy_triton(images: torch.Tensor, patch_size: int, num_scales: int) -> t
     table = entropy_table((patch_size << (num_scales - 1)) ** 2, images.device)
     # enable_fp_fusion=False: v * 255 + 0.5 must round twice, as PyTorch does (no FMA)
     options = {} if interpreting() else {"enable_fp_fusion": False}
-    patch_entropy_fwd[(B * T,)](
-        out, *out.stride(), images, *images.stride(), table, B, H, W, T, patch_size,
-        NUM_SCALES=num_scales, IS_FLOAT=images.dtype != torch.uint8,
+    patch_entropy_fwd[(B * T,)](  # one program per (patch, image): not tiled
+        out_ptr=out, **strides(out, "o", "bt"), img_ptr=images, **strides(images, "i", "bchw"),
+        table_ptr=table, B=B, H=H, W=W, T=T, P=patch_size, NUM_SCALES=num_scales,
+        IS_FLOAT=images.dtype != torch.uint8,
         GRAY_R=GRAY_WEIGHTS[0], GRAY_G=GRAY_WEIGHTS[1], GRAY_B=GRAY_WEIGHTS[2],
         BIN_DIVISOR=BIN_DIVISOR, NUM_BINS=NUM_BINS, FRAC_BITS=FRAC_BITS, **options,
     )
     return out
 
 
-def _entropy_impl(images: torch.Tensor, patch_size: int, num_scales: int) -> torch.Tensor:
+def _patch_entropy_impl(images: torch.Tensor, patch_size: int, num_scales: int) -> torch.Tensor:
     if use_triton(images):
         return _entropy_triton(images, patch_size, num_scales)
     return patch_entropy_reference(images, patch_size, num_scales)  # the PyTorch path
 
 
-def _entropy_fake(images, patch_size, num_scales):
+def _patch_entropy_fake(images, patch_size, num_scales):
     B, _, H, W = images.shape
     T = sum(gh * gw for gh, gw in scale_grids(H, W, patch_size, num_scales))
     return images.new_empty((B, T), dtype=torch.float32)
 
 
-_patch_entropy_op = define_op("patch_entropy", _entropy_impl, fake=_entropy_fake)
+_patch_entropy_op = define_op("patch_entropy", _patch_entropy_impl, fake=_patch_entropy_fake)
 
 
 def _check_images(images, patch_size: int, num_scales: int) -> None:
@@ -299,22 +301,6 @@ def _to_base_size(pixels: torch.Tensor, factor: int, like: torch.Tensor) -> torc
     return x if like.dtype == torch.uint8 else x.to(like.dtype)
 
 
-def _rows(name: str, value, width: int, weight: torch.Tensor) -> torch.Tensor:
-    """A token table given as ``(L, D)``, ``(1, L, D)`` (or ``(D,)``: one row) as ``(L, D)``."""
-    t = check_tensor(name, value, ndim=(1, 2, 3), shape_doc="(L, D), (1, L, D) or (D,)")
-    if t.dim() == 3:
-        if t.shape[0] != 1:
-            raise ValueError(f"{name} must be (L, D), (1, L, D) or (D,), got shape {tuple(value.shape)}")
-        t = t[0]
-    t = t.reshape(1, -1) if t.dim() == 1 else t
-    if t.shape[1] != width:
-        raise ValueError(f"{name} must have width D={width} (weight.shape[0]), got shape "
-                         f"{tuple(value.shape)}")
-    if t.dtype != weight.dtype:
-        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype}")
-    return t
-
-
 class _Setup:
     """Validated arguments shared by the fast path and the reference."""
 
@@ -344,11 +330,12 @@ class _Setup:
         self.B, self.D = B, D
         self.grids = scale_grids(H, W, self.p, self.S)
         gh, gw = self.grids[0]
-        self.prefix = None if prefix is None else _rows("prefix", prefix, D, weight)
+        self.prefix = None if prefix is None else token_table("prefix", prefix, D, weight, shape_doc=_TABLE_DOC,
+                                                              one_row=True)
         self.P = 0 if self.prefix is None else self.prefix.shape[0]
         self.pos_prefix = self.pos_grid = None
         if pos_embed is not None:
-            pos = _rows("pos_embed", pos_embed, D, weight)
+            pos = token_table("pos_embed", pos_embed, D, weight, shape_doc=_TABLE_DOC, one_row=True)
             if pos.shape[0] == self.P + gh * gw and self.P:
                 self.pos_prefix, pos = pos[: self.P], pos[self.P:]
             elif pos.shape[0] != gh * gw:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_dense, check_same_device, check_tensor
-from vtok_fast._launch import cdiv, sm_count
+from vtok_fast._launch import cdiv, sm_count, strides, tile_grid
 from vtok_fast._op import define_op
 
 METRICS = ("l2", "cosine")
@@ -311,7 +311,7 @@ class _TileSearch:
         self._buf = None  # torch's GEMM output tile (oneDNN returns its own)
         self.xr = None
 
-    def start_rows(self, xr: torch.Tensor) -> None:
+    def set_row_tile(self, xr: torch.Tensor) -> None:
         """The row tile that the following calls score (against code blocks)."""
         self.xr = xr
 
@@ -433,7 +433,7 @@ def _search_torch(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int):
     for r0 in range(0, N, rows):
         xr = x[r0:r0 + rows].float()
         nr = xr.shape[0]
-        search.start_rows(xr)
+        search.set_row_tile(xr)
         best_v = best_i = best_keys = None
         for c0 in range(0, K, k_block):
             kb = min(k_block, K - c0)
@@ -485,6 +485,34 @@ def _default_splits(N: int, K: int, device: torch.device) -> int:
     return splits
 
 
+def _block_d_for(D: int, sixteen_bit: bool) -> tuple[int, int]:
+    """(BLOCK_D, NUM_D) of the stage-1 kernels for a feature size D: one tile up to the kernel's
+    single-tile cap (fp16/bf16), else chunks; tiny D padded (masked loads) to the dot's minimum."""
+    import triton
+
+    from vtok_fast.kernels import codebook_search as kc
+
+    pad = max(kc.MIN_BLOCK_D, triton.next_power_of_2(D))
+    if sixteen_bit:
+        if pad <= kc.MAX_SINGLE_BLOCK_D:
+            return pad, 1
+        return kc.LOOP_BLOCK_D, cdiv(D, kc.LOOP_BLOCK_D)
+    block = min(pad, kc.FP32_BLOCK_D)
+    return block, cdiv(D, block)
+
+
+def _rerank_blocks(D: int, candidates: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D) of the re-rank: D chunks of 16 to 64, and as many rows (up to 64) as
+    keep a chunk of every row's candidates within 8192 elements."""
+    import triton
+
+    block_d = min(64, max(16, triton.next_power_of_2(D)))
+    block_m = 1
+    while block_m * 2 <= 64 and block_m * 2 * candidates * block_d <= 8192:
+        block_m *= 2
+    return block_m, block_d
+
+
 def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int, splits: int | None = None):
     import triton
 
@@ -507,36 +535,30 @@ def _search_triton(x: torch.Tensor, codebook: torch.Tensor, metric: str, k: int,
         search_codes = codebook
         bias = code_sq
     del cf
-    block_d, num_d = kc.block_d_for(D, sixteen_bit)
+    block_d, num_d = _block_d_for(D, sixteen_bit)
     r = 2 if k == 1 else triton.next_power_of_2(k)
     splits = _default_splits(N, K, x.device) if splits is None else splits
     codes_per_split = cdiv(cdiv(K, splits), kc.SPLIT_ALIGN) * kc.SPLIT_ALIGN
     grid_splits = triton.next_power_of_2(cdiv(K, codes_per_split))
     cand = torch.empty((N, grid_splits * r), device=x.device, dtype=torch.int32)
-
-    def grid(meta):
-        return (cdiv(N, meta["BLOCK_M"]), grid_splits)
-
-    args = (cand, *cand.stride(), x, *x.stride(), search_codes, *search_codes.stride(), bias,
-            -1.0 if cosine else -2.0, N, K, D, codes_per_split)
-    consts = dict(IEEE=not sixteen_bit, BLOCK_D=block_d,
-                  NUM_D=num_d, EVEN_D=block_d * num_d == D)
+    args = dict(cand_ptr=cand, **strides(cand, "c", "ns"), x_ptr=x, **strides(x, "x", "nd"),
+                c_ptr=search_codes, **strides(search_codes, "c", "kd"), bias_ptr=bias,
+                scale=-1.0 if cosine else -2.0, N=N, K=K, D=D, codes_per_split=codes_per_split,
+                IEEE=not sixteen_bit, BLOCK_D=block_d, NUM_D=num_d, EVEN_D=block_d * num_d == D)
     if k == 1:
         kernel = kc.codebook_argmin_tc if sixteen_bit else kc.codebook_argmin_fp32
-        kernel[grid](*args, **consts)
     else:
         kernel = kc.codebook_topk_tc if sixteen_bit else kc.codebook_topk_fp32
-        kernel[grid](*args, R=r, **consts)
+        args["R"] = r
+    kernel[tile_grid(N, more=(grid_splits,))](**args)
 
     total = grid_splits * r
-    rerank_d = min(64, max(16, triton.next_power_of_2(D)))
-    rerank_m = 1
-    while rerank_m * 2 <= 64 and rerank_m * 2 * total * rerank_d <= 8192:
-        rerank_m *= 2
+    rerank_m, rerank_d = _rerank_blocks(D, total)
     row_sq = torch.empty(N, device=x.device, dtype=torch.float32)
-    kc.codebook_rerank_fwd[(cdiv(N, rerank_m),)](
-        out_idx, *out_idx.stride(), out_val, *out_val.stride(), row_sq, cand, *cand.stride(),
-        x, *x.stride(), codebook, *codebook.stride(), N, K, D, k,
+    kc.codebook_rerank_fwd[tile_grid(N)](
+        idx_ptr=out_idx, **strides(out_idx, "i", "nk"), dist_ptr=out_val, **strides(out_val, "d", "nk"),
+        xx_ptr=row_sq, cand_ptr=cand, **strides(cand, "c", "nr"), x_ptr=x, **strides(x, "x", "nd"),
+        c_ptr=codebook, **strides(codebook, "c", "kd"), N=N, K=K, D=D, k_out=k,
         COSINE=cosine, R=total, BLOCK_M=rerank_m, BLOCK_D=rerank_d, num_warps=4)
     return _apply_value_rules(x, codebook, metric, k, out_idx, out_val, row_sq, code_sq)
 

@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._launch import cdiv, sm_count, tile_grid
+from vtok_fast._launch import cdiv, optional_operand, sm_count, strides, tile_grid
 from vtok_fast._op import define_op
-from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from vtok_fast._checks import FLOAT_DTYPES, check_bias, check_same_device, check_tensor, token_table
 
 IMAGE_DTYPES = (*FLOAT_DTYPES, torch.uint8)
 OUT_DTYPES = (*FLOAT_DTYPES, torch.float64)
@@ -85,26 +85,6 @@ def patch_embed_reference(images, weight, bias=None, pos_embed=None, prefix=None
 
 
 # --- argument checks ---------------------------------------------------------------------------
-
-def _token_table(name: str, value, rows: Optional[int], width: int, weight: torch.Tensor, *,
-                 shape_doc: str = "(L, D) or (1, L, D)", shown=None):
-    """A ``(rows, width)`` or ``(1, rows, width)`` table as a 2-D view; ``rows=None``: any.
-    Messages show the shape of ``shown`` (default ``value``): what the caller passed."""
-    t = check_tensor(name, value, ndim=(2, 3), shape_doc=shape_doc)
-    shape = tuple((value if shown is None else shown).shape)
-    if t.dim() == 3:
-        if t.shape[0] != 1:
-            raise ValueError(f"{name} must be {shape_doc}, got shape {shape}")
-        t = t.squeeze(0)  # a view whose backward is a view too (indexing would scatter)
-    if t.shape[1] != width:
-        raise ValueError(f"{name} must have width D={width} (weight.shape[0]), got shape {shape}")
-    if rows is not None and t.shape[0] != rows:
-        raise ValueError(f"{name} must have {rows} rows, got shape {shape}")
-    if t.dtype != weight.dtype:
-        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype} "
-                        "(cast it, e.g. with .to(weight.dtype))")
-    return t
-
 
 def _stat_values(name: str, value, channels: int, default: float, images: torch.Tensor):
     """``mean`` / ``std`` as ``C`` fp32 values on the images' device.
@@ -168,7 +148,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype if x.device.type == "cuda" else torch.float32
 
 
-def _im2col_rows(images: torch.Tensor, ph: int, pw: int, prefix_rows: int, dtype) -> torch.Tensor:
+def _patch_matrix(images: torch.Tensor, ph: int, pw: int, prefix_rows: int, dtype) -> torch.Tensor:
     """``(B, P + N, K)`` patch matrix in one copy, ``P`` leading zero rows per image."""
     B, C, H, W = images.shape
     gh, gw = H // ph, W // pw
@@ -206,7 +186,7 @@ def _forward_torch(images, weight, bias, pos, prefix, scale, shift, covers, out_
         table[:P] += prefix
     if pos is not None:
         table[(0 if covers else P):] += pos
-    a = _im2col_rows(images, ph, pw, P, cdt).view(B * (P + N), K)
+    a = _patch_matrix(images, ph, pw, P, cdt).view(B * (P + N), K)
     out = torch.empty(B, P + N, D, dtype=out_dtype, device=images.device)
     if out_dtype == cdt:
         torch.mm(a, w.to(cdt).t(), out=out.view(B * (P + N), D))
@@ -220,7 +200,7 @@ def _weight_grad_torch(grad, images, weight, scale, shift, P):
     """``dW = dY_patches^T im2col(x*s + t)`` = ``(dY^T im2col(x)) * s + (sum dY) t^T``."""
     D, C, ph, pw = weight.shape
     cdt = _compute_dtype(images, weight)
-    a = _im2col_rows(images, ph, pw, P, cdt).flatten(0, 1)
+    a = _patch_matrix(images, ph, pw, P, cdt).flatten(0, 1)
     g = grad.to(cdt).reshape(-1, D)
     dw = (g.t() @ a).to(torch.float32)
     if scale is not None:
@@ -273,20 +253,16 @@ def _forward_triton(images, weight, bias, pos, prefix, scale, shift, covers, out
         return out
     M, K = B * L, C * ph * pw
     w2 = weight.reshape(D, K)
-    # absent operands: the weight stands in (never read: the kernel's flags, or P = 0 for the
-    # prefix, skip them)
-    bias_args = (weight, 0) if bias is None else (bias, bias.stride(0))
-    pos_args = (weight, 0, 0) if pos is None else (pos, *pos.stride())
-    prefix_args = (weight, 0, 0) if prefix is None else (prefix, *prefix.stride())
-    scale_t = weight if scale is None else scale
-    shift_t = weight if shift is None else shift
+    # absent operands: the weight stands in (the kernel's flags, or P = 0 for the prefix, skip them)
     patch_embed_fwd[tile_grid(M, D)](
-        out, *out.stride(),
-        images, *images.stride(),
-        w2, *w2.stride(),
-        *bias_args, *pos_args, *prefix_args,
-        scale_t, shift_t,
-        M, D, K, L, P, gw, 0 if covers else P,
+        out_ptr=out, **strides(out, "o", "bld"),
+        img_ptr=images, **strides(images, "i", "bchw"),
+        w_ptr=w2, **strides(w2, "w", "dk"),
+        bias_ptr=optional_operand(bias, weight), **strides(bias, "b", "d"),
+        pos_ptr=optional_operand(pos, weight), **strides(pos, "p", "ld"),
+        pre_ptr=optional_operand(prefix, weight), **strides(prefix, "x", "ld"),
+        scale_ptr=optional_operand(scale, weight), shift_ptr=optional_operand(shift, weight),
+        M=M, D=D, K=K, L=L, P=P, GW=gw, POS_START=0 if covers else P,
         PH=ph, PW=pw, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
         HAS_NORM=scale is not None, ALLOW_TF32=_allow_tf32(weight),
     )
@@ -318,14 +294,13 @@ def _weight_grad_triton(grad, images, weight, scale, shift, P):
     tiles = cdiv(D, _DW_SPLIT_TILE) * cdiv(K, _DW_SPLIT_TILE)
     split = max(1, min(cdiv(2 * sm_count(images.device), tiles), cdiv(M, 256)))
     partial = torch.empty(split, D, K, dtype=torch.float32, device=images.device)
-    scale_t = weight if scale is None else scale
-    shift_t = weight if shift is None else shift
-    patch_embed_bwd_dw[tile_grid(D, K, "BD", "BK", split)](
-        partial, *partial.stride(),
-        grad, *grad.stride(),
-        images, *images.stride(),
-        scale_t, shift_t,
-        M, D, K, N, P, gw, split,
+    # (D, K) tiles of dW: the forward's BLOCK_N (D) x BLOCK_K (K)
+    patch_embed_bwd_dw[tile_grid(D, K, row_block="BLOCK_N", col_block="BLOCK_K", more=(split,))](
+        dw_ptr=partial, **strides(partial, "w", "sdk"),
+        g_ptr=grad, **strides(grad, "g", "bld"),
+        img_ptr=images, **strides(images, "i", "bchw"),
+        scale_ptr=optional_operand(scale, weight), shift_ptr=optional_operand(shift, weight),
+        M=M, D=D, K=K, N=N, P=P, GW=gw, SPLIT=split,
         PH=ph, PW=pw, HAS_NORM=scale is not None, ALLOW_TF32=_allow_tf32(weight),
         DOT_DTYPE=_dot_dtype(weight),
     )
@@ -346,13 +321,12 @@ def _input_grad_triton(grad, shape, dtype, weight, scale, P):
     if M == 0:
         return dx
     w2 = weight.reshape(D, K)
-    scale_t = weight if scale is None else scale
-    patch_embed_bwd_dx[tile_grid(M, K, "BM", "BK")](
-        dx, *dx.stride(),
-        grad, *grad.stride(),
-        w2, *w2.stride(),
-        scale_t,
-        M, D, K, N, P, gw,
+    patch_embed_bwd_dx[tile_grid(M, K, col_block="BLOCK_K")](
+        dx_ptr=dx, **strides(dx, "x", "bchw"),
+        g_ptr=grad, **strides(grad, "g", "bld"),
+        w_ptr=w2, **strides(w2, "w", "dk"),
+        scale_ptr=optional_operand(scale, weight),
+        M=M, D=D, K=K, N=N, P=P, GW=gw,
         PH=ph, PW=pw, HAS_NORM=scale is not None, ALLOW_TF32=_allow_tf32(weight),
     )
     return dx
@@ -483,24 +457,17 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise ValueError(f"images must be at least one patch ({ph}x{pw}) in size, got "
                          f"{H}x{W} (shape {tuple(images.shape)})")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, shape_doc=f"(D,) with D={D}")
-        if bias.shape[0] != D:
-            raise ValueError(f"bias must be (D,) with D={D}, got shape {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+        check_bias("bias", bias, weight)
     pre = None
     if prefix is not None:
-        one_token = isinstance(prefix, torch.Tensor) and prefix.dim() == 1
-        pre = _token_table("prefix", prefix[None] if one_token else prefix, None, D, weight,
-                           shape_doc="(P, D), (1, P, D) or (D,)", shown=prefix)
+        pre = token_table("prefix", prefix, D, weight, shape_doc="(P, D), (1, P, D) or (D,)", one_row=True)
         if pre.shape[0] == 0:
             pre = None
     P = 0 if pre is None else pre.shape[0]
     N = (H // ph) * (W // pw)
     pos = None
     if pos_embed is not None:
-        rows = P + N if pos_covers_prefix else N
-        pos = _token_table("pos_embed", pos_embed, rows, D, weight)
+        pos = token_table("pos_embed", pos_embed, D, weight, rows=P + N if pos_covers_prefix else N)
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of ({', '.join(str(d) for d in OUT_DTYPES)}), "
@@ -548,7 +515,8 @@ def patch_embed_like_conv(images: torch.Tensor, weight: torch.Tensor,
 _FORMATS = ("NLC", "NCHW", "NHWC", "NCL")
 
 
-def _pair(v) -> tuple[int, int]:
+def _as_hw(v) -> tuple[int, int]:
+    """``(h, w)`` ints from a pair, or from one int for a square (timm's ``to_2tuple``)."""
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
@@ -577,10 +545,10 @@ class PatchEmbed(nn.Module):
             raise ValueError("dynamic_img_pad=True is not supported by vtok_fast.PatchEmbed "
                              "(pad the images to a multiple of the patch size yourself)")
         dd = {"device": device, "dtype": dtype}
-        self.patch_size = _pair(patch_size)
+        self.patch_size = _as_hw(patch_size)
         self.img_size, self.grid_size, self.num_patches = None, None, None
         if img_size is not None:
-            self.img_size = _pair(img_size)
+            self.img_size = _as_hw(img_size)
             self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
             self.num_patches = self.grid_size[0] * self.grid_size[1]
         if output_fmt is not None:

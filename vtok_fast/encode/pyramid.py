@@ -33,9 +33,10 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor, token_table
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor], None]
+_TABLE_DOC = "(N, D) or (1, N, D)"
 
 
 def _grid(level, index: int) -> tuple[int, int]:
@@ -76,6 +77,16 @@ def _resample_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return t[0].permute(1, 2, 0).reshape(grid[0] * grid[1], -1).to(table.dtype)
 
 
+def _level_table(i: int, table: torch.Tensor, single: bool, grid: tuple[int, int], D: int,
+                 weight: torch.Tensor) -> torch.Tensor:
+    """Level ``i``'s ``(gh * gw, D)`` position rows: its own table, or the single square table
+    resampled to its grid."""
+    if single:
+        return _resample_table(token_table("pos_embeds", table, D, weight, shape_doc=_TABLE_DOC), grid)
+    return token_table(f"pos_embeds[{i}]", table, D, weight, rows=grid[0] * grid[1], shape_doc=_TABLE_DOC,
+                       rows_doc=" (the level's grid)")
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Area (integer shrink) or bilinear resampling of float pixels."""
     H, W = x.shape[-2:]
@@ -93,21 +104,6 @@ def _level_pixels(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if size == tuple(images.shape[2:]):
         return images
     return _resize(images.to(torch.float32) / 255 if images.dtype == torch.uint8 else images, size)
-
-
-def _table(name: str, value, rows: Optional[int], D: int, weight: torch.Tensor) -> torch.Tensor:
-    t = check_tensor(name, value, ndim=(2, 3), shape_doc="(N, D) or (1, N, D)")
-    if t.dim() == 3:
-        if t.shape[0] != 1:
-            raise ValueError(f"{name} must be (N, D) or (1, N, D), got shape {tuple(value.shape)}")
-        t = t[0]
-    if t.shape[1] != D:
-        raise ValueError(f"{name} must have width D={D}, got shape {tuple(value.shape)}")
-    if rows is not None and t.shape[0] != rows:
-        raise ValueError(f"{name} must have {rows} rows (the level's grid), got shape {tuple(value.shape)}")
-    if t.dtype != weight.dtype:
-        raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {t.dtype}")
-    return t
 
 
 def pyramid_tokenize(images: torch.Tensor, weights: Tensors, biases: Tensors = None,
@@ -150,7 +146,7 @@ def pyramid_tokenize(images: torch.Tensor, weights: Tensors, biases: Tensors = N
     single_table = isinstance(pos_embeds, torch.Tensor)
     tables = _per_level("pos_embeds", pos_embeds, L)
     if level_embed is not None:
-        level_embed = _table("level_embed", level_embed, L, D, weights[0])
+        level_embed = token_table("level_embed", level_embed, D, weights[0], rows=L, rows_doc=" (one per level)")
     check_same_device(images=images, weight=weights[0], prefix=prefix, level_embed=level_embed,
                       pos_embed=tables[0], bias=biases[0])
 
@@ -162,10 +158,7 @@ def pyramid_tokenize(images: torch.Tensor, weights: Tensors, biases: Tensors = N
     out = []
     for i, (grid, size, w, b, table) in enumerate(zip(grids, sizes, weights, biases, tables)):
         n = grid[0] * grid[1]
-        pos = None
-        if table is not None:
-            pos = _resample_table(_table("pos_embeds", table, None, D, w), grid) if single_table \
-                else _table(f"pos_embeds[{i}]", table, n, D, w)
+        pos = None if table is None else _level_table(i, table, single_table, grid, D, w)
         if level_embed is not None:
             row = level_embed[i].expand(n, D)
             pos = row if pos is None else pos + row

@@ -16,6 +16,10 @@ from vtok_fast.encode._vq_common import (
     _mse, _row_mask, directional_reparam, frac_gradient)
 from vtok_fast.encode.codebook_search import MAX_K
 from vtok_fast.encode.vq import VectorQuantizer
+from vtok_fast.encode.vq_search import search
+from vtok_fast.encode.vq_steps import LayerStep
+from vtok_fast.encode.vq_sync import sync_active
+from vtok_fast.encode.vq_update import finish_step
 
 BEAM_RANKS = ("error", "vqp")
 MAX_BEAM = MAX_K  # beams extend by codebook_search(k=beam_size)
@@ -200,7 +204,7 @@ class ResidualVQ(nn.Module):
         """vector-quantize-pytorch's draw: an int in [0, 10000) from torch's generator, summed over
         ranks when the codebooks are synced."""
         seed = torch.randint(0, 10_000, (), device=device)
-        if self.layers[0]._sync_active():
+        if sync_active(self.layers[0]):
             _all_reduce_(seed)
         return int(seed)
 
@@ -238,26 +242,28 @@ class ResidualVQ(nn.Module):
         path = self.beam_search(z, beam, num_layers=active) if searching else None
         residual = z
         quantized = torch.zeros_like(z)
-        all_indices, all_losses, rows, tracked = [], [], [], False
-        for i, layer in enumerate(layers):
-            step = layer._quantize(residual, None if path is None else path[..., i], mask=layer_mask,
-                                   sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
-                                   defer_refresh=self.shared_codebook)
-            loss = step.loss
+        all_indices, all_losses, shared_rows = [], [], []
+        for i, layer in enumerate(layers):  # each layer's step (vq_steps), on the winning path's codes
+            step = LayerStep(layer, residual, mask=layer_mask, sample_codebook_temp=sample_codebook_temp,
+                             freeze_codebook=freeze_codebook)
+            step.learn(step.search() if path is None else step.take(path[..., i]))
+            if step.tracked and self.shared_codebook:
+                shared_rows.append(step.seen)  # the shared codebook's update waits for every layer
+            elif step.tracked:
+                finish_step(layer, step.seen, step.sync)
+            layer_q, layer_idx, loss, _ = step.output()
             if searching and self.beam_rank == "vqp" and not self.training and not layer.eval_loss:
-                loss = self._vqp_beam_loss(layer, step.quantized, residual, layer_mask)
-            residual = residual - frac_gradient(step.quantized, self.quant_grad_frac)
-            quantized = quantized + step.quantized
-            all_indices.append(step.indices)
+                loss = self._vqp_beam_loss(layer, layer_q, residual, layer_mask)
+            residual = residual - frac_gradient(layer_q, self.quant_grad_frac)
+            quantized = quantized + layer_q
+            all_indices.append(layer_idx)
             all_losses.append(loss)
-            rows.append(step.rows)
-            tracked = tracked or step.tracked
         for _ in range(active, self.num_quantizers):  # dropped layers
             all_indices.append(torch.full(lead, -1, dtype=torch.long, device=z.device))
             all_losses.append(torch.zeros((), device=z.device))
-        if self.shared_codebook and tracked:
+        if shared_rows:  # one update of the shared codebook, from every layer's rows
             shared = self.layers[0]
-            shared._finish_step(torch.cat(rows, dim=1), self.training and shared._sync_active())
+            finish_step(shared, torch.cat(shared_rows, dim=1), self.training and sync_active(shared))
         if self.diveq and torch.is_grad_enabled() and z.requires_grad and (
                 self.training or self.layers[0].eval_gradient):
             quantized = directional_reparam(z, quantized)
@@ -299,7 +305,7 @@ class ResidualVQ(nn.Module):
         for i, layer in enumerate(layers):
             codebook = layer.codebook.detach().to(search_dtype)
             k = min(beam_size, codebook.shape[0])
-            cand, err = layer._search(residual.reshape(-1, d), codebook, k=k, return_distances=True)
+            cand, err = search(layer, residual.reshape(-1, d), codebook, k=k, return_distances=True)
             width = residual.shape[1] * k
             cand, err = cand.reshape(m, width), err.reshape(m, width)  # path-major
             if self.beam_rank == "error":

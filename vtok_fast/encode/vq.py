@@ -2,6 +2,13 @@
 ``ResidualVQ`` and ``GroupedResidualVQ`` in ``residual_vq.py`` (which imports this module, never the
 reverse; helpers both use live in ``_vq_common.py``).
 
+``VectorQuantizer`` holds the configuration and the state (codebook, statistics, generator); one
+forward step is ``vq_steps.LayerStep``, which runs the named steps, each in its own module taking the
+layer as its first argument: ``vq_layout`` (input layout: rows in, output out), ``vq_search``
+(nearest or sampled codes), ``vq_update`` (k-means init, EMA statistics and codes, dead codes, with
+``vq_sync`` for the rank-identical sampling), ``vq_loss`` (commitment, codebook and orthogonality
+terms) and ``vq_grad`` (the gradient estimator). ``ResidualVQ`` runs the same steps per layer.
+
 Conventions follow vector-quantize-pytorch (argument names, EMA with Laplace smoothing, commitment
 loss, straight-through and rotation-trick gradients, k-means init, dead-code expiry), with:
 
@@ -20,31 +27,25 @@ argument names, defaults and conventions; both load its checkpoints (a load_stat
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vtok_fast._checks import FLOAT_DTYPES, check_choice
-from vtok_fast.encode.codebook_search import METRICS, codebook_search
-from vtok_fast.encode._vq_common import (  # noqa: F401  (re-exported: public helpers and test imports)
-    INDEX_DTYPES, MASKED_OUTPUTS, LossBreakdown, _all_reduce_, _check_flag, _check_indices,
-    _check_input, _check_int, _check_number, _finite_rows, _mse, _row_mask, _world, directional_reparam,
-    gumbel_sample_codes, load_vqp_keys, orthogonal_loss, rotation_trick, straight_through)
+from vtok_fast.encode.codebook_search import METRICS
+from vtok_fast.encode._vq_common import (
+    INDEX_DTYPES, MASKED_OUTPUTS, LossBreakdown, _check_flag, _check_indices, _check_int, _check_number,
+    directional_reparam, gumbel_sample_codes, load_vqp_keys, orthogonal_loss, rotation_trick, straight_through)
+from vtok_fast.encode.vq_grad import GRADIENTS
+from vtok_fast.encode.vq_loss import CODEBOOK_LOSSES
+from vtok_fast.encode.vq_steps import LayerStep
+from vtok_fast.encode.vq_sync import sample_rows, sync_active
+from vtok_fast.encode.vq_update import dead_codes, finish_step, smoothed_cluster_size
 
-GRADIENTS = ("ste", "rotation", "diveq", "none")
-CODEBOOK_LOSSES = ("separate", "joint")
-
-
-class _Step(NamedTuple):
-    """What one ``VectorQuantizer._quantize`` call gives ``ResidualVQ``."""
-    quantized: torch.Tensor
-    indices: torch.Tensor
-    loss: torch.Tensor
-    breakdown: LossBreakdown
-    rows: torch.Tensor      # (books, rows, codebook_dim): the (unmasked, finite) vectors the statistics saw
-    tracked: bool           # a training step that updated the statistics
+__all__ = [  # with the helpers this module has always exported
+    "VectorQuantizer", "LossBreakdown", "GRADIENTS", "CODEBOOK_LOSSES", "INDEX_DTYPES", "MASKED_OUTPUTS",
+    "straight_through", "rotation_trick", "directional_reparam", "orthogonal_loss", "gumbel_sample_codes",
+    "load_vqp_keys"]
 
 
 class VectorQuantizer(nn.Module):
@@ -137,12 +138,12 @@ class VectorQuantizer(nn.Module):
         if search_dtype is not None and search_dtype not in FLOAT_DTYPES:
             raise TypeError(f"search_dtype must be one of {FLOAT_DTYPES} or None, got {search_dtype!r}")
         self.dim = dim = _check_int("dim", dim)
-        self.codebook_size = codebook_size = _check_int("codebook_size", codebook_size)
+        self.codebook_size = _check_int("codebook_size", codebook_size)
         self.codebook_dim = _check_int("codebook_dim", codebook_dim, optional=True) or dim
         self.heads = heads = _check_int("heads", heads)
         self.kmeans_iters = _check_int("kmeans_iters", kmeans_iters, positive=False)
         self.commitment_weight = _check_number("commitment_weight", commitment_weight)
-        self.ema_decay = ema_decay = _check_number("ema_decay", ema_decay, high=1.0, optional=True)
+        self.ema_decay = _check_number("ema_decay", ema_decay, high=1.0, optional=True)
         self.usage_decay = _check_number("usage_decay", usage_decay, high=1.0)
         self.eps = _check_number("eps", eps, open_low=True)  # > 0: an unused code divides by it
         self.dead_code_threshold = _check_number("dead_code_threshold", dead_code_threshold)
@@ -168,25 +169,34 @@ class VectorQuantizer(nn.Module):
         self.sample_codebook_temp = _check_number("sample_codebook_temp", sample_codebook_temp)
         self.search_dtype = search_dtype
 
-        inner = self.codebook_dim * heads
-        self.project_in = nn.Linear(dim, inner) if inner != dim else nn.Identity()
-        self.project_out = nn.Linear(inner, dim) if inner != dim else nn.Identity()
+        self._init_state(kmeans_init)
+        self.register_load_state_dict_pre_hook(load_vqp_keys)
 
-        n_books = heads if separate_codebook_per_head else 1
+    def _init_state(self, kmeans_init: bool) -> None:
+        """The constructor's modules and state, registered in this order (their state_dict order; the
+        random inits draw from torch's global generator in this order too): ``project_in`` /
+        ``project_out``, the codebook ``embed`` (zeros awaiting k-means init, else Kaiming-uniform,
+        unit rows for cosine; a parameter when a loss reaches it), ``embed_sum`` (EMA codebooks),
+        ``cluster_size``, ``initted``, ``perplexity`` / ``usage`` (not saved) and ``rng_state``."""
+        inner = self.codebook_dim * self.heads
+        self.project_in = nn.Linear(self.dim, inner) if inner != self.dim else nn.Identity()
+        self.project_out = nn.Linear(inner, self.dim) if inner != self.dim else nn.Identity()
+
+        n_books = self.heads if self.separate_codebook_per_head else 1
         if kmeans_init:
-            embed = torch.zeros(n_books, codebook_size, self.codebook_dim)
+            embed = torch.zeros(n_books, self.codebook_size, self.codebook_dim)
         else:
-            embed = torch.empty(n_books, codebook_size, self.codebook_dim)
+            embed = torch.empty(n_books, self.codebook_size, self.codebook_dim)
             nn.init.kaiming_uniform_(embed)
-            if metric == "cosine":
+            if self.metric == "cosine":
                 embed = F.normalize(embed, dim=-1)
-        if ema_decay is None or self.orthogonal_reg_weight > 0:  # a loss reaches the codebook
+        if self.ema_decay is None or self.orthogonal_reg_weight > 0:  # a loss reaches the codebook
             self.embed = nn.Parameter(embed)
         else:
             self.register_buffer("embed", embed)
-        if ema_decay is not None:
+        if self.ema_decay is not None:
             self.register_buffer("embed_sum", embed.clone())
-        self.register_buffer("cluster_size", torch.ones(n_books, codebook_size))
+        self.register_buffer("cluster_size", torch.ones(n_books, self.codebook_size))
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("perplexity", torch.tensor(float("nan")), persistent=False)
         self.register_buffer("usage", torch.tensor(float("nan")), persistent=False)
@@ -194,7 +204,6 @@ class VectorQuantizer(nn.Module):
         seed = int(torch.randint(0, 2**62, ()).item())
         self.register_buffer("rng_state", torch.tensor([seed, 0], dtype=torch.int64))
         self._rng_synced = False
-        self.register_load_state_dict_pre_hook(load_vqp_keys)
 
     # -- codebook access ------------------------------------------------------------------------
     @property
@@ -211,7 +220,7 @@ class VectorQuantizer(nn.Module):
         with torch.no_grad():
             self.embed.copy_(codes.reshape(self.embed.shape))
             if not self.learnable_codebook:
-                self.embed_sum.copy_(self.embed * self._smoothed_cluster_size()[..., None])
+                self.embed_sum.copy_(self.embed * smoothed_cluster_size(self)[..., None])
 
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes of ``indices`` (as returned by ``forward``), before ``project_out``: channel-last
@@ -241,287 +250,33 @@ class VectorQuantizer(nn.Module):
         out = self.project_out(codes)
         return out if self.channel_last else out.movedim(-1, 1)
 
-    # -- statistics -----------------------------------------------------------------------------
-    def _smoothed_cluster_size(self) -> torch.Tensor:
-        cs = self.cluster_size
-        n = cs.sum(-1, keepdim=True)
-        return (cs + self.eps) / (n + self.codebook_size * self.eps) * n
-
+    # -- statistics and sampling (see vq_update, vq_sync) ---------------------------------------------
     def dead_codes(self) -> torch.Tensor:
         """Bool ``(books, K)``: codes whose EMA cluster size is below ``dead_code_threshold``."""
-        return self.cluster_size < self.dead_code_threshold
+        return dead_codes(self)
 
-    # -- distributed and sampling -----------------------------------------------------------------
     def _sync_active(self) -> bool:
-        if self.sync_codebook is False:
-            return False
-        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.sync_codebook and not ready:
-            raise RuntimeError("sync_codebook=True needs an initialized torch.distributed process group")
-        return ready and torch.distributed.get_world_size() > 1
+        """Whether this layer's statistics are synced over ranks (``vq_sync.sync_active``)."""
+        return sync_active(self)
 
-    def _generator(self, sync: bool) -> torch.Generator:
-        """A CPU generator seeded identically on every rank, advanced once per use."""
-        if sync and not self._rng_synced:
-            state = self.rng_state.clone()
-            torch.distributed.broadcast(state, src=0)
-            self.rng_state.copy_(state)
-            self._rng_synced = True
-        seed, draws = (int(v) for v in self.rng_state.tolist())
-        self.rng_state[1] += 1
-        return torch.Generator().manual_seed((seed + 7919 * draws) % (2**63))
-
-    def _sample_rows(self, rows: torch.Tensor, n: int, sync: bool) -> torch.Tensor:
-        """``n`` rows drawn at global positions over all ranks' ``rows`` (rank order), without
-        replacement when there are enough; every rank gets the same bitwise result. ``None``, with
-        the generator left as it was, when no rank has a row."""
-        local = rows.shape[0]
-        offset, total = 0, local
-        if sync:
-            rank, world = _world()
-            sizes = torch.zeros(world, dtype=torch.int64, device=rows.device)
-            sizes[rank] = local
-            _all_reduce_(sizes)
-            sizes = sizes.tolist()
-            offset, total = sum(sizes[:rank]), sum(sizes)
-        if total == 0:  # the same on every rank (an all-reduced size)
-            return None
-        gen = self._generator(sync)
-        if total >= n:
-            pos = torch.randperm(total, generator=gen)[:n]
-        else:
-            pos = torch.randint(0, total, (n,), generator=gen)
-        pos = pos.to(rows.device)
-        if not sync:
-            return rows[pos].float()
-        out = torch.zeros(n, rows.shape[1], device=rows.device, dtype=torch.float32)
-        mine = (pos >= offset) & (pos < offset + local)
-        out[mine] = rows[pos[mine] - offset].float()
-        return _all_reduce_(out)  # each row comes from exactly one rank: x + 0 == x
-
-    def _cluster_stats(self, z: torch.Tensor, idx: torch.Tensor, sync: bool):
-        """Per-code counts ``(books, K)`` and vector sums ``(books, K, d)`` (fp32, all ranks)."""
-        books, _, d = z.shape
-        stats = torch.zeros(books, self.codebook_size, d + 1, device=z.device, dtype=torch.float32)
-        for b in range(books):
-            stats[b, :, :d].index_add_(0, idx[b], z[b].float())
-            stats[b, :, d].index_add_(0, idx[b], torch.ones_like(idx[b], dtype=torch.float32))
-        if sync:
-            _all_reduce_(stats)
-        return stats[..., d], stats[..., :d]
-
-    # -- training updates ---------------------------------------------------------------------------
-    def _search(self, z: torch.Tensor, codebook: torch.Tensor, **search_kwargs):
-        """``codebook_search`` in ``search_dtype`` (autocast off); ``search_kwargs``: k, return_distances."""
-        dtype = self.search_dtype or z.dtype
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            return codebook_search(z.detach().to(dtype), codebook.detach().to(dtype), metric=self.metric,
-                                   **search_kwargs)
-
-    @torch.no_grad()
-    def _kmeans_init(self, z: torch.Tensor, sync: bool):
-        for b in range(z.shape[0]):
-            means = self._sample_rows(z[b], self.codebook_size, sync)
-            if means is None:
-                return
-            counts = torch.zeros(self.codebook_size, device=z.device)
-            for _ in range(self.kmeans_iters):
-                idx = self._search(z[b], means)
-                counts, sums = self._cluster_stats(z[b:b + 1], idx[None], sync)
-                counts, sums = counts[0], sums[0]
-                new = sums / counts.clamp_min(1.0)[:, None]
-                if self.metric == "cosine":
-                    new = F.normalize(new, dim=-1)
-                means = torch.where(counts[:, None] > 0, new, means)
-            self.embed.data[b] = means
-            self.cluster_size[b] = counts
-            if not self.learnable_codebook:
-                self.embed_sum[b] = means * self._smoothed_cluster_size()[b][:, None]
-        self.initted.fill_(True)
-
-    @torch.no_grad()
-    def _track(self, z: torch.Tensor, idx: torch.Tensor, sync: bool) -> bool:
-        """The statistics half of an EMA step (cluster sizes, vector sums, perplexity, usage); False,
-        with nothing changed, when no rank has any rows."""
-        counts, sums = self._cluster_stats(z, idx, sync)  # a rank without rows joins the all-reduce too
-        # A rank with rows knows the global batch is not empty; one without reads the global counts,
-        # so every rank decides alike (and only those ranks wait for the host read).
-        if z.shape[1] == 0 and not bool(counts.sum() > 0):
-            return False
-        decay = self.usage_decay if self.learnable_codebook else self.ema_decay
-        self.cluster_size.lerp_(counts, 1.0 - decay)
-        probs = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1)
-        self.perplexity.copy_(entropy.exp().mean())
-        self.usage.copy_((counts > 0).float().mean())
-        if not self.learnable_codebook:
-            self.embed_sum.lerp_(sums, 1.0 - self.ema_decay)
-        return True
-
-    @torch.no_grad()
-    def _refresh(self):
-        """The codes half of an EMA step: ``embed = embed_sum / smoothed cluster sizes``."""
-        if self.learnable_codebook:
-            return
-        codes = self.embed_sum / self._smoothed_cluster_size()[..., None]
-        if self.metric == "cosine":
-            codes = F.normalize(codes, dim=-1)
-        self.embed.data.copy_(codes)
-
-    @torch.no_grad()
-    def _expire_codes(self, z: torch.Tensor, sync: bool):
-        if self.dead_code_threshold <= 0:
-            return
-        dead = self.dead_codes()  # identical on every rank, so every rank takes the same branch
-        if not bool(dead.any()):
-            return
-        for b in range(dead.shape[0]):
-            slots = dead[b].nonzero().squeeze(1)
-            if slots.numel() == 0:
-                continue
-            samples = self._sample_rows(z[b], slots.numel(), sync)
-            if samples is None:
-                return
-            self.embed.data[b, slots] = samples
-            self.cluster_size[b, slots] = self.dead_code_threshold
-            if not self.learnable_codebook:
-                self.embed_sum[b, slots] = samples * self.dead_code_threshold
-
-    def _finish_step(self, z: torch.Tensor, sync: bool):
-        """After the statistics of a step (or of every layer sharing this codebook): new codes, then
-        dead-code replacement from the rows ``z`` ``(books, rows, d)``."""
-        self._refresh()
-        self._expire_codes(z, sync)
-
-    def _orthogonal_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        codes = self.embed
-        if self.orthogonal_reg_active_codes_only:
-            codes = codes[:, torch.unique(idx)]
-        n = codes.shape[1]
-        if self.orthogonal_reg_max_codes is not None and n > self.orthogonal_reg_max_codes:
-            codes = codes[:, torch.randperm(n, device=codes.device)[:self.orthogonal_reg_max_codes]]
-        return orthogonal_loss(codes)
+    def _sample_rows(self, rows: torch.Tensor, n: int, sync: bool) -> torch.Tensor | None:
+        """``n`` rows of ``rows`` drawn by this layer's generator (``vq_sync.sample_rows``)."""
+        return sample_rows(self, rows, n, sync)
 
     # -- forward ----------------------------------------------------------------------------------
-    def _split_heads(self, z: torch.Tensor) -> torch.Tensor:
-        """(M, heads * d) -> (books, rows, d)."""
-        m = z.shape[0]
-        if self.separate_codebook_per_head:
-            return z.reshape(m, self.heads, self.codebook_dim).transpose(0, 1)
-        return z.reshape(1, m * self.heads, self.codebook_dim)
-
-    def _merge_heads(self, q: torch.Tensor, m: int) -> torch.Tensor:
-        if self.separate_codebook_per_head:
-            return q.transpose(0, 1).reshape(m, self.heads * self.codebook_dim)
-        return q.reshape(m, self.heads * self.codebook_dim)
-
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, lens: torch.Tensor | None = None,
                 sample_codebook_temp: float | None = None, freeze_codebook: bool | None = None,
                 return_loss_breakdown: bool = False):
-        step = self._quantize(x, mask=mask, lens=lens, sample_codebook_temp=sample_codebook_temp,
-                              freeze_codebook=freeze_codebook)
+        """One step on ``x`` (the class docstring says what it returns): the parts of ``vq_steps``."""
+        step = LayerStep(self, x, mask=mask, lens=lens, sample_codebook_temp=sample_codebook_temp,
+                         freeze_codebook=freeze_codebook)
+        step.learn(step.search())
+        if step.tracked:
+            finish_step(self, step.seen, step.sync)
+        quantized, indices, loss, breakdown = step.output()
         if _check_flag("return_loss_breakdown", return_loss_breakdown):
-            return step.quantized, step.indices, step.loss, step.breakdown
-        return step.quantized, step.indices, step.loss
-
-    def _codes(self, z: torch.Tensor, temperature: float) -> torch.Tensor:
-        """``(books, rows)`` indices: nearest codes, or sampled ones in a stochastic training step."""
-        if self.training and self.stochastic_sample_codes and temperature > 0:
-            return torch.stack([gumbel_sample_codes(z[b], self.embed[b], self.metric, temperature)
-                                for b in range(z.shape[0])])
-        return torch.stack([self._search(z[b], self.embed[b]) for b in range(z.shape[0])])
-
-    def _quantize(self, x: torch.Tensor, indices: torch.Tensor | None = None, *, mask=None, lens=None,
-                  sample_codebook_temp: float | None = None, freeze_codebook: bool | None = None,
-                  defer_refresh: bool = False) -> _Step:
-        """``forward`` as a ``_Step``, or with ``indices`` (``heads=1``, shape of ``x`` without the
-        feature dim, codebook already initialized) the same step with those codes instead of the
-        nearest ones: ``ResidualVQ``'s beam search picks the codes, this layer applies them and
-        trains on them. ``defer_refresh``: update the statistics only (codebooks shared by the
-        layers of a ``ResidualVQ`` get their new codes and dead-code replacement after the last
-        layer)."""
-        x = _check_input(x, self.dim, self.channel_last)
-        freeze = self.freeze_codebook if freeze_codebook is None else _check_flag("freeze_codebook",
-                                                                                   freeze_codebook)
-        temperature = self.sample_codebook_temp if sample_codebook_temp is None else _check_number(
-            "sample_codebook_temp", sample_codebook_temp)
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.dim)
-        m = flat.shape[0]
-        keep = _row_mask(mask, lens, lead, x.device)
-        rows = flat if keep is None else flat[keep]
-        n = rows.shape[0]
-        z = self._split_heads(self.project_in(rows))
-        if self.metric == "cosine":
-            z = F.normalize(z, dim=-1)
-        sync = self.training and self._sync_active()
-        zd = z.detach()
-        initting = indices is None and (self.training or self.kmeans_init_in_eval) and not bool(self.initted)
-        updating = self.training and not freeze
-        # a row with a NaN or inf is quantized, but never reaches the statistics, k-means or dead codes
-        finite = _finite_rows(zd) if initting or updating else None
-        seen = zd if finite is None else zd[:, finite]
-
-        if indices is not None:
-            idx = indices.reshape(-1) if keep is None else indices.reshape(-1)[keep]
-            idx = idx.reshape(1, -1)
-        else:
-            if initting:
-                self._kmeans_init(seen, self._sync_active())
-            idx = self._codes(z, temperature)
-        embed = self.embed if self.learnable_codebook else self.embed.detach()
-        live = torch.stack([embed[b][idx[b]] for b in range(z.shape[0])])  # before any update
-        codes = live.detach()
-
-        zf = z.float()
-        if self.training or self.eval_loss:
-            to_codebook = self.learnable_codebook and not freeze
-            zero = zf.new_zeros(())
-            if to_codebook and self.codebook_loss == "joint":
-                commitment, codebook_term = _mse(live, zf), zero
-            else:
-                commitment = _mse(codes, zf)
-                codebook_term = _mse(live, zf.detach()) if to_codebook else zero
-            loss = self.commitment_weight * commitment + codebook_term
-        else:
-            loss = commitment = codebook_term = torch.zeros((), device=x.device)
-
-        tracked = False
-        if updating:  # no rows anywhere: no step at all
-            tracked = self._track(seen, idx if finite is None else idx[:, finite], sync)
-            if tracked and not defer_refresh:
-                self._finish_step(seen, sync)
-
-        ortho = loss.new_zeros(())
-        if self.orthogonal_reg_weight > 0 and (self.training or self.eval_loss):
-            ortho = self._orthogonal_loss(idx)  # on the codes after this step's update, as theirs
-            loss = loss + self.orthogonal_reg_weight * ortho
-        breakdown = LossBreakdown(commitment, codebook_term, ortho)
-
-        estimating = torch.is_grad_enabled() and z.requires_grad and (self.training or self.eval_gradient)
-        if estimating and self.gradient == "ste":
-            q = straight_through(zf, codes)
-        elif estimating and self.gradient == "rotation":
-            q = rotation_trick(zf, codes)
-        elif estimating and self.gradient == "diveq":
-            q = directional_reparam(zf, live, self.diveq_variance)
-        else:
-            q = live
-        q = self.project_out(self._merge_heads(q.to(z.dtype), n)).to(x.dtype)
-        if self.separate_codebook_per_head:
-            idx_rows = idx.transpose(0, 1)
-        else:
-            idx_rows = idx.reshape(n, self.heads)
-        if keep is not None:
-            where = keep.nonzero().squeeze(1)
-            base = flat if self.masked_output == "input" else flat.new_zeros(m, self.dim)
-            q = base.index_put((where,), q)
-            idx_rows = idx_rows.new_full((m, self.heads), -1).index_put((where,), idx_rows)
-        quantized = q.reshape(*lead, self.dim)
-        if not self.channel_last:
-            quantized = quantized.movedim(-1, 1)
-        out_idx = idx_rows.reshape(*lead, self.heads) if self.heads > 1 else idx_rows.reshape(lead)
-        return _Step(quantized, out_idx, loss, breakdown, seen, tracked)
+            return quantized, indices, loss, breakdown
+        return quantized, indices, loss
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, "

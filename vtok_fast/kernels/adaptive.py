@@ -1,8 +1,8 @@
 """Triton kernel of the adaptive-patch score (host code: ``vtok_fast/encode/adaptive.py``).
 
 ``patch_entropy_fwd``: the Shannon entropy (bits) of the grayscale histogram of every patch at
-every scale, in one launch. One program per (patch, image): it walks its patch in tiles of
-``BLOCK`` pixels, maps each pixel to its histogram bin with integer arithmetic and accumulates
+every scale, in one launch. One program per (patch, image): it walks its patch in steps of
+``BLOCK_K`` pixels, maps each pixel to its histogram bin with integer arithmetic and accumulates
 ``tl.histogram`` counts (a per-program histogram in registers / shared memory, no one-hot).
 The entropy is then read from a fixed-point table of ``c * log2(c)`` (int64), summed exactly
 (integers: any summation order gives the same bits) and divided once in fp64, so the kernel and
@@ -16,11 +16,12 @@ import triton.language as tl
 
 from vtok_fast.kernels._autotune import autotune
 
-# BLOCK pixels per step; p=16 base patches (256 pixels) take one step, 4p patches 16.
+# BLOCK_K pixels per step of the histogram; p=16 base patches (256 pixels) take one step, 4p
+# patches 16.
 ENTROPY_CONFIGS = [
-    triton.Config({"BLOCK": 256}, num_warps=4),
-    triton.Config({"BLOCK": 512}, num_warps=4),
-    triton.Config({"BLOCK": 1024}, num_warps=8),
+    triton.Config({"BLOCK_K": 256}, num_warps=4),
+    triton.Config({"BLOCK_K": 512}, num_warps=4),
+    triton.Config({"BLOCK_K": 1024}, num_warps=8),
 ]
 
 
@@ -40,7 +41,7 @@ def patch_entropy_fwd(
     B, H, W, T, P,  # P: base patch side; scale s has patches of side P << s
     NUM_SCALES: tl.constexpr, IS_FLOAT: tl.constexpr,
     GRAY_R: tl.constexpr, GRAY_G: tl.constexpr, GRAY_B: tl.constexpr, BIN_DIVISOR: tl.constexpr,
-    NUM_BINS: tl.constexpr, FRAC_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_BINS: tl.constexpr, FRAC_BITS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid % B
@@ -65,8 +66,8 @@ def patch_entropy_fwd(
 
     base = img_ptr + b * stride_ib
     hist = tl.zeros((NUM_BINS,), dtype=tl.int32)
-    for k0 in range(0, n, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
+    for k0 in range(0, n, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
         inside = offs < n
         ptrs = base + (y0 + offs // side) * stride_ih + (x0 + offs % side) * stride_iw
         r = tl.load(ptrs, mask=inside, other=0)

@@ -17,17 +17,17 @@ probability ``exp2(s' - lse)`` zero in the backward, so its gradients are zero t
 4. ``attn_bwd_dq``: one program per (query tile, batch * head), looping over KV tiles.
 No atomics: every output element is written by one program, so results are deterministic.
 
-The three tiled kernels take their operands in one order (outputs, then q, k, v[, dO], bias, the
-scales, ``heads, seq_q, seq_k, seq_bucket`` and the constexprs), so their signatures are parallel
-on purpose: Triton has no struct arguments, and the host packs that one tuple once
-(``vtok_fast/reduce/attention.py``: ``_launch_args``, ``inputs``) for every launch.
+The three tiled kernels take their operands under the same names (outputs, then q, k, v[, dO],
+bias, the scales, ``heads, seq_q, seq_k, seq_bucket`` and the constexprs), so their signatures
+are parallel on purpose: Triton has no struct arguments, and the host builds those keyword
+arguments once (``vtok_fast/reduce/attention.py``: ``_launch_args``) for every launch.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from vtok_fast.kernels._autotune import autotune, fitting_configs
+from vtok_fast.kernels._autotune import autotune
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -36,7 +36,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # boundaries). 16-bit inputs: tensor-core tiles; fp32 inputs: IEEE fp32 products on the FMA units,
 # one small config (no tuning). configs[0] and the fp32 configs fit 99 KiB of shared memory at
 # BLOCK_D = 128, the smallest opt-in limit of sm_80+ GPUs (sm_86 / sm_89); larger configs are
-# pruned at launch where they do not fit (``shared_memory_estimate``, checked by the AOT tests).
+# pruned at launch where they do not fit (``shared_memory_estimate`` through
+# ``_autotune.autotune(shared_memory=...)``, checked by the AOT tests).
 
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
@@ -76,18 +77,11 @@ def shared_memory_estimate(kind: str, config, block_d: int, elem_bytes: int) -> 
     return rows * block_d * elem_bytes + extra
 
 
-def _prune_for_shared_memory(kind: str) -> dict:
-    """``prune_configs_by`` of an autotuned kernel: keep the configs whose estimate fits the
-    launching device (at least the smallest)."""
-
-    def prune(configs, named_args, **kwargs):
-        from vtok_fast._launch import shared_memory_per_block
-
-        q = named_args["q_ptr"]
-        return fitting_configs(configs, lambda c: shared_memory_estimate(kind, c, kwargs["BLOCK_D"], q.element_size()),
-                               shared_memory_per_block(q.device))
-
-    return {"early_config_prune": prune}
+def _shared_memory_of(kind: str):
+    """``shared_memory`` of ``autotune``: the estimate at the launch's head-dim tile and dtype
+    (sm_90's, so an upper bound on every target)."""
+    return lambda config, args, arch: shared_memory_estimate(kind, config, args["BLOCK_D"],
+                                                             args["q_ptr"].element_size())
 
 
 # Tuned once per head dim and power-of-two length bucket (ToMe shrinks N every block: one tuning
@@ -116,24 +110,26 @@ def _dim_mask(dims, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _rows_ptrs_mask(base, stride_n, stride_d, offs, seq_len, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pointers and mask of the (len(offs), BLOCK_D) tile of rows ``offs`` (< ``seq_len``)."""
+def _seq_tile_ptrs_mask(base, stride_n, stride_d, offs, seq_len, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers and mask of the (len(offs), BLOCK_D) tile of sequence positions ``offs``
+    (< ``seq_len``) of one (batch, head)'s (seq, d) matrix at ``base``."""
     dims = tl.arange(0, BLOCK_D)
     ptrs = base + offs[:, None] * stride_n + dims[None, :] * stride_d
     return ptrs, (offs[:, None] < seq_len) & _dim_mask(dims, HEAD_D, BLOCK_D)
 
 
 @triton.jit
-def _load_rows(base, stride_n, stride_d, offs, seq_len, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A (len(offs), BLOCK_D) tile; rows past ``seq_len`` and padded dims read as 0."""
-    ptrs, mask = _rows_ptrs_mask(base, stride_n, stride_d, offs, seq_len, HEAD_D, BLOCK_D)
+def _load_seq_tile(base, stride_n, stride_d, offs, seq_len, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A (len(offs), BLOCK_D) tile; positions past ``seq_len`` and padded dims read as 0."""
+    ptrs, mask = _seq_tile_ptrs_mask(base, stride_n, stride_d, offs, seq_len, HEAD_D, BLOCK_D)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_rows(base, stride_n, stride_d, offs, seq_len, value, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store the real rows and dims of a (len(offs), BLOCK_D) fp32 tile in ``base``'s dtype."""
-    ptrs, mask = _rows_ptrs_mask(base, stride_n, stride_d, offs, seq_len, HEAD_D, BLOCK_D)
+def _store_seq_tile(base, stride_n, stride_d, offs, seq_len, value, HEAD_D: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Store the real positions and dims of a (len(offs), BLOCK_D) fp32 tile in ``base``'s dtype."""
+    ptrs, mask = _seq_tile_ptrs_mask(base, stride_n, stride_d, offs, seq_len, HEAD_D, BLOCK_D)
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
 
 
@@ -157,13 +153,14 @@ def _attn_fwd_kernel(
     v_ptr, stride_vb, stride_vh, stride_vn, stride_vd,
     bias_ptr, stride_bb, stride_bn,  # (B, N), any float dtype (never read without HAS_BIAS)
     qk_scale,  # scale * log2(e)
+    # parallel to the other tiled kernels on purpose (module docstring): one set of keywords
     heads, seq_q, seq_k,
     seq_bucket,  # autotune key only
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b, h, bh, rows = _tile_offsets(tl.program_id(0), seq_q, heads, BLOCK_M)
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, stride_qm, stride_qd, rows, seq_q, HEAD_D, BLOCK_D)
+    q = _load_seq_tile(q_ptr + b * stride_qb + h * stride_qh, stride_qm, stride_qd, rows, seq_q, HEAD_D, BLOCK_D)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     bias_base = bias_ptr + b * stride_bb
@@ -173,7 +170,7 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, seq_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, stride_kn, stride_kd, cols, seq_k, HEAD_D, BLOCK_D)
+        k = _load_seq_tile(k_base, stride_kn, stride_kd, cols, seq_k, HEAD_D, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s += _key_bias(bias_base, stride_bn, cols, seq_k, HAS_BIAS)[None, :]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -181,7 +178,7 @@ def _attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(v_base, stride_vn, stride_vd, cols, seq_k, HEAD_D, BLOCK_D)
+        v = _load_seq_tile(v_base, stride_vn, stride_vd, cols, seq_k, HEAD_D, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -189,12 +186,11 @@ def _attn_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(lse_ptr + bh * seq_q + rows, lse, mask=rows < seq_q)
-    _store_rows(out_ptr + b * stride_ob + h * stride_oh, stride_om, stride_od, rows, seq_q, out,
+    _store_seq_tile(out_ptr + b * stride_ob + h * stride_oh, stride_om, stride_od, rows, seq_q, out,
                 HEAD_D, BLOCK_D)
 
 
-attn_fwd = autotune(FWD_CONFIGS, key=TUNE_KEY,
-                    prune_configs_by=_prune_for_shared_memory("fwd"))(_attn_fwd_kernel)
+attn_fwd = autotune(FWD_CONFIGS, key=TUNE_KEY, shared_memory=_shared_memory_of("fwd"))(_attn_fwd_kernel)
 attn_fwd_fp32 = autotune(FWD_FP32_CONFIGS, key=TUNE_KEY)(_attn_fwd_kernel)
 
 
@@ -209,9 +205,9 @@ def attn_bwd_delta(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     b, h, bh, rows = _tile_offsets(tl.program_id(0), seq_q, heads, BLOCK_M)
-    o = _load_rows(out_ptr + b * stride_ob + h * stride_oh, stride_om, stride_od, rows, seq_q,
+    o = _load_seq_tile(out_ptr + b * stride_ob + h * stride_oh, stride_om, stride_od, rows, seq_q,
                    HEAD_D, BLOCK_D)
-    do = _load_rows(do_ptr + b * stride_dob + h * stride_doh, stride_dom, stride_dod, rows, seq_q,
+    do = _load_seq_tile(do_ptr + b * stride_dob + h * stride_doh, stride_dom, stride_dod, rows, seq_q,
                     HEAD_D, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + bh * seq_q + rows, delta, mask=rows < seq_q)
@@ -231,14 +227,15 @@ def _attn_bwd_dkdv_kernel(
     bias_ptr, stride_bb, stride_bn,
     lse_ptr, delta_ptr,  # (B, H, M) fp32, contiguous
     scale, qk_scale,
+    # parallel to the other tiled kernels on purpose (module docstring): one set of keywords
     heads, seq_q, seq_k,
     seq_bucket,  # autotune key only
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b, h, bh, cols = _tile_offsets(tl.program_id(0), seq_k, heads, BLOCK_N)
-    k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, stride_kn, stride_kd, cols, seq_k, HEAD_D, BLOCK_D)
-    v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, stride_vn, stride_vd, cols, seq_k, HEAD_D, BLOCK_D)
+    k = _load_seq_tile(k_ptr + b * stride_kb + h * stride_kh, stride_kn, stride_kd, cols, seq_k, HEAD_D, BLOCK_D)
+    v = _load_seq_tile(v_ptr + b * stride_vb + h * stride_vh, stride_vn, stride_vd, cols, seq_k, HEAD_D, BLOCK_D)
     bias = _key_bias(bias_ptr + b * stride_bb, stride_bn, cols, seq_k, HAS_BIAS)
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = do_ptr + b * stride_dob + h * stride_doh
@@ -249,8 +246,8 @@ def _attn_bwd_dkdv_kernel(
     for m0 in range(0, seq_q, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < seq_q
-        q = _load_rows(q_base, stride_qm, stride_qd, rows, seq_q, HEAD_D, BLOCK_D)
-        do = _load_rows(do_base, stride_dom, stride_dod, rows, seq_q, HEAD_D, BLOCK_D)
+        q = _load_seq_tile(q_base, stride_qm, stride_qd, rows, seq_q, HEAD_D, BLOCK_D)
+        do = _load_seq_tile(do_base, stride_dom, stride_dod, rows, seq_q, HEAD_D, BLOCK_D)
         lse = tl.load(lse_ptr + bh * seq_q + rows, mask=row_ok, other=float("inf"))  # padding: P = 0
         delta = tl.load(delta_ptr + bh * seq_q + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale + bias[:, None]  # (N, M) tile
@@ -262,16 +259,15 @@ def _attn_bwd_dkdv_kernel(
         if HAS_BIAS:
             db += tl.sum(ds_t, axis=1)
 
-    _store_rows(dk_ptr + b * stride_dkb + h * stride_dkh, stride_dkn, stride_dkd, cols, seq_k, dk * scale,
+    _store_seq_tile(dk_ptr + b * stride_dkb + h * stride_dkh, stride_dkn, stride_dkd, cols, seq_k, dk * scale,
                 HEAD_D, BLOCK_D)
-    _store_rows(dv_ptr + b * stride_dvb + h * stride_dvh, stride_dvn, stride_dvd, cols, seq_k, dv,
+    _store_seq_tile(dv_ptr + b * stride_dvb + h * stride_dvh, stride_dvn, stride_dvd, cols, seq_k, dv,
                 HEAD_D, BLOCK_D)
     if HAS_BIAS:
         tl.store(dbias_ptr + bh * seq_k + cols, db, mask=cols < seq_k)
 
 
-attn_bwd_dkdv = autotune(DKDV_CONFIGS, key=TUNE_KEY,
-                         prune_configs_by=_prune_for_shared_memory("dkdv"))(_attn_bwd_dkdv_kernel)
+attn_bwd_dkdv = autotune(DKDV_CONFIGS, key=TUNE_KEY, shared_memory=_shared_memory_of("dkdv"))(_attn_bwd_dkdv_kernel)
 attn_bwd_dkdv_fp32 = autotune(DKDV_FP32_CONFIGS, key=TUNE_KEY)(_attn_bwd_dkdv_kernel)
 
 
@@ -287,6 +283,7 @@ def _attn_bwd_dq_kernel(
     bias_ptr, stride_bb, stride_bn,
     lse_ptr, delta_ptr,
     scale, qk_scale,
+    # parallel to the other tiled kernels on purpose (module docstring): one set of keywords
     heads, seq_q, seq_k,
     seq_bucket,  # autotune key only
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -294,8 +291,8 @@ def _attn_bwd_dq_kernel(
 ):
     b, h, bh, rows = _tile_offsets(tl.program_id(0), seq_q, heads, BLOCK_M)
     row_ok = rows < seq_q
-    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, stride_qm, stride_qd, rows, seq_q, HEAD_D, BLOCK_D)
-    do = _load_rows(do_ptr + b * stride_dob + h * stride_doh, stride_dom, stride_dod, rows, seq_q,
+    q = _load_seq_tile(q_ptr + b * stride_qb + h * stride_qh, stride_qm, stride_qd, rows, seq_q, HEAD_D, BLOCK_D)
+    do = _load_seq_tile(do_ptr + b * stride_dob + h * stride_doh, stride_dom, stride_dod, rows, seq_q,
                     HEAD_D, BLOCK_D)
     lse = tl.load(lse_ptr + bh * seq_q + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + bh * seq_q + rows, mask=row_ok, other=0.0)
@@ -306,8 +303,8 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, seq_k, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, stride_kn, stride_kd, cols, seq_k, HEAD_D, BLOCK_D)
-        v = _load_rows(v_base, stride_vn, stride_vd, cols, seq_k, HEAD_D, BLOCK_D)
+        k = _load_seq_tile(k_base, stride_kn, stride_kd, cols, seq_k, HEAD_D, BLOCK_D)
+        v = _load_seq_tile(v_base, stride_vn, stride_vd, cols, seq_k, HEAD_D, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s += _key_bias(bias_base, stride_bn, cols, seq_k, HAS_BIAS)[None, :]
         p = tl.math.exp2(s - lse[:, None])
@@ -315,10 +312,9 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    _store_rows(dq_ptr + b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd, rows, seq_q, dq * scale,
+    _store_seq_tile(dq_ptr + b * stride_dqb + h * stride_dqh, stride_dqm, stride_dqd, rows, seq_q, dq * scale,
                 HEAD_D, BLOCK_D)
 
 
-attn_bwd_dq = autotune(DQ_CONFIGS, key=TUNE_KEY,
-                       prune_configs_by=_prune_for_shared_memory("dq"))(_attn_bwd_dq_kernel)
+attn_bwd_dq = autotune(DQ_CONFIGS, key=TUNE_KEY, shared_memory=_shared_memory_of("dq"))(_attn_bwd_dq_kernel)
 attn_bwd_dq_fp32 = autotune(DQ_FP32_CONFIGS, key=TUNE_KEY)(_attn_bwd_dq_kernel)

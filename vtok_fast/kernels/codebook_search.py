@@ -28,11 +28,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vtok_fast._launch import shared_memory_per_block
-from vtok_fast.kernels._autotune import autotune, fitting_configs
+from vtok_fast.kernels._autotune import autotune
 from vtok_fast.kernels._tiles import dot_acc
 
-# --- tile configurations (all tile sizes live here) -------------------------------------------
+# --- tile configurations (all tile sizes live here; the host picks BLOCK_D / NUM_D from them) ----
 # Tensor-core configs for fp16/bf16. On sm_90, BLOCK_M >= 64 with 4 or 8 warps maps to wgmma.
 ARGMIN_TC_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -53,20 +52,9 @@ TOPK_FP32_CONFIGS = [
 ]
 MAX_SINGLE_BLOCK_D = 256  # fp16/bf16: up to this (padded) D, the query tile is loaded once per row block
 LOOP_BLOCK_D = 64      # fp16/bf16: D chunk when D is larger
-FP32_BLOCK_D = 32      # fp32: D chunk cap (see block_d_for)
+FP32_BLOCK_D = 32      # fp32: D chunk cap (FMA dot operands live in registers: keep it small)
+MIN_BLOCK_D = 16       # tl.dot needs every dim >= 16: a tiny D is padded (masked loads)
 SPLIT_ALIGN = 256      # codes_per_split is a multiple of this (>= every BLOCK_N)
-
-
-def block_d_for(D: int, sixteen_bit: bool) -> tuple[int, int]:
-    """(BLOCK_D, NUM_D) for a feature size D: tl.dot needs every dim >= 16, so tiny D is padded
-    (masked loads) to 16."""
-    pad = max(16, triton.next_power_of_2(D))
-    if sixteen_bit:
-        if pad <= MAX_SINGLE_BLOCK_D:
-            return pad, 1
-        return LOOP_BLOCK_D, triton.cdiv(D, LOOP_BLOCK_D)
-    block = min(pad, FP32_BLOCK_D)  # FMA dot operands live in registers: keep the D chunk small
-    return block, triton.cdiv(D, block)
 
 
 def shared_memory_estimate(config, block_d: int, num_d: int, elem_bytes: int, topk: bool = False) -> int:
@@ -83,19 +71,15 @@ def shared_memory_estimate(config, block_d: int, num_d: int, elem_bytes: int, to
     return tiles * block_d * elem_bytes + scratch
 
 
-def prune_for_shared_memory(budget: int | None = None):
-    """An ``early_config_prune`` keeping configs whose estimate fits ``budget`` bytes (default:
-    the launching device's limit; unlimited off-GPU). Always keeps at least the smallest one."""
+def argmin_shared_memory(config, args, arch: int = 90) -> int:
+    """``shared_memory`` of the k = 1 stage-1 autotuners, at the launch's D tiles and dtype (one
+    bound for every target)."""
+    return shared_memory_estimate(config, args["BLOCK_D"], args["NUM_D"], args["x_ptr"].element_size())
 
-    def prune(configs, named_args, **kwargs):
-        block_d, num_d = kwargs["BLOCK_D"], kwargs["NUM_D"]
-        x = named_args["x_ptr"]
-        limit = shared_memory_per_block(x.device) if budget is None else budget
-        topk = "R" in kwargs or "R" in named_args
-        return fitting_configs(configs, lambda c: shared_memory_estimate(c, block_d, num_d, x.element_size(), topk),
-                               limit)
 
-    return prune
+def topk_shared_memory(config, args, arch: int = 90) -> int:
+    """``shared_memory`` of the k > 1 stage-1 autotuners (the top-k merge's scratch included)."""
+    return shared_memory_estimate(config, args["BLOCK_D"], args["NUM_D"], args["x_ptr"].element_size(), topk=True)
 
 
 # --- shared device helpers ---------------------------------------------------------------------
@@ -310,14 +294,10 @@ def codebook_rerank_fwd(
         avail = avail & (code != pick[:, None])
 
 
-def autotuned(configs, extra_key=()):
-    """Wrap a stage-1 kernel in the project autotuner, pruning configs that overflow shared memory."""
-    return autotune(configs, key=["BLOCK_D", "NUM_D", "codes_per_split", *extra_key],
-                    prune_configs_by={"early_config_prune": prune_for_shared_memory()})
-
-
 # The launchable stage-1 kernels: one autotuner per (kernel, dtype class), sharing the jit code.
-codebook_argmin_tc = autotuned(ARGMIN_TC_CONFIGS)(_codebook_argmin_fwd)
-codebook_argmin_fp32 = autotuned(ARGMIN_FP32_CONFIGS)(_codebook_argmin_fwd)
-codebook_topk_tc = autotuned(TOPK_TC_CONFIGS, ["R"])(_codebook_topk_fwd)
-codebook_topk_fp32 = autotuned(TOPK_FP32_CONFIGS, ["R"])(_codebook_topk_fwd)
+_argmin = {"key": ["BLOCK_D", "NUM_D", "codes_per_split"], "shared_memory": argmin_shared_memory}
+_topk = {"key": ["BLOCK_D", "NUM_D", "codes_per_split", "R"], "shared_memory": topk_shared_memory}
+codebook_argmin_tc = autotune(ARGMIN_TC_CONFIGS, **_argmin)(_codebook_argmin_fwd)
+codebook_argmin_fp32 = autotune(ARGMIN_FP32_CONFIGS, **_argmin)(_codebook_argmin_fwd)
+codebook_topk_tc = autotune(TOPK_TC_CONFIGS, **_topk)(_codebook_topk_fwd)
+codebook_topk_fp32 = autotune(TOPK_FP32_CONFIGS, **_topk)(_codebook_topk_fwd)

@@ -30,27 +30,33 @@ import triton
 import triton.language as tl
 
 from vtok_fast.kernels._autotune import autotune
-from vtok_fast.kernels._tiles import dot_acc, grouped_tile
+from vtok_fast.kernels._tiles import GEMM_CONFIGS, dot_acc, gemm_shared_memory, grouped_tile
 
 # Statistics pre-pass: BLOCK_M merged rows per program, BLOCK_C channels per step.
 STATS_BLOCK_M = 16
 STATS_BLOCK_C = 128
 STATS_NUM_WARPS = 4
 
-# (BM, BN, BK): BM merged rows x BN output columns, BK channels of one window position per step.
-# The first config is the one the interpreter runs (small tiles: several tiles on tiny shapes).
-FWD_CONFIGS = [
-    triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]
+# BLOCK_M merged rows x BLOCK_N output columns (D), BLOCK_K channels of one window position per
+# step (the shared GEMM list).
+FWD_CONFIGS = GEMM_CONFIGS
 # GLU (two accumulators): at most 128 x 128 fp32 accumulators each, so the registers hold both.
 GLU_CONFIGS = [
-    triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
 ]
+
+
+def fwd_shared_memory(config, args, arch: int) -> int:
+    """``shared_memory`` of the forward: gathered tokens (A: normalized, pooled or cast in
+    registers unless they are already weight-dtype values) times the weight (B; the gate weight
+    too with a GLU)."""
+    x, w = args["x_ptr"], args["w_ptr"]
+    return gemm_shared_memory(
+        config, arch, x.element_size(), w.element_size(),
+        a_in_registers=args["NORM"] != "none" or args["POOL"] or x.dtype != w.dtype,
+        tensor_cores=w.element_size() < 4 or args["ALLOW_TF32"], b_tiles=2 if args["HAS_GATE"] else 1)
 
 
 @triton.jit
@@ -182,9 +188,9 @@ def _merge_project_fwd_kernel(
     S: tl.constexpr, ORDER: tl.constexpr, NORM: tl.constexpr, POOL: tl.constexpr,
     HAS_G: tl.constexpr, HAS_BETA: tl.constexpr, G_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_GATE: tl.constexpr, ACTIVATION: tl.constexpr, SAVE_PRE: tl.constexpr, ALLOW_TF32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rows, cols, row_in, col_in = grouped_tile(tl.program_id(0), M, D, BM, BN, GROUP_M)
+    rows, cols, row_in, col_in = grouped_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_N, GROUP_M)
     b = rows // R
     r = rows % R
     if NORM == "post":
@@ -192,15 +198,15 @@ def _merge_project_fwd_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_in, other=0.0)
 
     dot_dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    accg = tl.zeros((BM, BN) if HAS_GATE else (16, 16), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    accg = tl.zeros((BLOCK_M, BLOCK_N) if HAS_GATE else (16, 16), dtype=tl.float32)
     for q in range(1 if POOL else S * S):
         row_off = b * stride_xb + _window_token(r, q, P, W, WS, S, ORDER) * stride_xl
         if NORM == "pre":
             mean = tl.load(mean_ptr + rows * (S * S) + q, mask=row_in, other=0.0)
             rstd = tl.load(rstd_ptr + rows * (S * S) + q, mask=row_in, other=0.0)
-        for c0 in range(0, C, BK):
-            cs = c0 + tl.arange(0, BK)
+        for c0 in range(0, C, BLOCK_K):
+            cs = c0 + tl.arange(0, BLOCK_K)
             c_in = cs < C
             a_mask = row_in[:, None] & c_in[None, :]
             if POOL:
@@ -213,7 +219,7 @@ def _merge_project_fwd_kernel(
             a = a.to(dot_dtype)
             w_mask = c_in[:, None] & col_in[None, :]
             w = tl.load(w_ptr + cols[None, :] * stride_wd + q * stride_wq + cs[:, None] * stride_wc,
-                        mask=w_mask, other=0.0)  # (BK, BN)
+                        mask=w_mask, other=0.0)  # (BLOCK_K, BLOCK_N)
             acc = dot_acc(a, w, acc, ALLOW_TF32)
             if HAS_GATE:
                 wg = tl.load(wg_ptr + cols[None, :] * stride_gd + q * stride_gq + cs[:, None] * stride_gc,
@@ -237,5 +243,6 @@ def _merge_project_fwd_kernel(
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-_merge_project_fwd = autotune(configs=FWD_CONFIGS, key=["M", "D", "C"])(_merge_project_fwd_kernel)
-_merge_project_fwd_glu = autotune(configs=GLU_CONFIGS, key=["M", "D", "C"])(_merge_project_fwd_kernel)
+_tuning = {"key": ["M", "D", "C"], "shared_memory": fwd_shared_memory}
+_merge_project_fwd = autotune(FWD_CONFIGS, **_tuning)(_merge_project_fwd_kernel)
+_merge_project_fwd_glu = autotune(GLU_CONFIGS, **_tuning)(_merge_project_fwd_kernel)

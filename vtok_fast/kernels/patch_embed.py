@@ -15,29 +15,36 @@ import triton
 import triton.language as tl
 
 from vtok_fast.kernels._autotune import autotune
-from vtok_fast.kernels._tiles import dot_acc, grouped_tile
+from vtok_fast.kernels._tiles import GEMM_CONFIGS, dot_acc, gemm_shared_memory, grouped_tile
 
-# (BM, BN, BK, warps, stages): BM rows of tokens x BN embedding columns, BK steps of K. The
-# 64-row tiles keep small batches (B=1: 197 rows) spread over the SMs. fp32 tiles of the widest
-# config do not fit in shared memory; the autotuner skips them (OutOfResources).
-FWD_CONFIGS = [
-    triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 64, "BN": 128, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-]
+# The forward's tiles: BLOCK_M token rows x BLOCK_N embedding columns (D), BLOCK_K steps of K (the
+# shared GEMM list; the 64-row tiles keep small batches, B=1: 197 rows, spread over the SMs).
+FWD_CONFIGS = GEMM_CONFIGS
 
-# (BD, BK, BM): a BD x BK tile of dW, reducing over BM patch rows per step.
+# The backward kernels keep the forward's letters (M rows, N = D columns, K) and fit every sm_80+
+# GPU's shared memory in every dtype (at most 96 KiB on sm_80, 144 KiB on sm_90: the AOT tests).
+# (BLOCK_N, BLOCK_K, BLOCK_M): a BLOCK_N x BLOCK_K tile of dW, reducing over BLOCK_M patch rows
+# per step.
 DW_CONFIGS = [
-    triton.Config({"BD": 128, "BK": 128, "BM": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BD": 128, "BK": 64, "BM": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_M": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
 ]
 
-# (BM, BK, BD): a BM x BK tile of the pixel gradient, reducing over BD embedding columns.
+# (BLOCK_M, BLOCK_K, BLOCK_N): a BLOCK_M x BLOCK_K tile of the pixel gradient, reducing over
+# BLOCK_N embedding columns per step.
 DX_CONFIGS = [
-    triton.Config({"BM": 128, "BK": 64, "BD": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 64, "BK": 64, "BD": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
 ]
+
+
+def fwd_shared_memory(config, args, arch: int) -> int:
+    """``shared_memory`` of the forward: pixels (A, gathered, normalized / cast in registers
+    unless they are already weight-dtype values) times the weight (B)."""
+    img, w = args["img_ptr"], args["w_ptr"]
+    return gemm_shared_memory(config, arch, img.element_size(), w.element_size(),
+                              a_in_registers=args["HAS_NORM"] or img.dtype != w.dtype,
+                              tensor_cores=w.element_size() < 4 or args["ALLOW_TF32"])
 
 
 @triton.jit
@@ -58,7 +65,7 @@ def _k_offsets(ks, stride_c, stride_h, stride_w, PH: tl.constexpr, PW: tl.conste
 def _load_patch_tile(img_ptr, row_off, row_mask, ks, K, stride_c, stride_h, stride_w,
                      scale_ptr, shift_ptr, PH: tl.constexpr, PW: tl.constexpr,
                      HAS_NORM: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """(rows, BK) tile of the implicit patch matrix, normalized and cast to the dot dtype."""
+    """(rows, BLOCK_K) tile of the implicit patch matrix, normalized and cast to the dot dtype."""
     k_off, c = _k_offsets(ks, stride_c, stride_h, stride_w, PH, PW)
     k_mask = ks < K
     mask = row_mask[:, None] & k_mask[None, :]
@@ -70,7 +77,7 @@ def _load_patch_tile(img_ptr, row_off, row_mask, ks, K, stride_c, stride_h, stri
     return a.to(DOT_DTYPE)
 
 
-@autotune(configs=FWD_CONFIGS, key=["M", "D", "K"])
+@autotune(configs=FWD_CONFIGS, key=["M", "D", "K"], shared_memory=fwd_shared_memory)
 @triton.jit
 def patch_embed_fwd(
     out_ptr, stride_ob, stride_ol, stride_od,             # (B, L, D) tokens, L = P + N
@@ -84,9 +91,9 @@ def patch_embed_fwd(
     PH: tl.constexpr, PW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
     ALLOW_TF32: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    rows, cols, row_in, col_in = grouped_tile(tl.program_id(0), M, D, BM, BN, GROUP_M)
+    rows, cols, row_in, col_in = grouped_tile(tl.program_id(0), M, D, BLOCK_M, BLOCK_N, GROUP_M)
     b = rows // L
     l = rows % L  # noqa: E741
     is_patch = row_in & (l >= P)
@@ -94,13 +101,13 @@ def patch_embed_fwd(
     row_off = b * stride_ib + _patch_offsets(n, GW, stride_ih, stride_iw, PH, PW)
 
     dot_dtype = w_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
         a = _load_patch_tile(img_ptr, row_off, is_patch, ks, K, stride_ic, stride_ih, stride_iw,
                              scale_ptr, shift_ptr, PH, PW, HAS_NORM, dot_dtype)
         w = tl.load(w_ptr + cols[None, :] * stride_wd + ks[:, None] * stride_wk,
-                    mask=(ks < K)[:, None] & col_in[None, :], other=0)  # (BK, BN)
+                    mask=(ks < K)[:, None] & col_in[None, :], other=0)  # (BLOCK_K, BLOCK_N)
         acc = dot_acc(a, w, acc, ALLOW_TF32)
 
     # epilogue: bias on patch rows, prefix token on prefix rows, position row on both
@@ -131,30 +138,30 @@ def patch_embed_bwd_dw(
     M, D, K, N, P, GW, SPLIT,                             # M = B * N patch rows
     PH: tl.constexpr, PW: tl.constexpr, HAS_NORM: tl.constexpr, ALLOW_TF32: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-    BD: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_k = tl.cdiv(K, BK)
-    ds = (pid // num_k) * BD + tl.arange(0, BD)
-    ks = (pid % num_k) * BK + tl.arange(0, BK)
+    num_k = tl.cdiv(K, BLOCK_K)
+    ds = (pid // num_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     d_in = ds < D
-    # this program's slice of the M patch rows, a whole number of BM steps
-    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BM) * BM
+    # this program's slice of the M patch rows, a whole number of BLOCK_M steps
+    rows_per_split = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_M) * BLOCK_M
     m_lo = split.to(tl.int64) * rows_per_split
     m_hi = min(m_lo + rows_per_split, M)
 
-    acc = tl.zeros((BD, BK), dtype=tl.float32)
-    for m0 in range(m_lo, m_hi, BM):
-        ms = m0 + tl.arange(0, BM)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        ms = m0 + tl.arange(0, BLOCK_M)
         m_in = ms < m_hi
         b = ms // N
         n = ms % N
         row_off = b * stride_ib + _patch_offsets(n, GW, stride_ih, stride_iw, PH, PW)
         a = _load_patch_tile(img_ptr, row_off, m_in, ks, K, stride_ic, stride_ih, stride_iw,
-                             scale_ptr, shift_ptr, PH, PW, HAS_NORM, DOT_DTYPE)  # (BM, BK)
+                             scale_ptr, shift_ptr, PH, PW, HAS_NORM, DOT_DTYPE)  # (BLOCK_M, BLOCK_K)
         g = tl.load(g_ptr + (b * stride_gb + (n + P) * stride_gl)[None, :] + ds[:, None] * stride_gd,
-                    mask=d_in[:, None] & m_in[None, :], other=0)  # (BD, BM)
+                    mask=d_in[:, None] & m_in[None, :], other=0)  # (BLOCK_N, BLOCK_M)
         acc = dot_acc(g.to(DOT_DTYPE), a, acc, ALLOW_TF32)
 
     out = dw_ptr + split.to(tl.int64) * stride_ws + ds[:, None] * stride_wd + ks[None, :] * stride_wk
@@ -170,12 +177,12 @@ def patch_embed_bwd_dx(
     scale_ptr,                                            # (C,) fp32 pixel scale
     M, D, K, N, P, GW,                                    # M = B * N patch rows
     PH: tl.constexpr, PW: tl.constexpr, HAS_NORM: tl.constexpr, ALLOW_TF32: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_k = tl.cdiv(K, BK)
-    ms = (pid // num_k).to(tl.int64) * BM + tl.arange(0, BM)
-    ks = (pid % num_k) * BK + tl.arange(0, BK)
+    num_k = tl.cdiv(K, BLOCK_K)
+    ms = (pid // num_k).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = (pid % num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
     m_in = ms < M
     k_in = ks < K
     b = ms // N
@@ -184,14 +191,14 @@ def patch_embed_bwd_dx(
     c = ks // (PH * PW)
     dot_dtype = w_ptr.dtype.element_ty
 
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        ds = d0 + tl.arange(0, BD)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_N):
+        ds = d0 + tl.arange(0, BLOCK_N)
         d_in = ds < D
         g = tl.load(g_ptr + g_row[:, None] + ds[None, :] * stride_gd,
-                    mask=m_in[:, None] & d_in[None, :], other=0)  # (BM, BD)
+                    mask=m_in[:, None] & d_in[None, :], other=0)  # (BLOCK_M, BLOCK_N)
         w = tl.load(w_ptr + ds[:, None] * stride_wd + ks[None, :] * stride_wk,
-                    mask=d_in[:, None] & k_in[None, :], other=0)  # (BD, BK)
+                    mask=d_in[:, None] & k_in[None, :], other=0)  # (BLOCK_N, BLOCK_K)
         acc = dot_acc(g.to(dot_dtype), w, acc, ALLOW_TF32)
 
     if HAS_NORM:

@@ -8,7 +8,7 @@ Token layout (per batch row): ``prefix`` protected tokens, then A tokens at ``pr
 1. ``tome_scores_fwd``: cosine score of every A token with every B token by ``tl.dot`` tiles,
    keeping only the running row max / argmax (the A×B matrix is never stored). A tile holding
    a row whose squares over- or underflow is recomputed with that row divided by its max |.|.
-2. ``tome_plan_fwd``: programs per (batch row, chunk of tokens) turn the best edges into the
+2. ``tome_plan_fwd``: programs per (chunk of tokens, batch row) turn the best edges into the
    merge plan by pairwise counting (a stable descending ranking without a sort).
 3. ``tome_merge_fwd``: every output token = size-weighted mean of its representative and its
    sources in a fixed order; deterministic, no atomics.
@@ -20,34 +20,42 @@ import triton.language as tl
 
 from vtok_fast.kernels._autotune import autotune
 
+# A NaN cosine score counts as this: below every real cosine, above the protected -inf (the
+# PyTorch path of ``vtok_fast/reduce/tome.py`` uses it too).
+NAN_SCORE = -2.0
+# Rows whose float32 sum of squares is below this (or inf) are divided by their max |.| before
+# they are scored: like ``unit_rows``'s 2**-50 norm limit.
+MIN_SQ = 2.0 ** -100
+
 # --- 1. scores ----------------------------------------------------------------------------------
 
+# BLOCK_M A tokens (rows) x BLOCK_N B tokens (columns), BLOCK_K channels per step
 SCORE_CONFIGS = [
-    triton.Config({"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_A": 64, "BLOCK_B": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]
 
 
 @triton.jit
 def _tile_dots(base, a_tokens, b_tokens, row_ok, col_ok, channels, stride_mn, stride_mc, a_div, b_div,
                RESCALE: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A x B dot products of one tile, the squared norms of its A rows / B columns and their max
     |.|, all accumulated in fp32; with RESCALE every A row is divided by ``a_div`` and every B
     column by ``b_div`` first (1 leaves a row unchanged)."""
-    dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-    a_sq = tl.zeros([BLOCK_A], tl.float32)
-    b_sq = tl.zeros([BLOCK_B], tl.float32)
-    a_max = tl.zeros([BLOCK_A], tl.float32)
-    b_max = tl.zeros([BLOCK_B], tl.float32)
+    dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    a_sq = tl.zeros([BLOCK_M], tl.float32)
+    b_sq = tl.zeros([BLOCK_N], tl.float32)
+    a_max = tl.zeros([BLOCK_M], tl.float32)
+    b_max = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, channels, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < channels
         a = tl.load(base + a_tokens[:, None] * stride_mn + ks[None, :] * stride_mc,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_A, BLOCK_K)
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         b = tl.load(base + b_tokens[None, :] * stride_mn + ks[:, None] * stride_mc,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_B)
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
         if RESCALE:  # correctly rounded: a power-of-two row becomes exactly ±1 / ±0.5 ...
             a = tl.math.div_rn(a.to(tl.float32), a_div[:, None]).to(a.dtype)
             b = tl.math.div_rn(b.to(tl.float32), b_div[None, :]).to(b.dtype)
@@ -81,24 +89,24 @@ def tome_scores_fwd(
     PROTECT_A0: tl.constexpr,  # class token: A0 never merges (row 0 = -inf)
     PROTECT_B0: tl.constexpr,  # distillation token: nothing merges into B0 (column 0 = -inf)
     PRECISION: tl.constexpr,  # tl.dot input_precision ("tf32x3" keeps fp32 accuracy)
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_a = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
-    rows = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    rows = pid_a * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_a
     a_tokens = (prefix + 2 * rows).to(tl.int64)
     base = metric_ptr + batch * stride_mb
 
-    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_A], tl.int32)
-    for b0 in range(0, num_b, BLOCK_B):
-        cols = b0 + tl.arange(0, BLOCK_B)
+    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_M], tl.int32)
+    for b0 in range(0, num_b, BLOCK_N):
+        cols = b0 + tl.arange(0, BLOCK_N)
         col_ok = cols < num_b
         b_tokens = (prefix + 2 * cols + 1).to(tl.int64)
         dots, a_sq, b_sq, a_max, b_max = _tile_dots(
             base, a_tokens, b_tokens, row_ok, col_ok, channels, stride_mn, stride_mc, 1.0, 1.0,
-            False, PRECISION, BLOCK_A, BLOCK_B, BLOCK_K)
+            False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         # cosine is scale-invariant: a row whose squares over- or underflowed (|values| near
         # 1e19 or 1e-30) is divided by its max |.| and the tile recomputed (rare: a slow path)
         a_fix = _needs_rescale(a_sq, a_max, row_ok, MIN_SQ)
@@ -107,7 +115,7 @@ def tome_scores_fwd(
             dots, a_sq, b_sq, a_max, b_max = _tile_dots(
                 base, a_tokens, b_tokens, row_ok, col_ok, channels, stride_mn, stride_mc,
                 tl.where(a_fix, a_max, 1.0), tl.where(b_fix, b_max, 1.0),
-                True, PRECISION, BLOCK_A, BLOCK_B, BLOCK_K)
+                True, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         # inverse norms correctly rounded (sqrt_rn, div_rn; tl.sqrt and / are approximate on GPUs),
         # so a metric whose cosines are exact in fp32 scores exactly, ties included
         inv_a = tl.math.div_rn(1.0, tl.sqrt_rn(tl.where(row_ok, a_sq, 1.0)))  # padding: no 0/0
@@ -131,7 +139,8 @@ def tome_scores_fwd(
 
 # --- 2. plan ------------------------------------------------------------------------------------
 
-PLAN_BLOCKS = {"BLOCK_I": 128, "BLOCK_J": 32}
+# BLOCK_M tokens per program (its chunk), BLOCK_N tokens per step of the pairwise counts
+PLAN_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 32}
 PLAN_WARPS = 4
 
 
@@ -139,6 +148,12 @@ PLAN_WARPS = 4
 def _beats(v_j, j, v_i, i):
     """(v_j, j) comes before (v_i, i) in descending score order, ties to the lower index."""
     return (v_j > v_i) | ((v_j == v_i) & (j < i))
+
+
+@triton.jit
+def _merges(v, i, thr_val, thr_idx):
+    """A token ``i`` with best score ``v`` merges: its edge ranks at or before the threshold's."""
+    return _beats(v, i, thr_val, thr_idx) | (i == thr_idx)
 
 
 @triton.jit
@@ -151,52 +166,30 @@ def _b_slot(j, num_kept, prefix, DISTILL: tl.constexpr):
 
 
 @triton.jit
-def tome_plan_fwd(
-    order_ptr,  # (B, num_out) int64: input token of each output slot
-    dest_ptr,  # (B, N) int64: output slot of each input token
-    merged_ptr,  # (B, r) int64: merged A tokens, grouped by destination slot
-    start_ptr,  # (B, num_out) int32: first source of each slot in merged
-    count_ptr,  # (B, num_out) int32: number of sources of each slot
-    node_max_ptr,  # (B, num_a) fp32: best score of each A token
-    node_idx_ptr,  # (B, num_a) int32: its B partner
-    num_a, num_b, prefix, r,  # every buffer is contiguous: strides follow from these
-    SORT_KEPT: tl.constexpr,  # kept A in original order (else in descending-score order)
-    DISTILL: tl.constexpr,  # output layout [A0, B0, kept A[1:], B[1:]]
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-):
-    """Program (batch, chunk) writes prefix tokens, A tokens and B tokens
-    ``chunk * BLOCK_I ..`` of its batch row; every program finds the threshold itself."""
-    batch = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    num_tokens = prefix + num_a + num_b
-    num_out = num_tokens - r
-    num_kept = num_a - r
-    max_row = node_max_ptr + batch * num_a
-    idx_row = node_idx_ptr + batch * num_a
-    order_row = order_ptr + batch * num_out
-    dest_row = dest_ptr + batch * num_tokens
-    start_row = start_ptr + batch * num_out
-    count_row = count_ptr + batch * num_out
-    nothing = tl.zeros([BLOCK_I], tl.int32)
-
-    # protected prefix: slot p holds token p
-    p = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+def _plan_prefix(order_row, dest_row, start_row, count_row, chunk, prefix, BLOCK_M: tl.constexpr):
+    """The chunk's protected prefix tokens: slot p holds token p, no sources."""
+    nothing = tl.zeros([BLOCK_M], tl.int32)
+    p = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
     p_ok = p < prefix
     tl.store(order_row + p, p.to(tl.int64), mask=p_ok)
     tl.store(dest_row + p, p.to(tl.int64), mask=p_ok)
     tl.store(start_row + p, nothing, mask=p_ok)
     tl.store(count_row + p, nothing, mask=p_ok)
 
-    # the edge of rank r - 1 (descending score, ties to the lower index) is the threshold
-    thr_val = tl.sum(tl.zeros([BLOCK_I], tl.float32), axis=0)
-    thr_idx = tl.sum(nothing, axis=0)
-    for i0 in range(0, num_a, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
+
+@triton.jit
+def _plan_threshold(max_row, num_a, r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(score, index) of the edge of rank ``r - 1`` (descending score, ties to the lower index):
+    every A token at or before it merges."""
+    thr_val = tl.sum(tl.zeros([BLOCK_M], tl.float32), axis=0)
+    thr_idx = tl.sum(tl.zeros([BLOCK_M], tl.int32), axis=0)
+    for i0 in range(0, num_a, BLOCK_M):
+        i = i0 + tl.arange(0, BLOCK_M)
         i_ok = i < num_a
         v_i = tl.load(max_row + i, mask=i_ok, other=0.0)
-        rank = tl.zeros([BLOCK_I], tl.int32)
-        for j0 in range(0, num_a, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
+        rank = tl.zeros([BLOCK_M], tl.int32)
+        for j0 in range(0, num_a, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
             j_ok = j < num_a
             v_j = tl.load(max_row + j, mask=j_ok, other=0.0)
             before = _beats(v_j[None, :], j[None, :], v_i[:, None], i[:, None]) & j_ok[None, :]
@@ -204,22 +197,30 @@ def tome_plan_fwd(
         hit = i_ok & (rank == r - 1)
         thr_val += tl.sum(tl.where(hit, v_i, 0.0), axis=0)
         thr_idx += tl.sum(tl.where(hit, i, 0), axis=0)
+    return thr_val, thr_idx
 
-    # A tokens of this chunk: merged ones go to their partner's slot, kept ones to their own
-    i = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+
+@triton.jit
+def _plan_a_tokens(order_row, dest_row, start_row, count_row, merged_row, max_row, idx_row,
+                   chunk, thr_val, thr_idx, num_a, prefix, r, SORT_KEPT: tl.constexpr,
+                   DISTILL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The chunk's A tokens: merged ones go to their partner's slot (and into ``merged``, grouped
+    by partner), kept ones to their own slot."""
+    num_kept = num_a - r
+    i = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
     i_ok = i < num_a
     v_i = tl.load(max_row + i, mask=i_ok, other=0.0)
     n_i = tl.load(idx_row + i, mask=i_ok, other=0)
-    merged_i = _beats(v_i, i, thr_val, thr_idx) | (i == thr_idx)
-    rank = tl.zeros([BLOCK_I], tl.int32)  # position in descending-score order (not SORT_KEPT)
-    merged_before = tl.zeros([BLOCK_I], tl.int32)  # merged A tokens with a lower index (SORT_KEPT)
-    slot = tl.zeros([BLOCK_I], tl.int32)  # position among merged, by (partner, index)
-    for j0 in range(0, num_a, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
+    merged_i = _merges(v_i, i, thr_val, thr_idx)
+    rank = tl.zeros([BLOCK_M], tl.int32)  # position in descending-score order (not SORT_KEPT)
+    merged_before = tl.zeros([BLOCK_M], tl.int32)  # merged A tokens with a lower index (SORT_KEPT)
+    slot = tl.zeros([BLOCK_M], tl.int32)  # position among merged, by (partner, index)
+    for j0 in range(0, num_a, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < num_a
         v_j = tl.load(max_row + j, mask=j_ok, other=0.0)
         n_j = tl.load(idx_row + j, mask=j_ok, other=0)
-        merged_j = (_beats(v_j, j, thr_val, thr_idx) | (j == thr_idx)) & j_ok
+        merged_j = _merges(v_j, j, thr_val, thr_idx) & j_ok
         lower = j[None, :] < i[:, None]
         if SORT_KEPT:  # only the count this layout uses
             merged_before += tl.sum((lower & merged_j[None, :]).to(tl.int32), axis=1)
@@ -239,32 +240,72 @@ def tome_plan_fwd(
     token = (prefix + 2 * i).to(tl.int64)
     kept = i_ok & (merged_i == 0)
     merged = i_ok & merged_i
+    nothing = tl.zeros([BLOCK_M], tl.int32)
     tl.store(order_row + kept_slot, token, mask=kept)
     tl.store(start_row + kept_slot, nothing, mask=kept)
     tl.store(count_row + kept_slot, nothing, mask=kept)
     slot_of_token = tl.where(merged, _b_slot(n_i, num_kept, prefix, DISTILL), kept_slot)
     tl.store(dest_row + token, slot_of_token.to(tl.int64), mask=i_ok)
-    tl.store(merged_ptr + batch * r + slot, token, mask=merged)
+    tl.store(merged_row + slot, token, mask=merged)
 
-    # B tokens of this chunk, with where their sources start in merged and how many
-    j = chunk * BLOCK_I + tl.arange(0, BLOCK_I)
+
+@triton.jit
+def _plan_b_tokens(order_row, dest_row, start_row, count_row, max_row, idx_row, chunk, thr_val,
+                   thr_idx, num_a, num_b, prefix, r, DISTILL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """The chunk's B tokens, with where their sources start in ``merged`` and how many."""
+    j = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
     j_ok = j < num_b
-    start = tl.zeros([BLOCK_I], tl.int32)
-    count = tl.zeros([BLOCK_I], tl.int32)
-    for i0 in range(0, num_a, BLOCK_J):
-        ii = i0 + tl.arange(0, BLOCK_J)
+    start = tl.zeros([BLOCK_M], tl.int32)
+    count = tl.zeros([BLOCK_M], tl.int32)
+    for i0 in range(0, num_a, BLOCK_N):
+        ii = i0 + tl.arange(0, BLOCK_N)
         ii_ok = ii < num_a
         v_ii = tl.load(max_row + ii, mask=ii_ok, other=0.0)
         n_ii = tl.load(idx_row + ii, mask=ii_ok, other=-1)
-        merged_ii = (_beats(v_ii, ii, thr_val, thr_idx) | (ii == thr_idx)) & ii_ok
+        merged_ii = _merges(v_ii, ii, thr_val, thr_idx) & ii_ok
         start += tl.sum(((n_ii[None, :] < j[:, None]) & merged_ii[None, :]).to(tl.int32), axis=1)
         count += tl.sum(((n_ii[None, :] == j[:, None]) & merged_ii[None, :]).to(tl.int32), axis=1)
-    b_slot = _b_slot(j, num_kept, prefix, DISTILL)
+    b_slot = _b_slot(j, num_a - r, prefix, DISTILL)
     b_token = (prefix + 2 * j + 1).to(tl.int64)
     tl.store(order_row + b_slot, b_token, mask=j_ok)
     tl.store(dest_row + b_token, b_slot.to(tl.int64), mask=j_ok)
     tl.store(start_row + b_slot, start, mask=j_ok)
     tl.store(count_row + b_slot, count, mask=j_ok)
+
+
+@triton.jit
+def tome_plan_fwd(
+    order_ptr,  # (B, num_out) int64: input token of each output slot
+    dest_ptr,  # (B, N) int64: output slot of each input token
+    merged_ptr,  # (B, r) int64: merged A tokens, grouped by destination slot
+    start_ptr,  # (B, num_out) int32: first source of each slot in merged
+    count_ptr,  # (B, num_out) int32: number of sources of each slot
+    node_max_ptr,  # (B, num_a) fp32: best score of each A token
+    node_idx_ptr,  # (B, num_a) int32: its B partner
+    num_a, num_b, prefix, r,  # every buffer is contiguous: strides follow from these
+    SORT_KEPT: tl.constexpr,  # kept A in original order (else in descending-score order)
+    DISTILL: tl.constexpr,  # output layout [A0, B0, kept A[1:], B[1:]]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (chunk, batch) writes prefix tokens, A tokens and B tokens
+    ``chunk * BLOCK_M ..`` of its batch row; every program finds the threshold itself."""
+    chunk = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    num_tokens = prefix + num_a + num_b
+    num_out = num_tokens - r
+    max_row = node_max_ptr + batch * num_a
+    idx_row = node_idx_ptr + batch * num_a
+    order_row = order_ptr + batch * num_out
+    dest_row = dest_ptr + batch * num_tokens
+    start_row = start_ptr + batch * num_out
+    count_row = count_ptr + batch * num_out
+    _plan_prefix(order_row, dest_row, start_row, count_row, chunk, prefix, BLOCK_M)
+    thr_val, thr_idx = _plan_threshold(max_row, num_a, r, BLOCK_M, BLOCK_N)
+    _plan_a_tokens(order_row, dest_row, start_row, count_row, merged_ptr + batch * r, max_row, idx_row,
+                   chunk, thr_val, thr_idx, num_a, prefix, r, SORT_KEPT, DISTILL, BLOCK_M, BLOCK_N)
+    _plan_b_tokens(order_row, dest_row, start_row, count_row, max_row, idx_row, chunk, thr_val,
+                   thr_idx, num_a, num_b, prefix, r, DISTILL, BLOCK_M, BLOCK_N)
 
 
 # --- 3. merge -----------------------------------------------------------------------------------

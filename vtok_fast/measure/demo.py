@@ -265,28 +265,32 @@ def _quality(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, Optional[
             float(metrics.ssim(pred, target, 1.0)[0]) if fits else None)
 
 
-def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False, seed: int = 0):
-    """Tokenize ``image`` ``(3, H, W)`` (floats in [0, 1], at least ``VQ_PATCH`` px per side)
-    every way; returns ``(rows, tiles)``, ``tiles`` a list of ``(title, (H, W, 3) uint8)``.
-    ``focus``: ``(x0, y0, x1, y1)`` in the image's pixels (None: its centre half; the part outside
-    the 336-px view is ignored). Every random draw comes from ``seed``: two runs give the same rows
-    (times aside), and the global RNG is left as it was."""
-    from vtok_fast.measure import viz
-    from vtok_fast.encode.adaptive import adaptive_tokenize, box_relevance
-    from vtok_fast.encode.patch_embed import patch_embed
-    from vtok_fast.encode.pyramid import pyramid_tokenize
-    from vtok_fast.encode.vq import VectorQuantizer
-    from vtok_fast.measure.metrics import token_fidelity
-    from vtok_fast.reduce.compress import compress
+@dataclasses.dataclass
+class _Inputs:
+    """What the steps of :func:`run` share: the image, its views and the random patch weights
+    (``w_*``, ``b_*``: ViT-B/16 and ViT-L/14), all drawn before the first step. The steps run in
+    ``STEPS``' order: the ViT-L/14 step leaves its tokens in ``tokens_l`` for ToMe and pooling."""
+    image: torch.Tensor  # (3, H, W) on device
+    device: torch.device
+    gen: torch.Generator  # every random draw of the run
+    image_px: int  # the one base of every row's pixels per token
+    w_b: torch.Tensor
+    b_b: torch.Tensor
+    w_l: torch.Tensor
+    b_l: torch.Tensor
+    view_b: torch.Tensor  # (1, 3, 224, 224)
+    view_l: torch.Tensor  # (1, 3, 336, 336)
+    pixels_l: np.ndarray  # view_l as (336, 336, 3) uint8
+    box_l: Optional[tuple]  # the focus box in view_l's pixels; None: it misses the view
+    tokens_l: Optional[torch.Tensor] = None  # set by the ViT-L/14 step
 
-    device = torch.device(device)
+
+_Tiles = list[tuple[str, np.ndarray]]
+
+
+def _inputs(image: torch.Tensor, focus, device: torch.device, seed: int) -> _Inputs:
     gen = torch.Generator().manual_seed(seed)
     _, H, W = image.shape
-    if min(H, W) < VQ_PATCH:
-        raise ValueError(f"image must be at least {VQ_PATCH} px on each side (the VQ patch), got {W}x{H}")
-    image_px = H * W  # the one base of every row's pixels per token
-    if focus is None:
-        focus = (W / 4, H / 4, 3 * W / 4, 3 * H / 4)
     image = image.to(device)
 
     def weight(side_patch_dim):
@@ -296,99 +300,152 @@ def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False
 
     w_b, b_b = weight(VIT_B)
     w_l, b_l = weight(VIT_L)
-    view_b = _view(image, VIT_B[0])
     view_l = _view(image, VIT_L[0])
-    box_l = view_box(focus, H, W, VIT_L[0])
-    p_l = VIT_L[1]
-    grid_l = VIT_L[0] // p_l
-    rows: list[Row] = []
-    tiles: list[tuple[str, np.ndarray]] = []
-    steps = _Progress(8, progress)
+    return _Inputs(image, device, gen, H * W, w_b, b_b, w_l, b_l, _view(image, VIT_B[0]), view_l,
+                   _to_uint8(view_l), view_box(focus, H, W, VIT_L[0]))
 
-    def fixed(view, w, b, label):
-        tokens, ms = _timed(lambda: patch_embed(view, w, b), device)
-        rows.append(Row(label, tokens.shape[1], image_px / tokens.shape[1], time_ms=ms))
-        return tokens
 
-    steps.step("fixed patches, ViT-B/16 @224", lambda: fixed(view_b, w_b, b_b, "fixed ViT-B/16 @224"))
-    tokens_l = steps.step("fixed patches, ViT-L/14 @336",
-                          lambda: fixed(view_l, w_l, b_l, "fixed ViT-L/14 @336"))
-    pixels_l = _to_uint8(view_l)
-    tiles.append((f"image {W}x{H}", _to_uint8(image)))
+def _fixed(inp: _Inputs, view, w, b, label) -> tuple[torch.Tensor, list[Row]]:
+    from vtok_fast.encode.patch_embed import patch_embed
 
-    def adaptive(relevance, label, tile):
-        packed, ms = _timed(lambda: adaptive_tokenize(view_l, w_l, b_l, num_scales=3,
-                                                      thresholds=list(ADAPTIVE_THRESHOLDS),
-                                                      relevance=relevance), device)
-        n = int(packed.counts[0])
-        psnr, ssim = _quality(_adaptive_recon(view_l, packed), view_l)
-        rows.append(Row(label, n, image_px / n, psnr, ssim, time_ms=ms))
-        drawn = _draw_cells(pixels_l, packed.cell_index()[0].cpu().numpy(), p_l)
-        if relevance is not None and box_l is not None:
-            drawn = _draw_box(drawn, box_l)
-        tiles.append((f"{tile}: {n} tokens", drawn))
+    tokens, ms = _timed(lambda: patch_embed(view, w, b), inp.device)
+    return tokens, [Row(label, tokens.shape[1], inp.image_px / tokens.shape[1], time_ms=ms)]
 
-    steps.step("adaptive patches", lambda: adaptive(None, "adaptive 14/28/56 px @336", "adaptive"))
-    relevance = (box_relevance(VIT_L[0], VIT_L[0], box_l, device=device) if box_l is not None
-                 else torch.zeros(VIT_L[0], VIT_L[0], device=device))  # the box misses the view
-    steps.step("adaptive patches with the focus box",
-               lambda: adaptive(relevance, "adaptive + focus box", "adaptive + focus"))
 
-    def pyramid():
-        seq, ms = _timed(lambda: pyramid_tokenize(image[None], w_b, b_b, levels=PYRAMID_LEVELS, concat=True), device)
-        rows.append(Row("pyramid 8+16+32 (ViT-B/16)", seq.shape[1], image_px / seq.shape[1], time_ms=ms))
+def _step_fixed_b(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    _, rows = _fixed(inp, inp.view_b, inp.w_b, inp.b_b, "fixed ViT-B/16 @224")
+    return rows, []
 
-    steps.step("pyramid", pyramid)
 
-    def vq():
-        q = VQ_PATCH
-        x = image[None, :, : H // q * q, : W // q * q]
-        gh, gw = x.shape[2] // q, x.shape[3] // q
-        patches = x.reshape(3, gh, q, gw, q).permute(1, 3, 0, 2, 4).reshape(1, gh * gw, 3 * q * q)
-        codes = max(2, min(VQ_CODES, gh * gw // 4))
-        # the layer draws its k-means sampling seed from the global RNG when built: seed that draw
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (), generator=gen)))
-            quantizer = VectorQuantizer(3 * q * q, codes, kmeans_init=True, kmeans_init_in_eval=True)
-        quantizer = quantizer.to(device).eval()
-        with torch.no_grad():
-            (quantized, _, _), ms = _timed(lambda: quantizer(patches), device, repeat=1)
-        recon = quantized.reshape(gh, gw, 3, q, q).permute(2, 0, 3, 1, 4).reshape(1, 3, gh * q, gw * q)
-        psnr, ssim = _quality(recon, x)
-        rows.append(Row(f"VQ codes {q}x{q} px, K={codes} k-means", gh * gw, image_px / (gh * gw), psnr, ssim,
-                        time_ms=ms))
-        tiles.append((f"VQ ({codes} codes): {gh * gw} tokens", _to_uint8(recon)))
+def _step_fixed_l(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    inp.tokens_l, rows = _fixed(inp, inp.view_l, inp.w_l, inp.b_l, "fixed ViT-L/14 @336")
+    return rows, []
 
-    steps.step("VQ codebook (k-means on the image's patches)", vq)
 
+def _adaptive(inp: _Inputs, relevance, label: str, tile: str) -> tuple[list[Row], _Tiles]:
+    from vtok_fast.encode.adaptive import adaptive_tokenize
+
+    packed, ms = _timed(lambda: adaptive_tokenize(inp.view_l, inp.w_l, inp.b_l, num_scales=3,
+                                                  thresholds=list(ADAPTIVE_THRESHOLDS),
+                                                  relevance=relevance), inp.device)
+    n = int(packed.counts[0])
+    psnr, ssim = _quality(_adaptive_recon(inp.view_l, packed), inp.view_l)
+    drawn = _draw_cells(inp.pixels_l, packed.cell_index()[0].cpu().numpy(), VIT_L[1])
+    if relevance is not None and inp.box_l is not None:
+        drawn = _draw_box(drawn, inp.box_l)
+    return [Row(label, n, inp.image_px / n, psnr, ssim, time_ms=ms)], [(f"{tile}: {n} tokens", drawn)]
+
+
+def _step_adaptive(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    return _adaptive(inp, None, "adaptive 14/28/56 px @336", "adaptive")
+
+
+def _step_adaptive_focus(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    from vtok_fast.encode.adaptive import box_relevance
+
+    side = VIT_L[0]
+    relevance = (box_relevance(side, side, inp.box_l, device=inp.device) if inp.box_l is not None
+                 else torch.zeros(side, side, device=inp.device))  # the box misses the view
+    return _adaptive(inp, relevance, "adaptive + focus box", "adaptive + focus")
+
+
+def _step_pyramid(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    from vtok_fast.encode.pyramid import pyramid_tokenize
+
+    seq, ms = _timed(lambda: pyramid_tokenize(inp.image[None], inp.w_b, inp.b_b, levels=PYRAMID_LEVELS,
+                                              concat=True), inp.device)
+    return [Row("pyramid 8+16+32 (ViT-B/16)", seq.shape[1], inp.image_px / seq.shape[1], time_ms=ms)], []
+
+
+def _step_vq(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    from vtok_fast.encode.vq import VectorQuantizer
+
+    q, (_, H, W) = VQ_PATCH, inp.image.shape
+    x = inp.image[None, :, : H // q * q, : W // q * q]
+    gh, gw = x.shape[2] // q, x.shape[3] // q
+    patches = x.reshape(3, gh, q, gw, q).permute(1, 3, 0, 2, 4).reshape(1, gh * gw, 3 * q * q)
+    codes = max(2, min(VQ_CODES, gh * gw // 4))
+    # the layer draws its k-means sampling seed from the global RNG when built: seed that draw
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (), generator=inp.gen)))
+        quantizer = VectorQuantizer(3 * q * q, codes, kmeans_init=True, kmeans_init_in_eval=True)
+    quantizer = quantizer.to(inp.device).eval()
     with torch.no_grad():
-        def tome():
-            for keep, _ in BUDGETS:
-                merged, ms = _timed(lambda: compress(tokens_l, "tome", keep=keep), device)
-                cosine = float(token_fidelity(tokens_l, merged).cosine[0])
-                rows.append(Row(f"ToMe 576 -> {keep}", keep, image_px / keep, token_cosine=cosine, time_ms=ms))
-                if keep == BUDGETS[0][0]:
-                    drawn = viz.merge_map(pixels_l, merged.source[0].cpu(), p_l)
-                    tiles.append((f"ToMe: {keep} tokens", drawn))
+        (quantized, _, _), ms = _timed(lambda: quantizer(patches), inp.device, repeat=1)
+    recon = quantized.reshape(gh, gw, 3, q, q).permute(2, 0, 3, 1, 4).reshape(1, 3, gh * q, gw * q)
+    psnr, ssim = _quality(recon, x)
+    row = Row(f"VQ codes {q}x{q} px, K={codes} k-means", gh * gw, inp.image_px / (gh * gw), psnr, ssim, time_ms=ms)
+    return [row], [(f"VQ ({codes} codes): {gh * gw} tokens", _to_uint8(recon))]
 
-        steps.step("ToMe merging to 144 / 64", tome)
 
-        def pooling():
-            for keep, stride in BUDGETS:
-                pooled, ms = _timed(lambda: compress(tokens_l, "pool", grid=(grid_l, grid_l), stride=stride),
-                                    device)
-                n = pooled.tokens.shape[1]
-                cosine = float(token_fidelity(tokens_l, pooled).cosine[0])
-                recon = _block_recon(view_l, p_l, stride)
-                psnr, ssim = _quality(recon, view_l)
-                rows.append(Row(f"avg-pool {stride}x{stride} 576 -> {n}", n, image_px / n, psnr, ssim,
-                                cosine, ms))
-                if keep == BUDGETS[0][0]:
-                    labels = pooled.source[0].reshape(grid_l, grid_l).cpu().numpy()
-                    tiles.append((f"avg-pool {stride}x{stride}: {n} tokens",
-                                  _draw_cells(_to_uint8(recon), labels, p_l)))
+@torch.no_grad()
+def _step_tome(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    from vtok_fast.measure import viz
+    from vtok_fast.measure.metrics import token_fidelity
+    from vtok_fast.reduce.compress import compress
 
-        steps.step("average pooling to 144 / 64", pooling)
+    rows, tiles, tokens = [], [], inp.tokens_l
+    for keep, _ in BUDGETS:
+        merged, ms = _timed(lambda: compress(tokens, "tome", keep=keep), inp.device)
+        cosine = float(token_fidelity(tokens, merged).cosine[0])
+        rows.append(Row(f"ToMe 576 -> {keep}", keep, inp.image_px / keep, token_cosine=cosine, time_ms=ms))
+        if keep == BUDGETS[0][0]:
+            tiles.append((f"ToMe: {keep} tokens", viz.merge_map(inp.pixels_l, merged.source[0].cpu(), VIT_L[1])))
+    return rows, tiles
+
+
+@torch.no_grad()
+def _step_pooling(inp: _Inputs) -> tuple[list[Row], _Tiles]:
+    from vtok_fast.measure.metrics import token_fidelity
+    from vtok_fast.reduce.compress import compress
+
+    rows, tiles, tokens = [], [], inp.tokens_l
+    p, grid = VIT_L[1], VIT_L[0] // VIT_L[1]
+    for keep, stride in BUDGETS:
+        pooled, ms = _timed(lambda: compress(tokens, "pool", grid=(grid, grid), stride=stride), inp.device)
+        n = pooled.tokens.shape[1]
+        cosine = float(token_fidelity(tokens, pooled).cosine[0])
+        recon = _block_recon(inp.view_l, p, stride)
+        psnr, ssim = _quality(recon, inp.view_l)
+        rows.append(Row(f"avg-pool {stride}x{stride} 576 -> {n}", n, inp.image_px / n, psnr, ssim, cosine, ms))
+        if keep == BUDGETS[0][0]:
+            labels = pooled.source[0].reshape(grid, grid).cpu().numpy()
+            tiles.append((f"avg-pool {stride}x{stride}: {n} tokens", _draw_cells(_to_uint8(recon), labels, p)))
+    return rows, tiles
+
+
+# The rows of the table, in order: (progress label, step); each step returns its rows and tiles.
+STEPS: tuple[tuple[str, Callable[[_Inputs], tuple[list[Row], _Tiles]]], ...] = (
+    ("fixed patches, ViT-B/16 @224", _step_fixed_b),
+    ("fixed patches, ViT-L/14 @336", _step_fixed_l),
+    ("adaptive patches", _step_adaptive),
+    ("adaptive patches with the focus box", _step_adaptive_focus),
+    ("pyramid", _step_pyramid),
+    ("VQ codebook (k-means on the image's patches)", _step_vq),
+    ("ToMe merging to 144 / 64", _step_tome),
+    ("average pooling to 144 / 64", _step_pooling),
+)
+
+
+def run(image: torch.Tensor, *, focus=None, device="cpu", progress: bool = False, seed: int = 0):
+    """Tokenize ``image`` ``(3, H, W)`` (floats in [0, 1], at least ``VQ_PATCH`` px per side)
+    every way (``STEPS``); returns ``(rows, tiles)``, ``tiles`` a list of ``(title, (H, W, 3)
+    uint8)``, the image first. ``focus``: ``(x0, y0, x1, y1)`` in the image's pixels (None: its
+    centre half; the part outside the 336-px view is ignored). Every random draw comes from
+    ``seed``: two runs give the same rows (times aside), and the global RNG is left as it was."""
+    _, H, W = image.shape
+    if min(H, W) < VQ_PATCH:
+        raise ValueError(f"image must be at least {VQ_PATCH} px on each side (the VQ patch), got {W}x{H}")
+    if focus is None:
+        focus = (W / 4, H / 4, 3 * W / 4, 3 * H / 4)
+    inp = _inputs(image, focus, torch.device(device), seed)
+    rows: list[Row] = []
+    tiles: _Tiles = [(f"image {W}x{H}", _to_uint8(inp.image))]
+    progress_bar = _Progress(len(STEPS), progress)
+    for label, step in STEPS:
+        step_rows, step_tiles = progress_bar.step(label, lambda step=step: step(inp))
+        rows += step_rows
+        tiles += step_tiles
     return rows, tiles
 
 

@@ -216,6 +216,18 @@ def overridden(module: nn.Module, cls: type, method: str = "forward") -> str | N
     return None
 
 
+def capture_forward(module: nn.Module, run: dict, name: str, x, *, rows: int | None = None):
+    """Patched ``forward`` of a module whose output a patcher reads (the ``q_proj`` / ``k_proj``
+    of a scoring layer): the class's ``forward``; while ``run["capture"]`` is a dict (set by the
+    patched forward around it), the output is kept there under ``name``: whole, or with ``rows``
+    its first ``rows`` tokens only (a copy). Bind the leading arguments with ``functools.partial``."""
+    y = type(module).forward(module, x)
+    capture = run.get("capture")
+    if capture is not None:
+        capture[name] = y if rows is None else y[:, :rows].clone()
+    return y
+
+
 def patch_every(model: nn.Module, feature: str, patcher: str, kinds, *, missing: str,
                 missing_ok: bool = False) -> nn.Module:
     """Patch every module inside ``model`` that is an instance of one of ``kinds``.

@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 
 from vtok_fast.patch import families, hf_family_compress, hf_fastv, hf_tome, placeholder_drop
-from vtok_fast.patch._common import Api, all_or_nothing, check_api, is_patched, patch, restore
+from vtok_fast.patch._common import Api, all_or_nothing, capture_forward, check_api, is_patched, patch, restore
 from vtok_fast.patch.hf_tome import encoder_of, num_prefix_tokens, tower_classes
 from vtok_fast.patch.llava_common import find_llava, image_token_mask, pair, parse_spec, placeholder_apis
 from vtok_fast.reduce.attention_scores import attention_scores
@@ -99,7 +99,7 @@ def apply(model: nn.Module, *, compress) -> nn.Module:
     except ValueError as error:  # neither LLaVA-1.5 nor a family of the table
         raise ValueError(f"{error}; compress= also runs in the families keyed by config.model_type "
                          f"{sorted(families.FAMILIES)} (this model's: {families.model_type(model)!r})") from None
-    plan = _plan(llava, method, budget)
+    plan = _checked_plan(llava, method, budget)
     with all_or_nothing():
         remove(model)
         info = {"method": method, "budget": dict(plan["budget"]), "attn_layer": plan["attn_layer"],
@@ -125,7 +125,8 @@ def apply(model: nn.Module, *, compress) -> nn.Module:
             attn = _encoder_layers(tower)[plan["attn_layer"]].self_attn
             for name in ("q_proj", "k_proj"):
                 proj = getattr(attn, name)
-                replacements.append((proj, "forward", functools.partial(_capture_forward, proj, run, name)))
+                rows = 1 if name == "q_proj" else None  # the queries: the CLS row only
+                replacements.append((proj, "forward", functools.partial(capture_forward, proj, run, name, rows=rows)))
         patch(llava, FEATURE, replacements)
     return model
 
@@ -192,7 +193,7 @@ def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
     return encoder_of(tower).layers
 
 
-def _plan(llava: nn.Module, method: str, budget: dict) -> dict:
+def _checked_plan(llava: nn.Module, method: str, budget: dict) -> dict:
     """Check that ``llava`` is supported and ``budget`` valid; return what the patched forwards need."""
     from transformers.models.llava.modeling_llava import LlavaModel
 
@@ -301,16 +302,6 @@ def _tower_forward(tower: nn.Module, plan: dict, run: dict, *args, **kwargs):
         raise
     run["captured"], run["capture"] = run["capture"], None
     return out
-
-
-def _capture_forward(proj: nn.Module, run: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Patched ``q_proj`` / ``k_proj`` ``forward``: the original; inside the tower the output is
-    kept (only the CLS row of the queries)."""
-    y = type(proj).forward(proj, x)
-    capture = run.get("capture")
-    if capture is not None:
-        capture[name] = y[:, :1].clone() if name == "q_proj" else y
-    return y
 
 
 def _projector_forward(project, plan: dict, run: dict, image_features: torch.Tensor):

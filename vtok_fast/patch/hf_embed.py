@@ -49,10 +49,10 @@ def _supported_kinds():
     """(embedding class, plan) pairs; transformers is imported only when patching."""
     from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
     from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
-    return ((CLIPVisionEmbeddings, _plan(_clip_forward)), (SiglipVisionEmbeddings, _plan(_siglip_forward)))
+    return ((CLIPVisionEmbeddings, _make_plan(_clip_forward)), (SiglipVisionEmbeddings, _make_plan(_siglip_forward)))
 
 
-def _plan(fused_forward):
+def _make_plan(fused_forward):
     """A plan for one embedding class: the forward replacement, or why it cannot be fused."""
     def plan(module: nn.Module, cls):
         check_api(_PATCHER, [Api(cls, "forward", ("pixel_values", "interpolate_pos_encoding"), True),

@@ -124,11 +124,15 @@ def _check(family, inner: nn.Module, method: str, budget: dict) -> str:
                          Api(cls, "forward", ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds")),
                          Api(type(lm), "forward", ("attention_mask", "position_ids", "cache", "inputs_embeds"))])
     # the method's own budget errors, before patching: a stand-in unit as large as a real one
-    stand_in = torch.zeros(1, 64 * 64, 1)
+    # (VisionZip's keep-all budget, all dominant and no contextual token, is valid only for a unit
+    # of exactly that many tokens: its stand-in is that unit; the real units are checked per call)
+    rows, cols = (1, budget["dominant"]) if method == "visionzip" and budget.get("contextual") == 0 \
+        and isinstance(budget.get("dominant"), int) and budget["dominant"] > 0 else (64, 64)
+    stand_in = torch.zeros(1, rows * cols, 1)
     extra = {"scores": stand_in[..., 0]} if method in ATTENTION_METHODS else {}
     if method in family_units.WITH_METRIC:
         extra["metric"] = stand_in
-    run_compress(stand_in, method, grid=(64, 64), **budget, **extra)
+    run_compress(stand_in, method, grid=(rows, cols), **budget, **extra)
     return positions
 
 

@@ -66,6 +66,7 @@ def _models(family: str) -> str:
 
 
 # config.model_type -> ((module, class name, plan name), ...): the classes to find and their plans
+# (a table: its rows share one shape on purpose)
 FAMILIES = {
     "qwen2_vl": ((_models("qwen2_vl"), "PatchMerger", "_plan_qwen_merger"),),
     "qwen2_5_vl": ((_models("qwen2_5_vl"), "Qwen2_5_VLPatchMerger", "_plan_qwen_merger"),),

@@ -37,6 +37,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from vtok_fast.patch._common import capture_forward
 from vtok_fast.patch.placeholder_drop import _left_padded, gather_4d, gather_last
 from vtok_fast.reduce.attention_scores import attention_scores
 
@@ -109,7 +110,7 @@ def replacements(inner: nn.Module, lm: nn.Module, kind: Kind, plan: dict, run: d
         out.append((attn, "forward", functools.partial(_scoring_forward, attn, kind, plan, run, stage)))
         for name, source in zip(("q", "k"), kind.capture):
             module = getattr(attn, source)
-            out.append((module, "forward", functools.partial(_capture_forward, module, run, name)))
+            out.append((module, "forward", functools.partial(capture_forward, module, run, name)))
     first = plan["stages"][0][0]
     for index in range(first, len(lm.layers)):
         layer = lm.layers[index]
@@ -186,15 +187,6 @@ def _new_job(plan: dict, image_mask: torch.Tensor, attention_mask, cache) -> dic
     plan["info"].update(kept=None, image_kept=None, scores=None, stages=[])
     return {"image_mask": image_mask, "last": last, "index": None, "stage": 0, "scores": None, "memo": {},
             "pads": False, "columns": [], "real": real}
-
-
-def _capture_forward(module: nn.Module, run: dict, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Patched ``forward`` of the module giving a scoring layer's queries (``name`` ``"q"``) or
-    keys (``"k"``): the original; while scores are wanted its output is kept."""
-    y = type(module).forward(module, x)
-    if run["capture"] is not None:
-        run["capture"][name] = y
-    return y
 
 
 def _scoring_forward(attn: nn.Module, kind: Kind, plan: dict, run: dict, stage: int, hidden_states, *args,

@@ -69,9 +69,9 @@ import torch
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._checks import (FLOAT_DTYPES, check_choice, check_int, check_positive_real, check_same_device,
-                               check_tensor)
-from vtok_fast._launch import cdiv, tile_grid
+from vtok_fast._checks import (FLOAT_DTYPES, check_bias, check_choice, check_int, check_positive_real,
+                               check_same_device, check_tensor)
+from vtok_fast._launch import optional_operand, strides, tile_grid
 from vtok_fast._op import define_op
 
 ORDERS = ("swin", "row_major", "contiguous")
@@ -97,7 +97,7 @@ def _rms_norm(x, weight, eps):
     return x if weight is None else x * weight
 
 
-def _reference_rows(tokens, grid, window, order, merge, prefix):
+def _reference_windows(tokens, grid, window, order, merge, prefix):
     """``(B, R, s*s, C)`` windows (``merge="mean"``: ``(B, R, 1, C)`` their means)."""
     x = tokens[:, prefix:]
     B, N, C = x.shape
@@ -122,7 +122,7 @@ def merge_project_reference(tokens, grid=None, *, weight, bias=None, window=2, o
     least fp32. Same arguments and result as :func:`merge_project` (no validation)."""
     flat = tokens.dim() == 2
     x = tokens[None] if flat else tokens
-    rows = _reference_rows(x, grid, window, order, merge, prefix)
+    rows = _reference_windows(x, grid, window, order, merge, prefix)
     work = torch.promote_types(tokens.dtype, torch.float32)
     if norm is not None:
         rows = rows.to(work)
@@ -256,12 +256,16 @@ def _forward_torch(tokens, norm_weight, norm_bias, weight, bias, gate_weight, ga
 
 # --- Triton path (CUDA, or CPU under TRITON_INTERPRET=1) ---------------------------------------
 
-def _weight_strides(t, C, G, channel_major, pool):
-    """(stride_d, stride_q, stride_c) of a ``(D, K)`` weight: column ``(q, c)`` of the kernel."""
+def _weight_args(ptr: str, name: str, t, C, G, channel_major, pool) -> dict:
+    """Keyword arguments of a ``(D, K)`` weight: ``<ptr>_ptr`` and the strides
+    ``stride_<name>{d, q, c}`` that address column ``(q, c)`` of the kernel (window position,
+    channel)."""
     sd, sk = t.stride()
     if pool:
-        return sd, 0, sk
-    return (sd, sk, G * sk) if channel_major else (sd, C * sk, sk)
+        sq, sc = 0, sk
+    else:
+        sq, sc = (sk, G * sk) if channel_major else (C * sk, sk)
+    return {f"{ptr}_ptr": t, f"stride_{name}d": sd, f"stride_{name}q": sq, f"stride_{name}c": sc}
 
 
 def _statistics(tokens, M, R, C, prefix, w, ws, s, order, pool, kind, rms, eps):
@@ -271,8 +275,9 @@ def _statistics(tokens, M, R, C, prefix, w, ws, s, order, pool, kind, rms, eps):
     groups = s * s if kind == "pre" else 1
     mean = torch.empty(M, groups, dtype=torch.float32, device=tokens.device)
     rstd = torch.empty_like(mean)
-    _merge_project_stats[(cdiv(M, STATS_BLOCK_M),)](
-        mean, rstd, tokens, *tokens.stride(), M, R, C, prefix, w, ws, eps,
+    _merge_project_stats[tile_grid(M)](
+        mean_ptr=mean, rstd_ptr=rstd, x_ptr=tokens, **strides(tokens, "x", "blc"),
+        M=M, R=R, C=C, P=prefix, W=w, WS=ws, eps=eps,
         S=s, ORDER=order, PER_TOKEN=kind == "pre", RMS=rms, POOL=pool,
         BLOCK_M=STATS_BLOCK_M, BLOCK_C=STATS_BLOCK_C, num_warps=STATS_NUM_WARPS)
     return mean, rstd
@@ -297,15 +302,16 @@ def _forward_triton(tokens, norm_weight, norm_bias, weight, bias, gate_weight, g
     mean = rstd = weight  # stand-ins, never read without a norm
     if kind != "none":
         mean, rstd = _statistics(tokens, M, R, C, prefix, w, ws, s, order, pool, kind, rms, eps)
-    gw = gate_weight if glu else weight
     kernel = _merge_project_fwd_glu if glu else _merge_project_fwd
+    # absent operands: the weight stands in (the kernel's flags skip them)
     kernel[tile_grid(M, D)](
-        out, *out.stride(), pre, gpre, tokens, *tokens.stride(), mean, rstd,
-        weight if norm_weight is None else norm_weight, weight if norm_bias is None else norm_bias,
-        weight, *_weight_strides(weight, C, s * s, channel_major, pool),
-        gw, *_weight_strides(gw, C, s * s, channel_major, pool),
-        weight if bias is None else bias, weight if gate_bias is None else gate_bias,
-        M, R, D, C, prefix, w, ws,
+        out_ptr=out, **strides(out, "o", "md"), pre_ptr=pre, gpre_ptr=gpre,
+        x_ptr=tokens, **strides(tokens, "x", "blc"), mean_ptr=mean, rstd_ptr=rstd,
+        g_ptr=optional_operand(norm_weight, weight), beta_ptr=optional_operand(norm_bias, weight),
+        **_weight_args("w", "w", weight, C, s * s, channel_major, pool),
+        **_weight_args("wg", "g", gate_weight if glu else weight, C, s * s, channel_major, pool),
+        bias_ptr=optional_operand(bias, weight), gbias_ptr=optional_operand(gate_bias, weight),
+        M=M, R=R, D=D, C=C, P=prefix, W=w, WS=ws,
         S=s, ORDER=order, NORM=kind, POOL=pool, HAS_G=norm_weight is not None, HAS_BETA=norm_bias is not None,
         G_OFFSET=float(offset), HAS_BIAS=bias is not None, HAS_GATE=glu, ACTIVATION=activation,
         SAVE_PRE=save_preact, ALLOW_TF32=weight.dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32),
@@ -315,7 +321,7 @@ def _forward_triton(tokens, norm_weight, norm_bias, weight, bias, gate_weight, g
 
 # --- the registered op ---------------------------------------------------------------------------
 
-def _impl(tokens: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+def _merge_project_impl(tokens: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
           weight: torch.Tensor, bias: Optional[torch.Tensor], gate_weight: Optional[torch.Tensor],
           gate_bias: Optional[torch.Tensor], height: int, width: int, window: int, order: str, pool: bool,
           norm: str, rms: bool, offset: float, eps: float, activation: str, channel_major: bool, prefix: int,
@@ -329,7 +335,7 @@ def _impl(tokens: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: 
                        save_preact)
 
 
-def _fake(tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, height, width, window, order,
+def _merge_project_fake(tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, height, width, window, order,
           pool, norm, rms, offset, eps, activation, channel_major, prefix, save_preact):
     rows = tokens.shape[0] * ((tokens.shape[1] - prefix) // (window * window))
     shape = (rows, weight.shape[0])
@@ -428,7 +434,7 @@ def _rms_norm_backward(grad, x, rstd, weight):
     return dx, dweight
 
 
-_merge_project_op = define_op("merge_project", _impl, fake=_fake, backward=_backward,
+_merge_project_op = define_op("merge_project", _merge_project_impl, fake=_merge_project_fake, backward=_backward,
                               setup_context=_setup_context)
 
 
@@ -462,7 +468,6 @@ def _check_linear(weight, bias, gate_weight, gate_bias, K, k_doc):
     """Shapes and dtypes of the (gated) Linear; ``k_doc`` says how ``K`` came about."""
     if weight.shape[1] != K:
         raise ValueError(f"weight must have {k_doc} = {K} columns, got shape {tuple(weight.shape)}")
-    D = weight.shape[0]
     if gate_weight is None and gate_bias is not None:
         raise ValueError("gate_bias needs gate_weight")
     if gate_weight is not None:
@@ -475,13 +480,8 @@ def _check_linear(weight, bias, gate_weight, gate_bias, K, k_doc):
         if (bias is None) != (gate_bias is None):
             raise ValueError("bias and gate_bias must be given together (both or neither)")
     for name, b in (("bias", bias), ("gate_bias", gate_bias)):
-        if b is None:
-            continue
-        check_tensor(name, b, ndim=1, shape_doc="(D,)")
-        if b.shape[0] != D:
-            raise ValueError(f"{name} must be (D,) with D={D} (weight.shape[0]), got shape {tuple(b.shape)}")
-        if b.dtype != weight.dtype:
-            raise TypeError(f"{name} must have the weight's dtype {weight.dtype}, got {b.dtype}")
+        if b is not None:
+            check_bias(name, b, weight)
 
 
 def _check_norm(norm, norm_type, norm_weight, norm_bias, width, C, window):

@@ -129,3 +129,15 @@ def sizes_from_source(source: torch.Tensor, num_out: int) -> torch.Tensor:
     sizes = torch.zeros(batch, num_out + 1, dtype=torch.int64, device=source.device)
     sizes.scatter_add_(1, torch.where(held, source, num_out), held.long())
     return sizes[:, :num_out]
+
+
+def similarity_rows(tokens, metric, keys, prefix: int, from_keys, method: str, purpose: str) -> torch.Tensor:
+    """The patch rows ``(B, n, C)`` of the similarity a reducer compares tokens by: ``metric``
+    ``(B, N, C)`` when given, else ``from_keys(keys)`` (``keys`` ``(B, heads, N, d)`` -> ``(B, N, C)``);
+    neither given raises a TypeError saying that ``method`` needs one of them for ``purpose``."""
+    if metric is not None:
+        return check_metric(tokens, metric, prefix)
+    if keys is None:
+        raise TypeError(f"{method} needs metric= (B, N, C) or keys= (B, heads, N, d) {purpose}")
+    check_keys(tokens, keys)
+    return from_keys(keys)[:, prefix:]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
-from vtok_fast._launch import cdiv
+from vtok_fast._launch import strides, tile_grid
 from vtok_fast._op import define_op
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)  # Triton kernels; 80 and 96 run padded to 128
@@ -81,49 +81,58 @@ def _runs_triton(q, k, v, key_bias) -> bool:
 # --- Triton path -------------------------------------------------------------------------------------
 
 def _launch_args(q, k, key_bias):
-    """(kernel module, fp32?, bias pointer and strides, constexprs, sizes) shared by the launches."""
+    """(kernel module, fp32?, keyword arguments every tiled launch shares: the bias operand, the
+    sizes and the constexprs)."""
     from vtok_fast.kernels import attention as ka
 
     _, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    bias = (key_bias, *key_bias.stride()) if key_bias is not None else (q, 0, 0)  # q: never read
-    consts = dict(HAS_BIAS=key_bias is not None, PRECISION="ieee", HEAD_D=dim,
+    shared = dict(bias_ptr=q if key_bias is None else key_bias,  # q: never read without HAS_BIAS
+                  **strides(key_bias, "b", "bn"), heads=heads, seq_q=seq_q, seq_k=seq_k,
+                  seq_bucket=1 << (max(seq_q, seq_k) - 1).bit_length(),  # the tuning bucket
+                  HAS_BIAS=key_bias is not None, PRECISION="ieee", HEAD_D=dim,
                   BLOCK_D=max(32, 1 << (dim - 1).bit_length()))
-    sizes = (heads, seq_q, seq_k, 1 << (max(seq_q, seq_k) - 1).bit_length())  # + the tuning bucket
-    return ka, q.dtype == torch.float32, bias, consts, sizes
+    return ka, q.dtype == torch.float32, shared
+
+
+def _qkv(q, k, v):
+    """Keyword arguments of the q, k, v operands."""
+    return dict(q_ptr=q, **strides(q, "q", "bhmd"), k_ptr=k, **strides(k, "k", "bhnd"),
+                v_ptr=v, **strides(v, "v", "bhnd"))
 
 
 def _forward_triton(q, k, v, key_bias, scale):
-    ka, fp32, bias, consts, sizes = _launch_args(q, k, key_bias)
+    ka, fp32, shared = _launch_args(q, k, key_bias)
     batch, heads, seq_q, _ = q.shape
     out = _empty_bmhd(q, q.shape)
     lse = torch.empty(batch, heads, seq_q, dtype=torch.float32, device=q.device)
     kernel = ka.attn_fwd_fp32 if fp32 else ka.attn_fwd
-    grid = lambda meta: (cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-    kernel[grid](out, *out.stride(), lse, q, *q.stride(), k, *k.stride(), v, *v.stride(), *bias,
-                 scale * LOG2E, *sizes, **consts)
+    kernel[tile_grid(seq_q, per=batch * heads)](
+        out_ptr=out, **strides(out, "o", "bhmd"), lse_ptr=lse, **_qkv(q, k, v), qk_scale=scale * LOG2E,
+        **shared)
     return out, lse
 
 
 def _backward_triton(grad, q, k, v, key_bias, out, lse, scale):
-    ka, fp32, bias, consts, sizes = _launch_args(q, k, key_bias)
+    ka, fp32, shared = _launch_args(q, k, key_bias)
     batch, heads, seq_q, _ = q.shape
     seq_k = k.shape[2]
     delta = torch.empty_like(lse)
-    ka.attn_bwd_delta[(cdiv(seq_q, ka.DELTA_BLOCK_M) * batch * heads,)](
-        delta, out, *out.stride(), grad, *grad.stride(), heads, seq_q, HEAD_D=consts["HEAD_D"],
-        BLOCK_D=consts["BLOCK_D"], BLOCK_M=ka.DELTA_BLOCK_M, num_warps=ka.DELTA_WARPS)
+    ka.attn_bwd_delta[tile_grid(seq_q, per=batch * heads)](
+        delta_ptr=delta, out_ptr=out, **strides(out, "o", "bhmd"), do_ptr=grad, **strides(grad, "do", "bhmd"),
+        heads=heads, seq_q=seq_q, HEAD_D=shared["HEAD_D"], BLOCK_D=shared["BLOCK_D"],
+        BLOCK_M=ka.DELTA_BLOCK_M, num_warps=ka.DELTA_WARPS)
     dq, dk, dv = _empty_bmhd(q, q.shape), _empty_bmhd(k, k.shape), _empty_bmhd(v, v.shape)
     # per-head column sums of dS, reduced over heads below: deterministic, no atomics
     dbias = lse if key_bias is None else lse.new_empty(batch, heads, seq_k)
-    inputs = (q, *q.stride(), k, *k.stride(), v, *v.stride(), grad, *grad.stride(), *bias, lse, delta,
-              scale, scale * LOG2E, *sizes)
+    inputs = dict(**_qkv(q, k, v), do_ptr=grad, **strides(grad, "do", "bhmd"), lse_ptr=lse, delta_ptr=delta,
+                  scale=scale, qk_scale=scale * LOG2E, **shared)
     kernel = ka.attn_bwd_dkdv_fp32 if fp32 else ka.attn_bwd_dkdv
-    grid = lambda meta: (cdiv(seq_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
-    kernel[grid](dk, *dk.stride(), dv, *dv.stride(), dbias, *inputs, **consts)
+    kernel[tile_grid(seq_k, row_block="BLOCK_N", per=batch * heads)](
+        dk_ptr=dk, **strides(dk, "dk", "bhnd"), dv_ptr=dv, **strides(dv, "dv", "bhnd"), dbias_ptr=dbias,
+        **inputs)
     kernel = ka.attn_bwd_dq_fp32 if fp32 else ka.attn_bwd_dq
-    grid = lambda meta: (cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-    kernel[grid](dq, *dq.stride(), *inputs, **consts)
+    kernel[tile_grid(seq_q, per=batch * heads)](dq_ptr=dq, **strides(dq, "dq", "bhmd"), **inputs)
     dbias = q.new_empty(0) if key_bias is None else dbias.sum(dim=1).to(key_bias.dtype)
     return dq, dk, dv, dbias
 
@@ -178,7 +187,7 @@ def _attention_fake(q, k, v, key_bias, scale):
     return _empty_bmhd(q, q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _backward_impl(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _attention_backward_impl(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    key_bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); ``dbias`` is empty without a bias. Chooses the path like the forward
@@ -188,12 +197,12 @@ def _backward_impl(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     return _backward_torch(grad, q, k, v, key_bias, scale)
 
 
-def _backward_fake(grad, q, k, v, key_bias, out, lse, scale):
+def _attention_backward_fake(grad, q, k, v, key_bias, out, lse, scale):
     dbias = q.new_empty(0) if key_bias is None else key_bias.new_empty(key_bias.shape)
     return _empty_bmhd(q, q.shape), _empty_bmhd(k, k.shape), _empty_bmhd(v, v.shape), dbias
 
 
-_attention_backward_op = define_op("attention_backward", _backward_impl, fake=_backward_fake)
+_attention_backward_op = define_op("attention_backward", _attention_backward_impl, fake=_attention_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

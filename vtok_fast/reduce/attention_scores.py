@@ -27,7 +27,7 @@ import torch
 
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
-from vtok_fast._launch import cdiv, sm_count
+from vtok_fast._launch import cdiv, sm_count, strides, tile_grid
 from vtok_fast._op import define_op
 
 LOG2E = math.log2(math.e)
@@ -48,41 +48,35 @@ def _default_splits(batch: int, kv_heads: int, row_blocks: int, num_keys: int, d
 
 
 def _scores_triton(queries, keys, key_mask, scale: float, splits: int | None = None):
-    from vtok_fast.kernels.attention_scores import (MAX_BLOCK_D, MAX_BLOCK_N, MAX_BLOCK_Q, MIN_BLOCK,
+    from vtok_fast.kernels.attention_scores import (MAX_BLOCK_D, MAX_BLOCK_M, MAX_BLOCK_N, MIN_BLOCK,
                                                     _attn_lse_fwd, _attn_scores_fwd)
 
     batch, q_heads, num_q, head_dim = queries.shape
     kv_heads, num_keys = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     rows = group * num_q
-    block_q = min(max(MIN_BLOCK, _next_pow2(rows)), MAX_BLOCK_Q)
+    block_m = min(max(MIN_BLOCK, _next_pow2(rows)), MAX_BLOCK_M)
     block_d = min(max(MIN_BLOCK, _next_pow2(head_dim)), MAX_BLOCK_D)
-    row_blocks = cdiv(rows, block_q)
     if splits is None:
-        splits = _default_splits(batch, kv_heads, row_blocks, num_keys, queries.device)
+        splits = _default_splits(batch, kv_heads, cdiv(rows, block_m), num_keys, queries.device)
     keys_per_split = cdiv(cdiv(num_keys, splits), MAX_BLOCK_N) * MAX_BLOCK_N
     splits = cdiv(num_keys, keys_per_split)
-    if key_mask is None:
-        mask, mask_strides = queries, (0, 0)  # never read without HAS_MASK
-    else:
-        mask = key_mask.view(torch.uint8)
-        mask_strides = mask.stride()
-    common = dict(HAS_MASK=key_mask is not None, BLOCK_Q=block_q, BLOCK_D=block_d,
+    mask = queries if key_mask is None else key_mask.view(torch.uint8)  # never read without HAS_MASK
+    common = dict(q_ptr=queries, **strides(queries, "q", "bhqd"), k_ptr=keys, **strides(keys, "k", "bhnd"),
+                  mask_ptr=mask, **strides(key_mask, "m", "bn"), num_kv_heads=kv_heads, group=group,
+                  num_q=num_q, num_rows=rows, num_keys=num_keys, head_dim=head_dim, qk_scale=scale * LOG2E,
+                  HAS_MASK=key_mask is not None, BLOCK_M=block_m, BLOCK_D=block_d,
                   PRECISION="ieee" if queries.dtype == torch.float32 else "tf32")
-    qk_scale = scale * LOG2E
 
     lse = torch.empty(batch, kv_heads, rows, splits, dtype=torch.float32, device=queries.device)
-    _attn_lse_fwd[(batch * kv_heads, row_blocks, splits)](
-        lse, queries, *queries.stride(), keys, *keys.stride(), mask, *mask_strides,
-        kv_heads, group, num_q, rows, num_keys, head_dim, keys_per_split, splits, qk_scale, **common)
+    _attn_lse_fwd[tile_grid(rows, lead=(batch * kv_heads,), more=(splits,))](
+        lse_ptr=lse, keys_per_split=keys_per_split, num_splits=splits, **common)
     total = lse[..., 0] if splits == 1 else torch.logsumexp(lse * LN2, dim=-1) / LN2
     total = total.masked_fill(total == -math.inf, math.inf).contiguous()  # no key seen: p = 0
 
     out = torch.empty(batch, num_keys, dtype=torch.float32, device=queries.device)
-    grid = lambda meta: (cdiv(num_keys, meta["BLOCK_N"]), batch)  # noqa: E731
-    _attn_scores_fwd[grid](
-        out, queries, *queries.stride(), keys, *keys.stride(), mask, *mask_strides, total,
-        kv_heads, group, num_q, rows, num_keys, head_dim, qk_scale, 1.0 / (q_heads * num_q), **common)
+    _attn_scores_fwd[tile_grid(num_keys, row_block="BLOCK_N", more=(batch,))](
+        out_ptr=out, lse_ptr=total, inv_rows=1.0 / (q_heads * num_q), **common)
     return out
 
 
@@ -119,7 +113,7 @@ def _scores_torch(queries, keys, key_mask, scale: float):
 
 # --- the op ------------------------------------------------------------------------------------------
 
-def _impl(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None,
+def _attention_scores_impl(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None,
           scale: float) -> torch.Tensor:
     if keys.shape[0] == 0:  # empty batch: nothing to launch or chunk
         return queries.new_empty(0, keys.shape[2], dtype=torch.float32)
@@ -128,11 +122,11 @@ def _impl(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | No
     return _scores_torch(queries, keys, key_mask, scale)
 
 
-def _fake(queries, keys, key_mask, scale):
+def _attention_scores_fake(queries, keys, key_mask, scale):
     return queries.new_empty(keys.shape[0], keys.shape[2], dtype=torch.float32)
 
 
-_op = define_op("attention_scores", _impl, fake=_fake)
+_attention_scores_op = define_op("attention_scores", _attention_scores_impl, fake=_attention_scores_fake)
 
 
 def check_attention_inputs(queries, keys, key_mask=None, scale=None) -> float:
@@ -168,7 +162,7 @@ def attention_scores(queries: torch.Tensor, keys: torch.Tensor, scale: float | N
     """Attention each key receives, ``(B, N)`` fp32: ``softmax(q · kᵀ · scale)`` over all ``N``
     keys, averaged over the query heads and rows. See the module docstring."""
     scale = check_attention_inputs(queries, keys, key_mask, scale)
-    return _op(queries.detach(), keys.detach(), key_mask, scale)
+    return _attention_scores_op(queries.detach(), keys.detach(), key_mask, scale)
 
 
 def attention_scores_reference(queries: torch.Tensor, keys: torch.Tensor, scale: float | None = None,

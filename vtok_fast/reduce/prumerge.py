@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from vtok_fast._checks import check_int
-from vtok_fast.reduce._common import (arange_rows, check_keys, check_metric, check_tokens,
-                                      patch_scores, resolve_keep, sizes_from_source, top_indices)
+from vtok_fast.reduce._common import (arange_rows, check_tokens, patch_scores, resolve_keep, similarity_rows,
+                                      sizes_from_source, top_indices)
 from vtok_fast.reduce.compressed import Compressed
 
 NEIGHBOURS = 32
@@ -101,19 +101,18 @@ def _merge(tokens: torch.Tensor, prefix: int, keep_mask: torch.Tensor, received:
     return Compressed(out, positions, sizes_from_source(source, out.shape[1]), source, counts)
 
 
+def _keys_concatenated(keys: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N, d)`` -> ``(B, N, heads * d)``: the heads concatenated, ``k_proj``'s output."""
+    return keys.transpose(1, 2).flatten(2)
+
+
 def _prumerge(tokens, keep, ratio, queries, keys, scores, metric, scale, neighbours, prefix, plus: bool):
     batch, _, num_patches = check_tokens(tokens, prefix)
     if num_patches == 0:
         raise ValueError("prumerge needs at least one patch token (N - prefix >= 1)")
     neighbours = check_int("neighbours", neighbours, 0)
     received = patch_scores(tokens, prefix, queries, keys, scores, scale)
-    if metric is None:
-        if keys is None:
-            raise TypeError("prumerge needs metric= (B, N, C) or keys= (B, heads, N, d) to find neighbours")
-        check_keys(tokens, keys)
-        similarity = keys.transpose(1, 2).flatten(2)[:, prefix:]  # heads concatenated: k_proj's output
-    else:
-        similarity = check_metric(tokens, metric, prefix)
+    similarity = similarity_rows(tokens, metric, keys, prefix, _keys_concatenated, "prumerge", "to find neighbours")
     adaptive = keep is None and ratio is None
     if adaptive:
         budget = 0

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from vtok_fast._checks import check_int
-from vtok_fast.reduce._common import (arange_rows, check_keys, check_metric, check_tokens, kept,
-                                      patch_scores, resolve_keep, sizes_from_source, top_indices)
+from vtok_fast.reduce._common import (arange_rows, check_tokens, kept, patch_scores, resolve_keep,
+                                      similarity_rows, sizes_from_source, top_indices)
 from vtok_fast.reduce.compressed import Compressed
 
 
@@ -44,6 +44,11 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def _keys_mean(keys: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N, d)`` -> ``(B, N, d)``: the keys averaged over heads (VisionZip's metric)."""
+    return keys.mean(dim=1)
+
+
 def visionzip(tokens: torch.Tensor, dominant: int, contextual: int, *, queries: torch.Tensor | None = None,
               keys: torch.Tensor | None = None, scores: torch.Tensor | None = None,
               metric: torch.Tensor | None = None, scale: float | None = None, prefix: int = 0) -> Compressed:
@@ -55,13 +60,7 @@ def visionzip(tokens: torch.Tensor, dominant: int, contextual: int, *, queries: 
     contextual = check_int("contextual", contextual, 1 if remaining else 0, remaining,
                            f"the tokens left after the {dominant} dominant ones")
     received = patch_scores(tokens, prefix, queries, keys, scores, scale)
-    if metric is None:
-        if keys is None:
-            raise TypeError("visionzip needs metric= (B, N, C) or keys= (B, heads, N, d) for the contextual merge")
-        check_keys(tokens, keys)
-        similarity = keys.mean(dim=1)[:, prefix:]
-    else:
-        similarity = check_metric(tokens, metric, prefix)
+    similarity = similarity_rows(tokens, metric, keys, prefix, _keys_mean, "visionzip", "for the contextual merge")
 
     device, dim = tokens.device, tokens.shape[-1]
     top = top_indices(received, dominant)

@@ -62,16 +62,10 @@ from typing import NamedTuple
 import torch
 
 from vtok_fast._backend import use_triton
-from vtok_fast._launch import cdiv
+from vtok_fast._launch import strides, tile_grid
 from vtok_fast._op import define_op
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from vtok_fast.reduce.tome_reference import capped_r, unit_rows
-
-# a NaN cosine score counts as this: below every real cosine, above the protected -inf
-NAN_SCORE = -2.0
-# the scoring kernel divides a row by its max |.| first when its float32 sum of squares is below
-# this (or inf): like ``unit_rows``'s 2**-50 norm limit
-MIN_SQ = 2.0 ** -100
 
 
 class MergeInfo(NamedTuple):
@@ -179,19 +173,17 @@ def tome_merge(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor
 
 def _scores_triton(metric: torch.Tensor, class_token: bool, distill_token: bool, prefix: int):
     """Best B partner of every A token: ``(node_max fp32, node_idx int32)``, each ``(B, num_a)``."""
-    from vtok_fast.kernels.tome import tome_scores_fwd
+    from vtok_fast.kernels import tome as kt
 
     batch, num_tokens, channels = metric.shape
     num_a, num_b = (num_tokens - prefix + 1) // 2, (num_tokens - prefix) // 2
     node_max = torch.empty(batch, num_a, dtype=torch.float32, device=metric.device)
     node_idx = torch.empty(batch, num_a, dtype=torch.int32, device=metric.device)
-    precision = "tf32x3" if metric.dtype == torch.float32 else "tf32"
-    grid = lambda meta: (cdiv(num_a, meta["BLOCK_A"]), batch)  # noqa: E731
-    tome_scores_fwd[grid](
-        node_max, node_idx, metric, *metric.stride(),
-        num_a, num_b, channels, prefix,
-        NAN_SCORE=NAN_SCORE, MIN_SQ=MIN_SQ, PROTECT_A0=class_token, PROTECT_B0=distill_token,
-        PRECISION=precision)
+    kt.tome_scores_fwd[tile_grid(num_a, more=(batch,))](
+        node_max_ptr=node_max, node_idx_ptr=node_idx, metric_ptr=metric, **strides(metric, "m", "bnc"),
+        num_a=num_a, num_b=num_b, channels=channels, prefix=prefix,
+        NAN_SCORE=kt.NAN_SCORE, MIN_SQ=kt.MIN_SQ, PROTECT_A0=class_token, PROTECT_B0=distill_token,
+        PRECISION="tf32x3" if metric.dtype == torch.float32 else "tf32")
     return node_max, node_idx
 
 
@@ -209,11 +201,11 @@ def _plan_triton(node_max, node_idx, r: int, num_tokens: int, prefix: int, sort_
     merged_src = torch.empty(batch, r, dtype=torch.int64, device=device)
     src_start = torch.empty(batch, num_out, dtype=torch.int32, device=device)
     src_count = torch.empty(batch, num_out, dtype=torch.int32, device=device)
-    chunks = cdiv(max(num_a, prefix), PLAN_BLOCKS["BLOCK_I"])  # num_a >= num_b
-    tome_plan_fwd[(batch, chunks)](
-        order, dest, merged_src, src_start, src_count, node_max, node_idx,
-        num_a, num_b, prefix, r, SORT_KEPT=sort_kept, DISTILL=distill_token,
-        num_warps=PLAN_WARPS, **PLAN_BLOCKS)
+    # chunks of the prefix and the A tokens (num_a >= num_b) per batch row
+    tome_plan_fwd[tile_grid(max(num_a, prefix), more=(batch,))](
+        order_ptr=order, dest_ptr=dest, merged_ptr=merged_src, start_ptr=src_start, count_ptr=src_count,
+        node_max_ptr=node_max, node_idx_ptr=node_idx, num_a=num_a, num_b=num_b, prefix=prefix, r=r,
+        SORT_KEPT=sort_kept, DISTILL=distill_token, num_warps=PLAN_WARPS, **PLAN_BLOCKS)
     return order, dest, merged_src, src_start, src_count
 
 
@@ -227,12 +219,13 @@ def _merge_triton(x, size, order, merged_src, src_start, src_count):
     size_out = torch.empty(batch, num_out, 1, dtype=x.dtype if size is None else size.dtype,
                            device=x.device)
     size_arg = size_out if size is None else size  # never read without HAS_SIZE
-    # at least one channel block: its programs also write size_out (C = 0 included)
-    grid = lambda meta: (batch * num_out, max(1, cdiv(channels, meta["BLOCK_C"])))  # noqa: E731
-    tome_merge_fwd[grid](
-        y, size_out, x, *x.stride(), size_arg, size_arg.stride(0), size_arg.stride(1),
-        order, merged_src, src_start, src_count, num_out, channels, merged_src.shape[1],
-        HAS_SIZE=size is not None)
+    # one program per (output slot, channel block); at least one channel block: its programs
+    # also write size_out (C = 0 included)
+    tome_merge_fwd[tile_grid(max(channels, 1), row_block="BLOCK_C", lead=(batch * num_out,))](
+        y_ptr=y, size_out_ptr=size_out, x_ptr=x, **strides(x, "x", "bnc"),
+        size_ptr=size_arg, stride_sb=size_arg.stride(0), stride_sn=size_arg.stride(1),
+        order_ptr=order, merged_ptr=merged_src, start_ptr=src_start, count_ptr=src_count,
+        num_out=num_out, channels=channels, r=merged_src.shape[1], HAS_SIZE=size is not None)
     return y, size_out
 
 
@@ -287,7 +280,9 @@ def _best_edges_torch(metric: torch.Tensor, class_token: bool, distill_token: bo
     if distill_token:
         scores[:, :, 0] = -torch.inf
     node_max, node_idx = scores.max(dim=-1)
-    if node_max.isnan().any():  # max propagates NaN: score again with NaN as NAN_SCORE
+    if node_max.isnan().any():  # max propagates NaN: score again with NaN as the kernel's NAN_SCORE
+        from vtok_fast.kernels.tome import NAN_SCORE
+
         scores.nan_to_num_(nan=NAN_SCORE, posinf=torch.inf, neginf=-torch.inf)
         node_max, node_idx = scores.max(dim=-1)
     return node_max, node_idx

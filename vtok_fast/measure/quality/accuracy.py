@@ -21,7 +21,6 @@ def held_out(n: int = 600, seed: int = HELD_OUT_SEED, size: int = 64) -> list[da
 
 def report(model, processor, samples, ratios=(2, 4, 8)) -> list[ev.EvalResult]:
     """Uncompressed, then random drop at each ratio in both position modes (``delta`` set)."""
-    vision = model.config.vision_config
-    num = (vision.image_size // vision.patch_size) ** 2
+    num = ev.tokens_per_image(model, processor, samples)
     specs = [("random", {"keep": num // r, "positions": p, "seed": 0}) for r in ratios for p in drop.POSITIONS]
     return ev.compare(model, processor, samples, specs, batch_size=200)

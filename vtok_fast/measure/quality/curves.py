@@ -6,7 +6,7 @@ num_tokens // ratio`` image tokens per image):
 - ``random`` (the floor: ``keep`` tokens drawn uniformly, seed 0, :mod:`drop`), ``pool`` (avg,
   ``stride = sqrt(ratio)``: only at square ratios), ``tome`` (``keep``), ``attn_topk`` (``keep``),
   ``visionzip`` (``keep`` split as LLaVA-1.5's 54 + 10: ``dominant = round(keep * 54 / 64)``, at
-  least 1, the rest contextual), ``prumerge`` (``keep - 1`` selected plus its extra token), ``dart``
+  least 1 and at most ``keep - 1``, the rest contextual; none below 2 tokens), ``prumerge`` (``keep - 1`` selected plus its extra token), ``dart``
   (``keep``): each with ``positions="original"`` and ``"compact"`` (at 1x only ``"original"``: the
   two are the same sequence);
 - ``fastv`` (``layer=fastv_layer``, ``ratio = 1 - keep / num_tokens``: it prunes in the language
@@ -53,7 +53,11 @@ def _budget(method: str, keep: int, num_tokens: int, ratio: int) -> dict | None:
         stride = math.isqrt(ratio)
         return {"stride": stride} if stride * stride == ratio else None
     if method == "visionzip":
-        dominant = keep if ratio == 1 else max(1, round(keep * 54 / 64))
+        if ratio == 1:
+            return {"dominant": keep, "contextual": 0}
+        if keep < 2:  # it needs one dominant and one contextual token
+            return None
+        dominant = min(keep - 1, max(1, round(keep * 54 / 64)))
         return {"dominant": dominant, "contextual": keep - dominant}
     if method == "prumerge":
         return None if ratio == 1 or keep < 2 else {"keep": keep - 1}
@@ -84,8 +88,7 @@ def settings(num_tokens: int, ratio: int, fastv_layer: int = 1) -> list[Setting]
 def run(model, processor, samples, ratios=RATIOS, fastv_layer: int = 1, progress=None, batch_size: int = 200) -> list[dict]:
     """The uncompressed point (``method="none"``) then every setting of every ratio, as dicts
     (see the module docstring). ``progress(label, done, total)`` after each batch."""
-    num_tokens = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    num_tokens *= num_tokens
+    num_tokens = ev.tokens_per_image(model, processor, samples)
     points = [None] + [s for r in ratios for s in settings(num_tokens, r, fastv_layer)]
     rows = []
     for i, setting in enumerate(points):

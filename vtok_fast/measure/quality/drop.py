@@ -1,4 +1,8 @@
-"""Token drop between the projector and the decoder of a LLaVA model, shared by training and evaluation.
+"""Token drop between the projector and the decoder of a reference model, shared by training and evaluation.
+
+LLaVA (steps below) and Qwen2-VL (:func:`mrope_inputs`: the model's own M-RoPE ids of the full
+prompt, gathered by :func:`vtok_fast.patch.placeholder_drop.drop_columns`, the column drop the
+family patchers use) share ``last_logits``, ``answer_logits`` and ``greedy``. The LLaVA path:
 
 ``answer_logits(model, batch, keep, positions)``:
 
@@ -23,7 +27,10 @@ from __future__ import annotations
 
 import torch
 
+from vtok_fast.patch.placeholder_drop import drop_columns
+
 POSITIONS = ("original", "compact")
+MROPE = ("qwen2_vl",)  # model types whose drop keeps M-RoPE ids (mrope_inputs)
 
 
 def keep_mask(counts: torch.Tensor, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
@@ -34,11 +41,9 @@ def keep_mask(counts: torch.Tensor, num_tokens: int, generator: torch.Generator)
     return rank < counts[:, None]
 
 
-def drop_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor,
-                keep: torch.Tensor, positions: str = "original") -> dict:
-    """``inputs_embeds``, ``attention_mask`` and ``position_ids`` of the sequences with only the
-    kept image tokens (steps 2-4 above). ``input_ids``/``attention_mask``: ``(B, L)`` left-padded,
-    each row with exactly ``N`` image placeholders; ``features``: ``(B, N, D)``; ``keep``: ``(B, N)``."""
+def _embed(model, input_ids: torch.Tensor, features: torch.Tensor, keep: torch.Tensor, positions: str):
+    """``(embeds, is_image)``: the text embeddings of ``input_ids`` with ``features`` at the
+    placeholders (what the model's own forward does), after checking the arguments."""
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     is_image = input_ids == model.config.image_token_id
@@ -47,6 +52,15 @@ def drop_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fe
                          f"{tuple(features.shape[:2])}, got {is_image.sum(1).tolist()} and {tuple(keep.shape)}")
     embeds = model.get_input_embeddings()(input_ids)
     embeds = embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+    return embeds, is_image
+
+
+def drop_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor,
+                keep: torch.Tensor, positions: str = "original") -> dict:
+    """``inputs_embeds``, ``attention_mask`` and ``position_ids`` of the sequences with only the
+    kept image tokens (steps 2-4 above). ``input_ids``/``attention_mask``: ``(B, L)`` left-padded,
+    each row with exactly ``N`` image placeholders; ``features``: ``(B, N, D)``; ``keep``: ``(B, N)``."""
+    embeds, is_image = _embed(model, input_ids, features, keep, positions)
     valid = attention_mask.bool()
     kept = valid & ~is_image
     kept = kept.masked_scatter(is_image, keep.to(kept.device))
@@ -63,18 +77,47 @@ def drop_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fe
     return {"inputs_embeds": embeds, "attention_mask": mask.long(), "position_ids": position_ids}
 
 
+def _features(model, batch) -> torch.Tensor:
+    """``(B, N, D)`` projected image features of ``batch`` (one image per row)."""
+    extra = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
+    features = model.model.get_image_features(pixel_values=batch["pixel_values"], **extra).pooler_output
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+
+def mrope_inputs(model, batch, features: torch.Tensor, keep: torch.Tensor, positions: str = "original") -> dict:
+    """Qwen2-VL: ``inputs_embeds``, ``attention_mask`` and ``(3, B, L')`` ``position_ids`` of
+    ``batch`` (a processor output with ``mm_token_type_ids`` and ``image_grid_thw``) keeping the
+    image tokens in ``keep`` ``(B, N)``. The ids are the model's ``get_rope_index`` of the full
+    prompt, gathered (``"original"``) or less the placeholders dropped before each token
+    (``"compact"``, each M-RoPE row alike), as ``patch.hf(compress=...)`` does."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    embeds, is_image = _embed(model, input_ids, features, keep, positions)
+    position_ids, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=batch["mm_token_type_ids"],
+                                                 image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+    columns = (~is_image).masked_scatter(is_image, keep.to(is_image.device))
+    inputs, _ = drop_columns(columns, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids},
+                             positions)
+    return inputs
+
+
+def _drop(model, batch, keep: torch.Tensor | None, positions: str) -> dict:
+    """The decoder's inputs of ``batch`` keeping the image tokens in ``keep`` (default: all)."""
+    features = _features(model, batch)
+    if keep is None:
+        keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    if model.config.model_type in MROPE:
+        return mrope_inputs(model, batch, features, keep, positions)
+    return drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
+
+
 def last_logits(model, batch, keep: torch.Tensor | None = None, positions: str = "original",
                 num_last: int = 1) -> torch.Tensor:
     """Logits ``(B, num_last, V)`` of the last ``num_last`` positions of ``batch`` (a processor
-    output: ``input_ids``, ``attention_mask``, ``pixel_values``; left-padded) with only the image
-    tokens in ``keep`` (default: all). Text tokens are never dropped, so a text token's offset from
-    the end is the same with and without the drop."""
-    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-    features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-    if keep is None:
-        keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-    inputs = drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
-    return model(**inputs, logits_to_keep=num_last).logits
+    output: ``input_ids``, ``attention_mask``, ``pixel_values``, and Qwen2-VL's
+    ``image_grid_thw`` / ``mm_token_type_ids``; left-padded) with only the image tokens in ``keep``
+    (default: all). Text tokens are never dropped, so a text token's offset from the end is the
+    same with and without the drop."""
+    return model(**_drop(model, batch, keep, positions), logits_to_keep=num_last).logits
 
 
 def answer_logits(model, batch, keep: torch.Tensor | None = None, positions: str = "original") -> torch.Tensor:
@@ -86,10 +129,8 @@ def answer_logits(model, batch, keep: torch.Tensor | None = None, positions: str
 def greedy(model, batch, keep: torch.Tensor, positions: str, steps: int) -> torch.Tensor:
     """``(B, steps)`` greedy new token ids of ``batch`` with only the image tokens in ``keep``:
     each step re-runs the whole (short) sequence without a cache, the new token at the next
-    position id of its row."""
-    features = model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-    features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-    inputs = drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
+    position id of its row (every M-RoPE row alike)."""
+    inputs = _drop(model, batch, keep, positions)
     embeds, mask, pos = inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"]
     new = []
     for _ in range(steps):
@@ -98,5 +139,5 @@ def greedy(model, batch, keep: torch.Tensor, positions: str, steps: int) -> torc
         new.append(token)
         embeds = torch.cat([embeds, model.get_input_embeddings()(token)[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+        pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
     return torch.stack(new, dim=1)

@@ -11,7 +11,7 @@
   string: any method of ``vtok_fast.patch.hf(model, compress=...)`` (applied for the run, then
   removed; an earlier compression of the model is refused), or ``("random", {"keep": k,
   "positions": "original" | "compact", "seed": 0})``: ``k`` image tokens per image kept uniformly
-  at random (the floor a method should beat), through :mod:`drop` (LLaVA-1.5 models only).
+  at random (the floor a method should beat), through :mod:`drop` (LLaVA-1.5 and Qwen2-VL models).
 - The prompt: ``prompt(question)`` if given (a callable or a format string with ``{question}``),
   else the processor's chat template with one image and the question when it has one, else
   ``"<image token> question"``. Answers are greedy: ``max_new_tokens`` (default: the most tokens
@@ -164,6 +164,15 @@ def _prompt_fn(processor, prompt):
     return lambda q: f"{processor.image_token} {q}"
 
 
+def tokens_per_image(model, processor, data, prompt=None) -> int:
+    """Image placeholders the processor writes for the first record of ``data`` (the image
+    tokens an uncompressed model gives its language model for that image)."""
+    record = _records(data)[0]
+    inputs = processor(images=[[_image(record["image"])]], text=[_prompt_fn(processor, prompt)(record["question"])],
+                       return_tensors="pt")
+    return int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+
+
 def _normalize(text: str) -> str:
     return " ".join(text.split("\n")[0].strip().lower().rstrip(".").split())
 
@@ -278,9 +287,10 @@ def evaluate(model, processor, data, compress=None, metric: str = "exact", *, ba
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     _check_unpatched(model)
     model_type = getattr(model.config, "model_type", None)
-    if spec is not None and spec[0] == "random" and model_type != "llava":
-        raise ValueError(f"compress random (the floor) drops tokens between a LLaVA-1.5 model's projector and decoder "
-                         f"(vtok_fast.measure.quality.drop); got a model of model_type {model_type!r}")
+    if spec is not None and spec[0] == "random" and model_type not in ("llava", *drop.MROPE):
+        raise ValueError(f"compress random (the floor) drops tokens between the projector and the decoder of a "
+                         f"LLaVA-1.5 or Qwen2-VL model (vtok_fast.measure.quality.drop); got a model of model_type "
+                         f"{model_type!r}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(int(spec[1].get("seed", 0)) if spec and spec[0] == "random" else 0)
     answers, seconds, tokens = [], 0.0, None

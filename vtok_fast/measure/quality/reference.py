@@ -1,4 +1,9 @@
-"""The tiny LLaVA-architecture reference model, its tokenizer and its processor, built offline.
+"""The tiny reference models, their tokenizers and their processors, built offline.
+
+``ModelSettings.arch`` picks the architecture: ``"llava"`` (this module) or ``"qwen2_vl"``
+(:mod:`reference_qwen`, the same widths and 64 image tokens placed at M-RoPE positions).
+``build_model``, ``build_processor``, ``load``, ``prompt`` and ``dialogue`` dispatch on it (or
+on the loaded config's ``model_type``). The LLaVA model:
 
 - ``build_tokenizer()``: a word-level ``tokenizers`` model over ``VOCAB`` (special tokens, the
   prompt words, the question words and every answer of ``dataset.ANSWERS``) wrapped in
@@ -24,7 +29,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-from vtok_fast.measure.quality import dataset
+from vtok_fast.measure.quality import dataset, reference_qwen
 
 SPECIAL = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 VOCAB = SPECIAL + dataset.QUESTION_WORDS + dataset.ANSWERS
@@ -49,7 +54,20 @@ class ModelSettings:
     The defaults are the trained reference model's. ``text_init=0.08`` (about ``1 / sqrt(width)``)
     rather than Llama's 0.02: at 0.02 the attention logits start near zero, every token attends
     uniformly, and runs of 300-1,000 steps sat at the per-type majority answer; at 0.08 with the
-    sin-cos positions the first run passed 60 % held-out by step 200."""
+    sin-cos positions the first run passed 60 % held-out by step 200.
+
+    ``arch="qwen2_vl"`` (:func:`qwen_settings`): ``patch_size`` is the tower's patch (the 2x2
+    merger makes a language-model token of 2 x 2 of them), ``text_init`` is every
+    ``initializer_range``, and ``vision_init``, ``embed_init``, ``projector_init`` and
+    ``position_init`` do not apply (they must be ``None`` but ``vision_init``, ignored).
+
+    ``rope_theta``: the decoder's rotary base (LLaVA: Llama's default 10,000). Qwen2-VL's M-RoPE
+    gives the temporal, row and column ids the rotary frequencies in that order
+    (``reference_qwen.MROPE_SECTION``), so the column ids get the lowest ones: at 10,000 and
+    ``head_dim`` 32 a column step turns them by 0.0002-0.003 rad, nothing a 2-layer decoder can
+    read, and a first run at 10,000 answered ``color_at`` at 38 % (``glyph`` and ``letter_at``
+    100 %). ``qwen_settings`` uses 10, where a column step turns them by 0.1-0.2 rad."""
+    arch: str = "llava"
     image_size: int = 64
     patch_size: int = 8
     vision_width: int = 128
@@ -64,25 +82,44 @@ class ModelSettings:
     embed_init: float | None = None
     projector_init: float | None = None
     position_init: float | None = 1.0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "qwen2_vl" and any(v is not None for v in (self.embed_init, self.projector_init,
+                                                                    self.position_init)):
+            raise ValueError("qwen2_vl settings take no embed_init, projector_init or position_init (LLaVA's)")
 
     @property
     def num_image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        merge = reference_qwen.MERGE if self.arch == "qwen2_vl" else 1
+        return (self.image_size // self.patch_size // merge) ** 2
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def prompt(question: str) -> str:
+ARCHS = ("llava", "qwen2_vl")
+
+
+def qwen_settings(**changes) -> ModelSettings:
+    """The Qwen2-VL reference model's settings: LLaVA's widths, 4-px patches merged 2 x 2 (64
+    language-model tokens from 64 px, as LLaVA's 8-px patches), none of LLaVA's init options."""
+    return ModelSettings(**{"arch": "qwen2_vl", "position_init": None, "rope_theta": 10.0, **changes})
+
+
+def prompt(question: str, arch: str = "llava") -> str:
     """The model's text: the image, then the question; the answer is predicted at the question's
-    last word (no trailing template tokens: the last word carries the query). One ``<image>`` is
-    expanded by the processor into ``num_image_tokens`` placeholders."""
-    return f"{IMAGE_TOKEN} {question}"
+    last word (no trailing template tokens: the last word carries the query). The processor
+    expands the image token (``<image>``; Qwen2-VL: ``<|image_pad|>`` between its vision start and
+    end tokens) into ``num_image_tokens`` placeholders."""
+    return reference_qwen.prompt(question) if arch == "qwen2_vl" else f"{IMAGE_TOKEN} {question}"
 
 
-def dialogue(turns) -> tuple[str, list[int]]:
+def dialogue(turns, arch: str = "llava") -> tuple[str, list[int]]:
     """Training text for several ``(question, answer)`` turns about one image:
-    ``<image> q1 a1 q2 a2 ... qK`` (its first turn is ``prompt(q1)``), and for each turn the
+    ``<image> q1 a1 q2 a2 ... qK`` (its first turn is ``prompt(q1, arch)``), and for each turn the
     offset from the end of the sequence (0 = last token) of the position predicting its answer."""
     words, ends = [], []
     for k, (question, answer) in enumerate(turns):
@@ -90,7 +127,7 @@ def dialogue(turns) -> tuple[str, list[int]]:
             words.append(turns[k - 1][1])
         words += question.split()
         ends.append(len(words) - 1)
-    return f"{IMAGE_TOKEN} " + " ".join(words), [len(words) - 1 - e for e in ends]
+    return prompt(" ".join(words), arch), [len(words) - 1 - e for e in ends]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -103,8 +140,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_processor(settings: ModelSettings = ModelSettings()) -> LlavaProcessor:
-    """A ``LlavaProcessor`` whose image-token count equals the model's feature count."""
+def build_processor(settings: ModelSettings = ModelSettings()):
+    """A ``LlavaProcessor`` (Qwen2-VL: ``Qwen2VLProcessor``) whose image-token count equals the
+    model's feature count."""
+    if settings.arch == "qwen2_vl":
+        return reference_qwen.build_processor(settings)
     size = settings.image_size
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
@@ -123,7 +163,8 @@ def build_config(settings: ModelSettings = ModelSettings()) -> LlavaConfig:
                        num_hidden_layers=s.text_layers, num_attention_heads=s.text_heads,
                        num_key_value_heads=s.text_heads, max_position_embeddings=256,
                        pad_token_id=VOCAB.index("<pad>"), bos_token_id=VOCAB.index("<s>"),
-                       eos_token_id=VOCAB.index("</s>"), initializer_range=s.text_init, tie_word_embeddings=False)
+                       eos_token_id=VOCAB.index("</s>"), initializer_range=s.text_init, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta})
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=VOCAB.index(IMAGE_TOKEN),
                        vision_feature_layer=-1, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu", initializer_range=s.text_init)
@@ -145,8 +186,10 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
 
 
-def build_model(settings: ModelSettings = ModelSettings(), seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(settings: ModelSettings = ModelSettings(), seed: int = 0):
     """A freshly initialised reference model (same ``seed`` -> same weights), in eval mode."""
+    if settings.arch == "qwen2_vl":
+        return reference_qwen.build_model(settings, seed)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_config(settings))
     with torch.no_grad():
@@ -162,8 +205,13 @@ def build_model(settings: ModelSettings = ModelSettings(), seed: int = 0) -> Lla
     return model.eval()
 
 
-def load(path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Model (eval mode, float32) and processor saved with ``save_pretrained`` in ``path``."""
+def load(path):
+    """Model (eval mode, float32) and processor saved with ``save_pretrained`` in ``path`` (either
+    architecture, by the saved config's ``model_type``)."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(path).model_type == "qwen2_vl":
+        return reference_qwen.load(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     model.set_attn_implementation("sdpa")
     return model, LlavaProcessor.from_pretrained(path)

@@ -10,7 +10,8 @@ the logits at each question's last word (whole vocabulary) against its one answe
 (betas 0.9, 0.98), linear warm-up then cosine decay to 10 %, gradient norm clipped at 1.
 
 The default settings are the committed checkpoint's: 400 steps of 128 images (6 questions each),
-lr 2e-3; at about 0.75 s a step with 2 threads on a quiet 2-core machine that is 5 minutes.
+lr 2e-3; at 0.78 s (LLaVA) and 0.72 s (Qwen2-VL) a step with 2 threads on a quiet 2-core AMD machine
+that is 5.2 and 4.8 minutes.
 
 Token drop (``drop.answer_logits``, the same path evaluation uses): in each step a random half of
 the images (``drop_share``) keep a uniformly drawn ``ceil(min_keep * N) .. N`` of their ``N``
@@ -27,9 +28,12 @@ Cache: ``reference_model(settings)`` returns the committed checkpoint ``vtok_fas
 trains (and overwrites the cache). ``cache_dir()``: ``$VTOK_FAST_CACHE``, else
 ``$XDG_CACHE_HOME/vtok_fast``, else ``~/.cache/vtok_fast``.
 
-Command line (reproduces the committed checkpoint)::
+Both reference models (``ModelSettings.arch``: ``"llava"``, ``"qwen2_vl"``; ``default_settings``)
+train the same way; ``drop`` keeps Qwen2-VL's M-RoPE ids. Command lines (reproduce the committed
+checkpoints)::
 
     python -m vtok_fast.measure.quality.train --out vtok_fast/data/quality_llava
+    python -m vtok_fast.measure.quality.train --arch qwen2_vl --out vtok_fast/data/quality_qwen2_vl
 """
 from __future__ import annotations
 
@@ -49,7 +53,9 @@ import torch.nn.functional as F
 
 from vtok_fast.measure.quality import dataset, drop, reference
 
-COMMITTED = Path(__file__).resolve().parents[2] / "data" / "quality_llava"
+DATA = Path(__file__).resolve().parents[2] / "data"
+COMMITTED = DATA / "quality_llava"
+COMMITTED_QWEN = DATA / "quality_qwen2_vl"
 FASTV_LAYER = 1  # FastV's K for the 2-layer reference decoder: layer 0 ranks, layer 1 sees the kept tokens
 
 
@@ -84,7 +90,7 @@ class TrainSettings:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-FORMAT_VERSION = 2  # bump when dataset or prompt changes alter what a setting trains
+FORMAT_VERSION = 3  # bump when dataset or prompt changes alter what a setting trains
 
 
 def cache_dir() -> Path:
@@ -96,21 +102,26 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "vtok_fast"
 
 
-def batch(processor, samples) -> dict:
-    """Processor output (``input_ids``, ``attention_mask``, ``pixel_values``) for ``samples``
+def committed(arch: str = "llava") -> Path:
+    """The committed checkpoint's folder of ``arch`` (``data/quality_<arch>``)."""
+    return COMMITTED_QWEN if arch == "qwen2_vl" else COMMITTED
+
+
+def batch(processor, samples, arch: str = "llava") -> dict:
+    """Processor output (``input_ids``, ``attention_mask``, ``pixel_values``, ...) for ``samples``
     (one question each, ``reference.prompt``)."""
-    return processor(images=[s.image for s in samples], text=[reference.prompt(s.question) for s in samples],
+    return processor(images=[s.image for s in samples], text=[reference.prompt(s.question, arch) for s in samples],
                      return_tensors="pt", padding=True)
 
 
-def dialogue_batch(processor, samples, turns: int):
+def dialogue_batch(processor, samples, turns: int, arch: str = "llava"):
     """Processor output for ``samples`` with up to ``turns`` questions each (the sample's own
     question first, then ``sample.more``), the answer ids ``(B, turns)`` (-100 where a sample has
     fewer) and the prediction offsets from the end ``(B, turns)``."""
     texts, answers, offsets = [], [], []
     for s in samples:
         qa = [(s.question, s.answer)] + [(q, a) for q, a, _ in s.more][:turns - 1]
-        text, ends = reference.dialogue(qa)
+        text, ends = reference.dialogue(qa, arch)
         texts.append(text)
         answers.append([processor.tokenizer.convert_tokens_to_ids(a) for _, a in qa] + [-100] * (turns - len(qa)))
         offsets.append(ends + [0] * (turns - len(qa)))
@@ -156,7 +167,7 @@ def train(settings: TrainSettings = TrainSettings(), threads: int | None = 1, lo
         for step in range(settings.steps):
             samples = dataset.make_dataset(bsz, settings.data_seed, size=settings.model.image_size,
                                            more=settings.turns > 1, start=step * bsz)
-            inputs, target, offsets = dialogue_batch(processor, samples, settings.turns)
+            inputs, target, offsets = dialogue_batch(processor, samples, settings.turns, settings.model.arch)
             span = int(offsets.max()) + 1
             logits = drop.last_logits(model, inputs, _train_keep(bsz, n, settings, gen), "original", span)
             picked = logits.gather(1, (span - 1 - offsets)[..., None].expand(-1, -1, logits.shape[-1]))
@@ -202,9 +213,18 @@ def recorded_settings(path) -> TrainSettings | None:
         return None
 
 
+def default_settings(arch: str = "llava") -> TrainSettings:
+    """The committed checkpoint's settings of ``arch`` (``"llava"`` or ``"qwen2_vl"``)."""
+    if arch == "qwen2_vl":
+        return TrainSettings(model=reference.qwen_settings())
+    if arch != "llava":
+        raise ValueError(f"arch must be one of {reference.ARCHS}, got {arch!r}")
+    return TrainSettings()
+
+
 def cached_path(settings: TrainSettings = TrainSettings()) -> Path:
     """Where ``reference`` caches the model trained with ``settings``."""
-    return cache_dir() / "quality" / f"llava-{settings.key()}"
+    return cache_dir() / "quality" / f"{settings.model.arch}-{settings.key()}"
 
 
 def reference_model(settings: TrainSettings = TrainSettings(), retrain: bool = False, verbose: bool = False,
@@ -214,7 +234,7 @@ def reference_model(settings: TrainSettings = TrainSettings(), retrain: bool = F
     the cached one, else (or with ``retrain``) trained now and cached."""
     found = None
     if not retrain:
-        found = next((p for p in (COMMITTED, cached_path(settings))
+        found = next((p for p in (committed(settings.model.arch), cached_path(settings))
                       if recorded_settings(p) == settings and (p / "model.safetensors").exists()), None)
     if found is None:
         model, processor, record = train(settings, log_every=100 if verbose else 0)
@@ -227,16 +247,19 @@ def reference_model(settings: TrainSettings = TrainSettings(), retrain: bool = F
 
 
 def main(argv=None) -> int:
-    """``python -m vtok_fast.measure.quality.train [--retrain] [--out DIR] [--steps N] [--threads T]``:
+    """``python -m vtok_fast.measure.quality.train [--arch llava|qwen2_vl] [--retrain] [--out DIR] [--steps N]
+    [--threads T]``:
     train (or load from the cache) the reference model, print held-out accuracy."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=reference.ARCHS, default="llava", help="which reference model (default llava)")
     parser.add_argument("--retrain", action="store_true", help="train even if a cached model exists")
     parser.add_argument("--out", help="train and write the model here (e.g. the committed reference_llava/)")
     parser.add_argument("--steps", type=int, help="override the step budget (changes the cache key)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1, "
                                                                "as the committed checkpoint)")
     args = parser.parse_args(argv)
-    settings = TrainSettings() if args.steps is None else dataclasses.replace(TrainSettings(), steps=args.steps)
+    settings = default_settings(args.arch)
+    settings = settings if args.steps is None else dataclasses.replace(settings, steps=args.steps)
     if args.out:
         model, processor, record = train(settings, threads=args.threads, log_every=100)
         save(model, processor, record, args.out)

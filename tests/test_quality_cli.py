@@ -45,6 +45,19 @@ def test_eval_command_end_to_end(saved, capsys):
     assert out_png.stat().st_size > 1000
 
 
+def test_eval_command_on_the_qwen2_vl_reference(saved, tmp_path, capsys):
+    """The committed Qwen2-VL model (its own processor and chat template) through the command: a
+    family method and the random floor at M-RoPE ids."""
+    root, _, _ = saved
+    status = main(["eval", str(train.committed("qwen2_vl")), "--data", str(root / "q.jsonl"), "--compress",
+                   "pool:stride=2", "--compress", "random:keep=4", "--json", str(tmp_path / "r.json"),
+                   "--plot", str(tmp_path / "r.png"), "--no-progress"])
+    assert status == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["image_tokens"] for r in rows] == [16, 4, 4]
+    assert rows[0]["accuracy"] >= 0.5  # 77 % on 500 held-out questions
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval", "/nonexistent", "--data", "x.jsonl"], "MODEL_DIR"),
     (["eval", "{model}", "--data", "/nonexistent.jsonl"], "--data"),

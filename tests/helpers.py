@@ -26,6 +26,32 @@ def import_peer(name: str):
     return importlib.import_module(name)
 
 
+def same_generations(got, expected) -> None:
+    """Two ``generate(..., output_logits=True, return_dict_in_generate=True)`` outputs are
+    identical: the same sequences and bit-equal logits at every step."""
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, e in zip(got.logits, expected.logits, strict=True):
+        assert torch.equal(a, e)
+
+
+def tiny_vlms(unpatch: bool = False):
+    """``get(family)``: one ``vlm_zoo.tiny(family)`` per family, built on first use and shared by
+    the tests of a module (return it from a module-scoped fixture); ``unpatch``: every ``get``
+    first removes whatever a previous test patched into the model."""
+    import vtok_fast.patch
+    from vtok_fast.bench import vlm_zoo
+
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = vlm_zoo.tiny(family)
+        if unpatch:
+            vtok_fast.patch.unpatch(built[family])
+        return built[family]
+    return get
+
+
 def tolerances(dtype: torch.dtype, reduction: int = 1, scale: float = 1.0) -> tuple[float, float]:
     """(rtol, atol) for a result of ``dtype`` built from a sum of ``reduction`` terms.
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import tiny_vlms
 import vtok_fast.patch
 from vtok_fast.bench import vlm_zoo
 from vtok_fast.measure.budget import LLAVA_NEXT_PINPOINTS, OV_PINPOINTS, count_tokens
@@ -87,14 +88,7 @@ def image_tokens_seen(model, inputs) -> list[int]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    built = {}
-
-    def get(family):
-        if family not in built:
-            built[family] = vlm_zoo.tiny(family)
-        vtok_fast.patch.unpatch(built[family])
-        return built[family]
-    return get
+    return tiny_vlms(unpatch=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

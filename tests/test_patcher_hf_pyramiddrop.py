@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from helpers import same_generations
 from test_patcher_hf_compress import IMAGE_TOKEN, offline_processor, prompts, tiny_llava
 from test_patcher_hf_fastv import ATOL, RTOL, SCORE_TOL, _decoder_inputs, _mask_and_rope
 from vtok_fast import budget
@@ -99,15 +100,13 @@ def test_one_stage_is_fastv_and_ratio_zero_is_the_unpatched_model():
     expected = model.generate(**inputs, **kwargs)
     hf_fastv.apply(model, compress=("pyramiddrop", {"layers": LAYERS, "ratio": 0.0}))
     got = model.generate(**inputs, **kwargs)
-    assert torch.equal(got.sequences, expected.sequences)
-    assert all(torch.equal(a, e) for a, e in zip(got.logits, expected.logits, strict=True))
+    same_generations(got, expected)
     hf_fastv.apply(model, compress=("fastv", {"layer": 2, "ratio": 0.5}))
     fastv = model.generate(**inputs, **kwargs)
     hf_compress.apply(model, compress=("pyramiddrop", {"layers": [2], "ratios": [0.5]}))  # routed to hf_fastv
     assert not hasattr(model, "_fastv_info")  # re-applying replaces FastV
     staged = model.generate(**inputs, **kwargs)
-    assert torch.equal(staged.sequences, fastv.sequences)
-    assert all(torch.equal(a, e) for a, e in zip(staged.logits, fastv.logits, strict=True))
+    same_generations(staged, fastv)
     hf_fastv.remove(model)
     assert torch.equal(model.generate(**inputs, **kwargs).sequences, expected.sequences)
 

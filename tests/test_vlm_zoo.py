@@ -10,6 +10,7 @@ import transformers
 from PIL import Image
 from transformers.models.smolvlm import processing_smolvlm
 
+from helpers import tiny_vlms
 from vtok_fast.bench import vlm_zoo
 
 FAMILIES = list(vlm_zoo.FAMILIES)
@@ -31,13 +32,7 @@ def tall(astronaut) -> Image.Image:
 @pytest.fixture(scope="module")
 def models():
     """One tiny model per family, built on first use and shared by the tests of this file."""
-    built = {}
-
-    def get(family):
-        if family not in built:
-            built[family] = vlm_zoo.tiny(family)
-        return built[family]
-    return get
+    return tiny_vlms()
 
 
 def _feature_count(model, batch) -> int:

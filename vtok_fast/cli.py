@@ -60,6 +60,18 @@ def _parse_modes(text: str | None, op_modes: dict[str, tuple[str, ...]]) -> dict
     return {op: tuple(m for m in requested if m in modes) for op, modes in op_modes.items()}
 
 
+_NO_CUDA = "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use --device cpu"
+
+
+def _cuda_missing(device: str | None) -> bool:
+    """Whether ``--device cuda`` was asked for on a machine without a CUDA device."""
+    if device != "cuda":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def _announce(quick: bool, what: str) -> None:
     """Before a benchmark: a quick run says it gives no verdict (``what`` it is); a full run on a
     loaded machine warns that its timings are inflated."""
@@ -74,18 +86,16 @@ def _announce(quick: bool, what: str) -> None:
 def _bench(args) -> int:
     import torch
 
-    from vtok_fast.bench import OPS
+    from vtok_fast.bench import OPS, SUITES
     from vtok_fast.bench.harness import default_out_dir, format_table, run_benchmark, text_progress, write_json
-    from vtok_fast.bench import SUITES
 
     if args.op in SUITES:
         return _suite(args, SUITES[args.op])
     if args.retrain:
         return _error(f"--retrain is for the quality benchmark, got {args.op!r}")
     names = list(OPS) if args.op == "all" else [args.op]
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return _error("--device cuda: no CUDA device is available here "
-                      "(torch.cuda.is_available() is False); use --device cpu")
+    if _cuda_missing(args.device):
+        return _error(_NO_CUDA)
     if not args.min_time >= 0:
         return _error(f"--min-time must be >= 0 seconds, got {args.min_time}")
     if args.profile and args.op != "tome":
@@ -136,12 +146,8 @@ def _suite(args, module: str) -> int:
     """A benchmark that is not a timing harness op (``bench quality``): its module's ``run(args)``."""
     from vtok_fast.bench.harness import default_out_dir
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return _error("--device cuda: no CUDA device is available here "
-                          "(torch.cuda.is_available() is False); use --device cpu")
+    if _cuda_missing(args.device):
+        return _error(_NO_CUDA)
     for flag, given in (("--profile", args.profile), ("--modes", args.modes),
                         ("--retrain", args.retrain and args.op != "quality")):
         if given:

@@ -171,7 +171,7 @@ VISION_FAMILIES = ("llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "q
                    "idefics3", "smolvlm")
 VISION_FAMILY_METHODS = ("pool", "tome", "dart", "attn_topk", "visionzip", "prumerge", "prumerge_plus")
 # models whose Hugging Face model vtok_fast.patch.hf runs fastv / pyramiddrop in (vtok_fast.patch.hf_fastv)
-IN_LLM_FAMILIES = ("llava-1.5", "llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "gemma3", "idefics3", "smolvlm")
+IN_LLM_FAMILIES = (*IN_MODEL_FAMILIES, *VISION_FAMILIES)
 VIT_MODELS = ("vit-b/16", "vit-l/14-336", "vit")
 
 
@@ -246,6 +246,15 @@ def _need_one(method: str, params: dict, *keys: str) -> None:
                          f"got {', '.join(f'{k}=' for k in given) or 'none'}")
 
 
+def _stage_ratios(params: dict) -> list:
+    """PyramidDrop's fraction pruned at each stage boundary: ``ratios``, else ``ratio`` for each of
+    the ``layers`` (default ``PYRAMIDDROP_DEFAULT_STAGES`` boundaries)."""
+    if "ratios" in params:
+        return params["ratios"]
+    layers = params.get("layers")
+    return [params["ratio"]] * (len(layers) if layers is not None else PYRAMIDDROP_DEFAULT_STAGES)
+
+
 def _check_pyramiddrop(params: dict) -> None:
     if "ratio" in params and "ratios" in params:
         raise ValueError("compress pyramiddrop: give ratio= (every stage) or ratios= (one per stage), not both")
@@ -265,9 +274,8 @@ def _check_pyramiddrop(params: dict) -> None:
                              f"{params['ratios']!r}")
         params["ratios"] = ratios
     else:
-        count = len(layers) if layers is not None else PYRAMIDDROP_DEFAULT_STAGES
         params.setdefault("ratio", PYRAMIDDROP_DEFAULT_RATIO)
-        ratios = [params["ratio"]] * count
+    ratios = _stage_ratios(params)
     if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= r < 1 for r in ratios):
         raise ValueError(f"compress pyramiddrop: ratios (the fraction of the remaining image tokens pruned per "
                          f"stage) must be numbers in [0, 1), got {params.get('ratios', params.get('ratio'))!r}")
@@ -441,7 +449,7 @@ def _notes(model: str, spec) -> tuple[str, ...]:
     if method in LLM_METHODS:
         return (f"vtok_fast.patch.hf(model, compress=...) runs {method} in {', '.join(IN_LLM_FAMILIES)} models, not "
                 f"in {model}: this count is arithmetic, the library cannot run {method} in that model",)
-    if model in VISION_FAMILIES and method not in LLM_METHODS:
+    if model in VISION_FAMILIES:
         if method in VISION_FAMILY_METHODS:
             return ()
         return (f"vtok_fast.patch.hf runs {', '.join(VISION_FAMILY_METHODS)} on the image tokens of {model}, not "
@@ -944,7 +952,7 @@ def count_tokens(model: str, image_size, *, compress=None, **options) -> TokenBu
 def _pyramiddrop(params: dict, seen: int) -> tuple[list, tuple]:
     """The LLM line and the per-stage counts of PyramidDrop over ``seen`` image tokens."""
     layers = params.get("layers")
-    ratios = params.get("ratios") or [params["ratio"]] * (len(layers) if layers else PYRAMIDDROP_DEFAULT_STAGES)
+    ratios = _stage_ratios(params)
     labels = [f"from layer {k} on" for k in layers] if layers else [f"{s + 1}" for s in range(len(ratios))]
     counts, n = [], seen
     for ratio in ratios:

@@ -145,14 +145,12 @@ def _streams(family) -> list[tuple[str, str]]:
 def _features_of(inner: nn.Module, plan: dict, run: dict, name: str):
     """The replacement of ``inner.<name>`` (``get_image_features`` / ``get_video_features``)."""
     signature = inspect.signature(getattr(type(inner), name))
-
     family = plan["family"]
+    attention = family.attention(inner) if plan["method"] in ATTENTION_METHODS else None  # the scored module
 
     def get_features(*args, **kwargs):
         return_dict = kwargs.pop("return_dict", True)
-        attention, captured = None, {}
-        if plan["method"] in ATTENTION_METHODS:
-            attention = family.attention(inner)
+        captured = {}
         scoring = family_scores.capture(attention, captured, family.cls) if attention is not None else None
         with scoring or contextlib.nullcontext():
             output = getattr(type(inner), name)(inner, *args, return_dict=True, **kwargs)

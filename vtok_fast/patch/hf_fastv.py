@@ -145,9 +145,10 @@ def _host(model: nn.Module) -> dict:
 
 
 def _window(family, lm: nn.Module) -> int | None:
-    """Gemma 3's sliding window (its sliding layers are supported within it), else None."""
+    """The sliding window of a family whose sliding layers run within it (``Family.sliding_window``:
+    Gemma 3), else None."""
     types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
-    if family.name == "Gemma 3" and "sliding_attention" in types:
+    if family.sliding_window and "sliding_attention" in types:
         return int(lm.config.sliding_window)
     return None
 
@@ -291,6 +292,17 @@ def _labels_replacements(model: nn.Module, host: dict, run: dict) -> list:
     return [(model, "_loss_function", loss)]
 
 
+def _kept_targets(labels: torch.Tensor, kept, ignore: int) -> torch.Tensor:
+    """The ``shift_labels`` of a pruned forward: at each kept position (``kept`` ``(B, L')``, -1 at
+    pads; None: every position) the label of the token after it in the prompt, ``ignore`` at pads
+    and after the last token."""
+    targets = F.pad(labels, (0, 1), value=ignore)[:, 1:]
+    if kept is None:
+        return targets
+    kept = kept.to(targets.device)
+    return targets.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, ignore)
+
+
 def _aligned_loss(loss_function, run: dict, logits=None, labels=None, vocab_size=None, **kwargs):
     """A family model's loss when its last forward pruned: each kept position against the token
     after it in the prompt (``shift_labels``), pads and pruned positions adding nothing."""
@@ -298,10 +310,7 @@ def _aligned_loss(loss_function, run: dict, logits=None, labels=None, vocab_size
     if (kept is not None and isinstance(labels, torch.Tensor) and labels.dim() == 2 and logits is not None
             and logits.shape[1] == kept.shape[1] and labels.shape[1] == run.get("length")
             and kwargs.get("shift_labels") is None):
-        ignore = kwargs.get("ignore_index", -100)
-        kept = kept.to(labels.device)
-        targets = F.pad(labels, (0, 1), value=ignore)[:, 1:]
-        kwargs["shift_labels"] = targets.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, ignore)
+        kwargs["shift_labels"] = _kept_targets(labels, kept, kwargs.get("ignore_index", -100))
     return loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
 
 
@@ -315,10 +324,7 @@ def _labels_forward(model: nn.Module, run: dict, *args, labels=None, **kwargs):
     out = type(model).forward(model, **kwargs)
     named = inspect.signature(type(model).forward).parameters
     extra = {k: v for k, v in kwargs.items() if k not in named}  # what the original passes to its loss
-    targets = F.pad(labels, (0, 1), value=extra.get("ignore_index", -100))[:, 1:]
-    if run["kept"] is not None:
-        kept = run["kept"].to(targets.device)
-        targets = targets.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, extra.get("ignore_index", -100))
+    targets = _kept_targets(labels, run["kept"], extra.get("ignore_index", -100))
     logits = out[0] if isinstance(out, tuple) else out.logits
     loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.text_config.vocab_size,
                                shift_labels=targets, **extra)

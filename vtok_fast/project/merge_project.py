@@ -189,9 +189,11 @@ def _scatter(rows, shape, dtype, h, w, s, order, prefix) -> torch.Tensor:
     out = (torch.zeros if prefix else torch.empty)(shape, dtype=dtype, device=rows.device)
     view = _window_view(out[:, prefix:], h, w, s, order)
     M, G, C = rows.shape
-    if G == 1 and s > 1:  # pooled
-        rows = (rows / (s * s)).expand(M, s * s, C)
-    view.copy_(rows.reshape(view.shape))
+    if G == 1 and s > 1:  # pooled: broadcast over the window's dims (no (M, s*s, C) copy)
+        window_dims = 1 if order == "contiguous" else 2
+        view.copy_((rows / (s * s)).view(*view.shape[:-1 - window_dims], *(1,) * window_dims, C))
+    else:
+        view.copy_(rows.reshape(view.shape))
     return out
 
 
@@ -322,10 +324,11 @@ def _forward_triton(tokens, norm_weight, norm_bias, weight, bias, gate_weight, g
 # --- the registered op ---------------------------------------------------------------------------
 
 def _merge_project_impl(tokens: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-          weight: torch.Tensor, bias: Optional[torch.Tensor], gate_weight: Optional[torch.Tensor],
-          gate_bias: Optional[torch.Tensor], height: int, width: int, window: int, order: str, pool: bool,
-          norm: str, rms: bool, offset: float, eps: float, activation: str, channel_major: bool, prefix: int,
-          save_preact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        weight: torch.Tensor, bias: Optional[torch.Tensor], gate_weight: Optional[torch.Tensor],
+                        gate_bias: Optional[torch.Tensor], height: int, width: int, window: int, order: str,
+                        pool: bool, norm: str, rms: bool, offset: float, eps: float, activation: str,
+                        channel_major: bool, prefix: int, save_preact: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out ``(M, D)``, pre-activation and gate pre-activation ``(M, D)`` if ``save_preact``
     (the gate's only with a gate) else empty)."""
     forward = _forward_triton if use_triton(tokens, weight, norm_weight) else _forward_torch
@@ -335,8 +338,8 @@ def _merge_project_impl(tokens: torch.Tensor, norm_weight: Optional[torch.Tensor
                        save_preact)
 
 
-def _merge_project_fake(tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, height, width, window, order,
-          pool, norm, rms, offset, eps, activation, channel_major, prefix, save_preact):
+def _merge_project_fake(tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, height, width, window,
+                        order, pool, norm, rms, offset, eps, activation, channel_major, prefix, save_preact):
     rows = tokens.shape[0] * ((tokens.shape[1] - prefix) // (window * window))
     shape = (rows, weight.shape[0])
     out = tokens.new_empty(shape, dtype=weight.dtype)

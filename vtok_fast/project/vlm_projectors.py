@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from vtok_fast._checks import square_side
 from vtok_fast.project.merge_project import merge_project
-from vtok_fast.project.modules import PatchMerger, RMSNorm, activation_module, activation_of, hf_activation, norm_args
+from vtok_fast.project.modules import (PatchMerger, RMSNorm, activation_module, activation_of, hf_activation,
+                                       mlp_project, norm_args)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -240,10 +241,7 @@ def mistral3_projector_forward(self, image_features: torch.Tensor, image_sizes) 
                                    **norm_args(self.norm), weight=merger.merging_layer.weight,
                                    bias=merger.merging_layer.bias, weight_layout="channel_major"))
     merged = torch.cat(parts, dim=0) if len(parts) != 1 else parts[0]
-    act = activation_of(self.act)[1]
-    y = merge_project(merged, None, window=1, order="contiguous", norm=None, weight=self.linear_1.weight,
-                      bias=self.linear_1.bias, activation=act)
-    return self.linear_2(y)
+    return mlp_project(merged, self.linear_1, activation_of(self.act)[1], self.linear_2)
 
 
 class _Mistral3PatchMerger(nn.Module):
@@ -328,8 +326,8 @@ def aya_projector_forward(self, image_features: torch.Tensor) -> torch.Tensor:
     up, gate = w.split(half)
     up_bias, gate_bias = (None, None) if b is None else b.split(half)
     layer_norm = getattr(self, "layernorm", None)
-    norm = {} if layer_norm is None else dict(norm="post_concat", **norm_args(layer_norm))
-    y = merge_project(image_features, (side, side), window=f, order="row_major", **({"norm": None} | norm),
+    norm = {"norm": None} if layer_norm is None else dict(norm="post_concat", **norm_args(layer_norm))
+    y = merge_project(image_features, (side, side), window=f, order="row_major", **norm,
                       weight=up, bias=up_bias, gate_weight=gate, gate_bias=gate_bias,
                       activation=activation_of(self.act)[1])
     y = self.linear_2(y)

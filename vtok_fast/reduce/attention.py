@@ -188,8 +188,8 @@ def _attention_fake(q, k, v, key_bias, scale):
 
 
 def _attention_backward_impl(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   key_bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                             key_bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); ``dbias`` is empty without a bias. Chooses the path like the forward
     (at run time, so a compiled graph follows ``VTOK_FAST_BACKEND`` in both directions alike)."""
     if _runs_triton(q, k, v, key_bias):

@@ -114,7 +114,7 @@ def _scores_torch(queries, keys, key_mask, scale: float):
 # --- the op ------------------------------------------------------------------------------------------
 
 def _attention_scores_impl(queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None,
-          scale: float) -> torch.Tensor:
+                           scale: float) -> torch.Tensor:
     if keys.shape[0] == 0:  # empty batch: nothing to launch or chunk
         return queries.new_empty(0, keys.shape[2], dtype=torch.float32)
     if use_triton(queries, keys):

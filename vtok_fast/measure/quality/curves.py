@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vtok_fast.measure.quality import drop
 from vtok_fast.measure.quality import evaluate as ev
 
 RATIOS = (1, 2, 4, 8, 16)
 METHODS = ("random", "pool", "tome", "attn_topk", "visionzip", "prumerge", "dart", "fastv", "pyramiddrop")
 VISION = METHODS[:-2]
-POSITIONS = ("original", "compact")
+POSITIONS = drop.POSITIONS
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class Setting:
     spec: tuple
 
 
-def _budget(method: str, keep: int, num_tokens: int, ratio: int) -> dict | None:
-    """``method``'s own budget for ``keep`` of ``num_tokens`` tokens, or ``None`` where it has none."""
+def _budget(method: str, keep: int, ratio: int) -> dict | None:
+    """``method``'s own budget for ``keep`` tokens at ``ratio``, or ``None`` where it has none."""
     if method in ("random", "tome", "attn_topk", "dart"):
         return {"keep": keep}
     if method == "pool":
@@ -72,7 +73,7 @@ def settings(num_tokens: int, ratio: int, fastv_layer: int = 1) -> list[Setting]
     out = []
     for positions in POSITIONS[:1] if ratio == 1 else POSITIONS:
         for method in VISION:
-            budget = _budget(method, keep, num_tokens, ratio)
+            budget = _budget(method, keep, ratio)
             if budget is not None:
                 budget = {**budget, "positions": positions}
                 if method == "random":

@@ -12,7 +12,7 @@ family patchers use) share ``last_logits``, ``answer_logits`` and ``greedy``. Th
    positions of each row (what ``LlavaModel.forward`` does).
 3. Keep, per row, the text tokens and the image tokens with ``keep[b, j]`` true (kept tokens stay
    in order); dropped placeholders are removed from the sequence, which is re-packed with left
-   padding to the longest row.
+   padding to the longest row (``drop_columns``, padding columns dropped too).
 4. ``position_ids``: ``"original"``: every kept token keeps the position it has in the full
    sequence (text after the image continues from the full length, as if nothing were dropped);
    ``"compact"``: kept tokens are renumbered ``0..L_b-1`` (what a model sees when the processor
@@ -62,19 +62,12 @@ def drop_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fe
     each row with exactly ``N`` image placeholders; ``features``: ``(B, N, D)``; ``keep``: ``(B, N)``."""
     embeds, is_image = _embed(model, input_ids, features, keep, positions)
     valid = attention_mask.bool()
-    kept = valid & ~is_image
-    kept = kept.masked_scatter(is_image, keep.to(kept.device))
-    original = (valid.long().cumsum(1) - 1).clamp(min=0)
-    compact = (kept.long().cumsum(1) - 1).clamp(min=0)
-    pos = original if positions == "original" else compact
-    # stable sort on kept: dropped / padding first, kept tokens last, each in their order
-    order = torch.sort(kept.to(torch.int8), dim=1, stable=True).indices
-    length = int(kept.sum(1).max())
-    order = order[:, order.shape[1] - length:]
-    mask = kept.gather(1, order)
-    embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
-    position_ids = pos.gather(1, order).masked_fill(~mask, 0)
-    return {"inputs_embeds": embeds, "attention_mask": mask.long(), "position_ids": position_ids}
+    kept = (valid & ~is_image).masked_scatter(is_image, keep.to(valid.device))
+    # the ids of each mode, computed here (padding is dropped too) and gathered by the shared column drop
+    pos = ((valid if positions == "original" else kept).long().cumsum(1) - 1).clamp(min=0)
+    inputs, _ = drop_columns(kept, {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": pos},
+                             "original")
+    return inputs
 
 
 def _features(model, batch) -> torch.Tensor:

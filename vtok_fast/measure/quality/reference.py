@@ -34,8 +34,7 @@ from vtok_fast.measure.quality import dataset, reference_qwen
 SPECIAL = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 VOCAB = SPECIAL + dataset.QUESTION_WORDS + dataset.ANSWERS
 IMAGE_TOKEN = "<image>"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = reference_qwen.CLIP_MEAN, reference_qwen.CLIP_STD
 
 
 @dataclass(frozen=True)

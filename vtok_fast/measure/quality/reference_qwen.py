@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLTextConfig, Qwen2VLVideoProcessor,
                           Qwen2VLVisionConfig)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from vtok_fast.measure.quality import dataset
 
@@ -39,8 +40,7 @@ VOCAB = SPECIAL + dataset.QUESTION_WORDS + dataset.ANSWERS
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 MERGE = 2  # Qwen2-VL's PatchMerger: 2 x 2 patches per language-model token
 MROPE_SECTION = (4, 6, 6)  # rotary pairs for (temporal, row, column); sums to head_dim / 2 = 16
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)  # transformers' CLIP mean/std
 CHAT_TEMPLATE = ("{% for message in messages %}{% for part in message['content'] %}"
                  "{% if part['type'] == 'image' %}" + IMAGE + "{% else %} {{ part['text'] }}{% endif %}"
                  "{% endfor %}{% endfor %}")

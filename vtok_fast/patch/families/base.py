@@ -17,6 +17,8 @@ An adapter is data plus two small functions, never a copy of a forward:
 - ``mrope``: position ids are ``(3, B, L)`` (or ``(4, B, L)`` with the text row) and decoding
   adds ``inner.rope_deltas``;
 - ``cls``: whether the tokens came from a tower with a CLS token (CLS-attention methods);
+- ``sliding_window``: FastV / PyramidDrop may run its language model's sliding-window layers,
+  while the sequence fits the window (Gemma 3; :mod:`vtok_fast.patch.hf_fastv`);
 - ``videos``: ``get_video_features`` (placeholders ``video_token_id``) splits like images, one
   unit per frame, and is compressed the same way;
 - ``attention`` / ``score_map``: for the attention methods, the vision attention module whose
@@ -55,6 +57,7 @@ class Family:
     image_token: str = "image_token_id"
     mrope: bool = False
     cls: bool = False
+    sliding_window: bool = False  # FastV / PyramidDrop run its sliding layers within the window (Gemma 3)
     lm_kwargs: tuple[str, ...] = ()  # per-token (B, L) kwargs of the language model gathered with the rows
     videos: bool = False  # get_video_features / video_token_id: video frames are compressed like images
     attention: Callable | None = None  # inner -> the vision attention module the features' layer runs
@@ -91,4 +94,10 @@ def stacked_units(what: str):
 def stacked_rebuild(inner, output, pieces, replay):
     """``rebuild`` of a family whose ``pooler_output`` is one tensor: the pieces stacked back."""
     output.pooler_output = torch.stack(pieces) if pieces else output.pooler_output
+    return output
+
+
+def listed_rebuild(inner, output, pieces, replay):
+    """``rebuild`` of a family whose ``pooler_output`` is a list of pieces: the new list."""
+    output.pooler_output = list(pieces)
     return output

@@ -27,4 +27,4 @@ def _score_map(inner, scores, call: dict, units) -> list:
 GEMMA3 = Family(name="Gemma 3", model_types=("gemma3",),
                 inner="transformers.models.gemma3.modeling_gemma3:Gemma3Model",
                 units=stacked_units("a Gemma 3 image"), rebuild=stacked_rebuild,
-                attention=_attention, score_map=_score_map)
+                sliding_window=True, attention=_attention, score_map=_score_map)

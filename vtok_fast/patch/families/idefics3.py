@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vtok_fast.patch.families.base import Family, Units, square
+from vtok_fast.patch.families.base import Family, Units, listed_rebuild, square
 from vtok_fast.patch.family_scores import pooled
 
 
@@ -24,11 +24,6 @@ def _units(inner, output, call: dict) -> Units:
     return Units(pieces, grids)
 
 
-def _rebuild(inner, output, pieces, replay):
-    output.pooler_output = list(pieces)
-    return output
-
-
 def _attention(inner):
     return inner.vision_model.encoder.layers[-1].self_attn
 
@@ -44,7 +39,7 @@ def _score_map(inner, scores, call: dict, units) -> list:
 
 def _family(name: str, model_type: str, module: str, prefix: str) -> Family:
     return Family(name=name, model_types=(model_type,), inner=f"transformers.models.{module}:{prefix}Model",
-                  units=_units, rebuild=_rebuild, language_model="text_model", attention=_attention,
+                  units=_units, rebuild=listed_rebuild, language_model="text_model", attention=_attention,
                   score_map=_score_map)
 
 

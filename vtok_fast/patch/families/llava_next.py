@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from vtok_fast.patch.families.base import Family, Units, feature_layer
+from vtok_fast.patch.families.base import Family, Units, feature_layer, listed_rebuild
 from vtok_fast.patch.hf_tome import encoder_of
 
 
@@ -81,18 +81,13 @@ def _score_map_for(module_name: str):
     return score_map
 
 
-def _rebuild(inner, output, pieces, replay):
-    output.pooler_output = list(pieces)
-    return output
-
-
 LLAVA_NEXT = Family(name="LLaVA-NeXT", model_types=("llava_next",),
                     inner="transformers.models.llava_next.modeling_llava_next:LlavaNextModel",
                     units=_units_for("transformers.models.llava_next.modeling_llava_next", False),
-                    rebuild=_rebuild, cls=True, attention=_attention,
+                    rebuild=listed_rebuild, cls=True, attention=_attention,
                     score_map=_score_map_for("transformers.models.llava_next.modeling_llava_next"))
 LLAVA_ONEVISION = Family(name="LLaVA-OneVision", model_types=("llava_onevision",),
                          inner="transformers.models.llava_onevision.modeling_llava_onevision:LlavaOnevisionModel",
                          units=_units_for("transformers.models.llava_onevision.modeling_llava_onevision", True),
-                         rebuild=_rebuild, attention=_attention,
+                         rebuild=listed_rebuild, attention=_attention,
                          score_map=_score_map_for("transformers.models.llava_onevision.modeling_llava_onevision"))

@@ -42,12 +42,18 @@ def _cells_of(image, colour):
     return {(r, c) for r in range(dataset.GRID) for c in range(dataset.GRID) if hit[r * s:(r + 1) * s, c * s:(c + 1) * s].any()}
 
 
+def _cell(word: str) -> tuple[int, int]:
+    """``(row, col)`` of a cell word ``r<row>c<col>``."""
+    assert word[0] == "r" and word[2] == "c" and len(word) == 4, word
+    return int(word[1]), int(word[3])
+
+
 def test_answers_match_the_pixels():
     """Colour, count and relation answers checked against the rendered pixels."""
     for s in dataset.make_dataset(240, seed=11):
         words = s.question.split()
         if s.qtype == "color_at":
-            cell = (int(words[1][1:]), int(words[2][1:]))
+            cell = _cell(words[1])
             assert [c for c in dataset.COLOURS if cell in _cells_of(s.image, c)] == [s.answer]
         elif s.qtype == "count":
             assert len(_cells_of(s.image, words[1])) == int(s.answer)
@@ -107,4 +113,4 @@ def test_more_questions_agree_with_the_pixels():
             if qtype == "count":
                 assert len(_cells_of(r.image, words[1])) == int(answer)
             elif qtype == "color_at":
-                assert (int(words[1][1:]), int(words[2][1:])) in _cells_of(r.image, answer)
+                assert _cell(words[1]) in _cells_of(r.image, answer)

@@ -90,8 +90,31 @@ def test_drop_path_equals_the_plain_forward_and_respects_positions():
         torch.testing.assert_close(single, batched[2:3], rtol=1e-4, atol=1e-4)
 
 
-def test_tiny_training_is_bitwise_deterministic():
-    settings = train.TrainSettings(model=TINY, steps=5, batch_size=8, warmup=2)
+@pytest.mark.parametrize("model,layout", [(TINY, "dialogue"), (TINY_QWEN, "questions")], ids=["llava", "qwen2_vl"])
+def test_question_layout_is_each_evaluation_prompt_alone(model, layout):
+    """``train.question_logits`` (one vision pass and one decoder pass over each image's prefix,
+    its cache shared by that image's questions) gives the logits of each question's own
+    evaluation prompt with the same tokens dropped, for heavy drops and a dropped last image token."""
+    m, processor = reference.build_model(model, seed=3), reference.build_processor(model)
+    samples = dataset.make_dataset(5, seed=9, more=True)
+    owner = torch.tensor([i for i, s in enumerate(samples) for _ in range(1 + min(2, len(s.more)))])
+    questions = [q for s in samples for q in ([s.question] + [q for q, _, _ in s.more])[:3]]
+    n = model.num_image_tokens
+    keep = drop.keep_mask(torch.tensor([n, n // 2, 3, 1, n - 1]), n, torch.Generator().manual_seed(0))
+    keep[2, -1], keep[2, 0] = False, True  # a row without the last image token
+    alone = [dataclasses.replace(samples[o], question=q) for o, q in zip(owner.tolist(), questions)]
+    with torch.no_grad():
+        shared = train.question_logits(m, processor, samples, questions, owner, keep, model.arch)
+        each = drop.last_logits(m, train.batch(processor, alone, model.arch), keep[owner])[:, -1]
+    torch.testing.assert_close(shared, each, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        train.TrainSettings(layout="chat")
+    assert layout in train.LAYOUTS
+
+
+@pytest.mark.parametrize("model,layout", [(TINY, "dialogue"), (TINY_QWEN, "questions")], ids=["llava", "qwen2_vl"])
+def test_tiny_training_is_bitwise_deterministic(model, layout):
+    settings = train.TrainSettings(model=model, steps=5, batch_size=8, warmup=2, layout=layout)
     a, _, rec_a = train.train(settings, threads=1)
     b, _, rec_b = train.train(settings, threads=1)
     assert rec_a["losses"] == rec_b["losses"]
@@ -134,13 +157,10 @@ def test_committed_checkpoint_is_small_and_recorded(arch):
 def test_committed_model_answers_held_out_questions(committed, held):
     model, processor, arch = committed
     full = evaluate.evaluate(model, processor, held, batch_size=150)
-    if arch == "llava":  # the issue's target, >= 95 %, reached: 97.4 % on 500 held-out questions
-        assert full.accuracy >= 0.93, full
-        assert min(full.per_type.values()) >= 0.85, full.per_type
-    else:  # 77-78 %: every type but the two that need where a token is from its M-RoPE ids alone
-        assert full.accuracy >= 0.7, full
-        assert min(full.per_type[t] for t in ("glyph", "letter_at")) >= 0.9, full.per_type
-        assert full.per_type["count"] >= 0.7 and full.per_type["color_at"] >= 0.4, full.per_type  # chance 1/6
+    # the issue's target, >= 95 % (500 held-out questions: README); relation, the hardest type,
+    # is 83-91 % on these 300
+    assert full.accuracy >= 0.93, full
+    assert min(full.per_type.values()) >= 0.75, full.per_type
     majority = max(sum(s.answer == a for s in held) for a in dataset.ANSWERS) / len(held)
     assert full.accuracy > majority + 0.5
 

@@ -10,9 +10,10 @@ wide, jittered by up to ``size/64`` px); one of the four corner cells holds a sm
 are empty, except in ``letter_at`` scenes, which hold a letter in each corner.
 
 Question types (``QUESTION_TYPES``); questions are a few words, the answer one word of
-``ANSWERS``; rows ``r0..r3`` and columns ``c0..c3`` count from the top left:
+``ANSWERS``; in a cell word ``r<row>c<column>`` rows and columns count 0..3 from the top left:
 
-- ``color_at`` (position): ``colour r2 c3`` -> the colour of the shape in that cell.
+- ``color_at`` (position): ``colour r2c3`` -> the colour of the shape in that cell (one word of
+  ``CELL_WORDS`` per cell).
 - ``count`` (global): ``count red`` -> how many shapes are red (``0``..``4``).
 - ``glyph`` (fine detail, the thing pooling loses): ``corner letter`` -> the letter in the corner.
 - ``relation`` (layout): ``red left blue`` / ``red above blue`` -> ``yes`` / ``no``: is the red
@@ -20,12 +21,15 @@ Question types (``QUESTION_TYPES``); questions are a few words, the answer one w
 - ``letter_at`` (query-dependent fine detail, the harder type): ``letter topright`` -> the
   letter in the named corner (one word of ``CORNER_WORDS``), with a letter in every corner: one
   patch of 64 holds the answer and the question says which, so a query-aware token selection
-  should win here. (Named by row and column words, ``letter r0 c3``, the 2-layer reference
-  decoder read the column word and often missed the row word before it: 54 % held-out after the
-  training budget; one word per corner removes that.)
+  should win here.
+
+Cells and corners are named by one word each. Named by a row word and a column word (``letter r0
+c3``, ``colour r2 c3``), the 2-layer reference decoders read the column word and often missed the
+row word before it: ``letter_at`` 54 % held-out on LLaVA after the training budget, and on
+Qwen2-VL ``color_at`` errors were almost all a shape in the asked column but another row.
 
 Not in ``QUESTION_TYPES`` (``ALL_TYPES`` holds them; ``make_sample`` draws them): ``shape_at``
-(``shape r2 c3`` -> the kind of the shape in that cell) and ``count_kind`` (``count red circle``
+(``shape r2c3`` -> the kind of the shape in that cell) and ``count_kind`` (``count red circle``
 -> 0..3, among distractors sharing one attribute). Telling the four kinds apart at 64 px with
 8-px patches did not train within the reference model's budget (a first run sat at chance on
 ``shape_at`` after 250 steps), so the default set leaves them out.
@@ -62,8 +66,8 @@ ALL_TYPES = QUESTION_TYPES + ("shape_at", "count_kind")
 ANSWERS = COLOURS + KINDS + DIGITS + GLYPHS + ("yes", "no")
 CORNERS = ((0, 0), (0, GRID - 1), (GRID - 1, 0), (GRID - 1, GRID - 1))
 CORNER_WORDS = ("topleft", "topright", "bottomleft", "bottomright")  # one word per corner of ``CORNERS``
-QUESTION_WORDS = ("colour", "shape", "count", "corner", "letter", "left", "above") + tuple(
-    f"{axis}{i}" for axis in "rc" for i in range(4)) + CORNER_WORDS
+CELL_WORDS = tuple(f"r{r}c{c}" for r in range(GRID) for c in range(GRID))  # one word per cell, row-major
+QUESTION_WORDS = ("colour", "shape", "count", "corner", "letter", "left", "above") + CELL_WORDS + CORNER_WORDS
 SHAPE_CELLS = tuple((r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in CORNERS)
 MAX_SHAPES = 8
 
@@ -113,6 +117,11 @@ class Sample:
     qtype: str
     region: tuple[tuple[int, int, int, int], ...]
     more: tuple[tuple[str, str, str], ...] = ()
+
+
+def cell_word(row: int, col: int) -> str:
+    """The one word that names a grid cell in questions (``r2c3``: row 2, column 3)."""
+    return CELL_WORDS[row * GRID + col]
 
 
 def cell_box(row: int, col: int, size: int) -> tuple[int, int, int, int]:
@@ -188,7 +197,7 @@ def _q_at(rng: np.random.Generator, attribute: str):
     target = scene.shapes[int(rng.integers(len(scene.shapes)))]
     word = "colour" if attribute == "colour" else "shape"
     answer = target.colour if attribute == "colour" else target.kind
-    return scene, f"{word} r{target.row} c{target.col}", answer, [(target.row, target.col)]
+    return scene, f"{word} {cell_word(target.row, target.col)}", answer, [(target.row, target.col)]
 
 
 def _q_count(rng: np.random.Generator):
@@ -270,9 +279,9 @@ def scene_questions(rng: np.random.Generator, scene: Scene, skip: str) -> list[t
     only when two single-colour shapes differ in the drawn axis), in random order."""
     out = []
     target = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    out.append((f"colour r{target.row} c{target.col}", target.colour, "color_at"))
+    out.append((f"colour {cell_word(target.row, target.col)}", target.colour, "color_at"))
     target = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    out.append((f"shape r{target.row} c{target.col}", target.kind, "shape_at"))
+    out.append((f"shape {cell_word(target.row, target.col)}", target.kind, "shape_at"))
     colour = COLOURS[rng.integers(len(COLOURS))]
     out.append((f"count {colour}", str(sum(s.colour == colour for s in scene.shapes)), "count"))
     probe = scene.shapes[int(rng.integers(len(scene.shapes)))]

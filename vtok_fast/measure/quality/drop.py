@@ -93,14 +93,28 @@ def mrope_inputs(model, batch, features: torch.Tensor, keep: torch.Tensor, posit
     return inputs
 
 
-def _drop(model, batch, keep: torch.Tensor | None, positions: str) -> dict:
-    """The decoder's inputs of ``batch`` keeping the image tokens in ``keep`` (default: all)."""
+def decoder_inputs(model, batch, keep: torch.Tensor | None = None, positions: str = "original") -> dict:
+    """The decoder's inputs (``inputs_embeds``, ``attention_mask``, ``position_ids``) of ``batch``
+    keeping the image tokens in ``keep`` (default: all)."""
     features = _features(model, batch)
     if keep is None:
         keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
     if model.config.model_type in MROPE:
         return mrope_inputs(model, batch, features, keep, positions)
     return drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
+
+
+def next_positions(model, batch) -> torch.Tensor:
+    """Position ids of a token appended to each row of ``batch`` (the full, undropped prompt):
+    ``(B, 1)``, the row's token count (1-D ids); Qwen2-VL ``(3, B, 1)``, one past the largest M-RoPE
+    id of the row (every row of the three alike), as the model numbers text after an image. In
+    ``"original"`` mode these are the ids the same token gets whatever was dropped before it."""
+    mask = batch["attention_mask"]
+    if model.config.model_type in MROPE:
+        ids, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                            image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+        return ids.masked_fill(~mask.bool(), 0).amax(-1, keepdim=True) + 1
+    return mask.sum(1, keepdim=True)
 
 
 def last_logits(model, batch, keep: torch.Tensor | None = None, positions: str = "original",
@@ -110,7 +124,7 @@ def last_logits(model, batch, keep: torch.Tensor | None = None, positions: str =
     ``image_grid_thw`` / ``mm_token_type_ids``; left-padded) with only the image tokens in ``keep``
     (default: all). Text tokens are never dropped, so a text token's offset from the end is the
     same with and without the drop."""
-    return model(**_drop(model, batch, keep, positions), logits_to_keep=num_last).logits
+    return model(**decoder_inputs(model, batch, keep, positions), logits_to_keep=num_last).logits
 
 
 def answer_logits(model, batch, keep: torch.Tensor | None = None, positions: str = "original") -> torch.Tensor:
@@ -123,7 +137,7 @@ def greedy(model, batch, keep: torch.Tensor, positions: str, steps: int) -> torc
     """``(B, steps)`` greedy new token ids of ``batch`` with only the image tokens in ``keep``:
     each step re-runs the whole (short) sequence without a cache, the new token at the next
     position id of its row (every M-RoPE row alike)."""
-    inputs = _drop(model, batch, keep, positions)
+    inputs = decoder_inputs(model, batch, keep, positions)
     embeds, mask, pos = inputs["inputs_embeds"], inputs["attention_mask"], inputs["position_ids"]
     new = []
     for _ in range(steps):

@@ -1,7 +1,8 @@
 """The tiny Qwen2-VL-architecture reference model, its tokenizer and its processor, built offline.
 
-The second reference model of :mod:`vtok_fast.measure.quality`: the same task and the same
-64 image tokens per image as the LLaVA one, but Qwen2-VL's way of placing them. Its language
+The second reference model of :mod:`vtok_fast.measure.quality`: the same task and widths as the
+LLaVA one, but Qwen2-VL's tower and its way of placing image tokens (16 per image: the 64 8-px
+patches merged 2 x 2, one token per grid cell). Its language
 model reads image tokens at M-RoPE positions (temporal, row, column ids of the merged grid; text
 continues from the largest), so a compression that keeps the right tokens but misplaces their
 ids answers layout and position questions wrongly here.

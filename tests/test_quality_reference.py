@@ -107,6 +107,10 @@ def test_question_layout_is_each_evaluation_prompt_alone(model, layout):
         shared = train.question_logits(m, processor, samples, questions, owner, keep, model.arch)
         each = drop.last_logits(m, train.batch(processor, alone, model.arch), keep[owner])[:, -1]
     torch.testing.assert_close(shared, each, rtol=1e-4, atol=1e-5)
+    if model.arch == "qwen2_vl":  # the next M-RoPE id is read from a prompt's last (text) token
+        ends_in_image = {"input_ids": torch.full((1, 3), m.config.image_token_id)}
+        with pytest.raises(ValueError, match="must end in a text token"):
+            drop.next_positions(m, ends_in_image, {})
     with pytest.raises(ValueError, match="layout"):
         train.TrainSettings(layout="chat")
     assert layout in train.LAYOUTS

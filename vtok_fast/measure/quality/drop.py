@@ -104,17 +104,18 @@ def decoder_inputs(model, batch, keep: torch.Tensor | None = None, positions: st
     return drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
 
 
-def next_positions(model, batch) -> torch.Tensor:
-    """Position ids of a token appended to each row of ``batch`` (the full, undropped prompt):
-    ``(B, 1)``, the row's token count (1-D ids); Qwen2-VL ``(3, B, 1)``, one past the largest M-RoPE
-    id of the row (every row of the three alike), as the model numbers text after an image. In
-    ``"original"`` mode these are the ids the same token gets whatever was dropped before it."""
-    mask = batch["attention_mask"]
-    if model.config.model_type in MROPE:
-        ids, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                            image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-        return ids.masked_fill(~mask.bool(), 0).amax(-1, keepdim=True) + 1
-    return mask.sum(1, keepdim=True)
+def next_positions(model, batch, inputs: dict) -> torch.Tensor:
+    """Position ids of a token appended to each row of ``batch`` (the full prompt), given its
+    ``"original"``-mode decoder inputs ``inputs`` (``decoder_inputs(model, batch, keep)``); the same
+    ids whatever ``keep`` dropped. 1-D ids: ``(B, 1)``, the row's token count. M-RoPE ``(3, B, 1)``:
+    one past the row's largest id, read from ``inputs``: text after an image continues from the
+    image's largest id, so a prompt ending in text (Qwen2-VL's ``<|vision_end|>`` follows every
+    image) holds its largest id in its last token, which is never dropped (checked)."""
+    if model.config.model_type not in MROPE:
+        return batch["attention_mask"].sum(1, keepdim=True)
+    if bool((batch["input_ids"][:, -1] == model.config.image_token_id).any()):
+        raise ValueError("batch: an M-RoPE prompt must end in a text token, got an image placeholder last")
+    return inputs["position_ids"].amax(-1, keepdim=True) + 1
 
 
 def last_logits(model, batch, keep: torch.Tensor | None = None, positions: str = "original",

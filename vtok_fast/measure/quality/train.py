@@ -23,7 +23,7 @@ cosine decay to 10 %, gradient norm clipped at 1.
 
 The default settings are the committed checkpoints': batches of 64 images (up to 6 questions
 each), lr 2e-3; LLaVA 800 steps, Qwen2-VL 900 (``default_settings``). Step times with 2 threads on
-a quiet 2-core AMD machine: 0.43 and 0.33 s, 5.7 and 5.0 minutes (README "Training").
+a quiet 2-core AMD machine: 0.35 and 0.31 s, 4.7 minutes each (README "Training").
 
 Token drop (``drop.answer_logits``, the same path evaluation uses): in each step a random half of
 the images (``drop_share``) keep a uniformly drawn ``ceil(min_keep * N) .. N`` of their ``N``
@@ -161,12 +161,12 @@ def question_logits(model, processor, samples, questions, owner: torch.Tensor, k
     inputs = drop.decoder_inputs(model, prefix, keep, "original")
     cache = model(**inputs, use_cache=True, logits_to_keep=1).cache
     cache.batch_select_indices(owner)
-    words = [processor.tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
+    words = processor.tokenizer(list(questions), add_special_tokens=False)["input_ids"]
     width = max(map(len, words))
     ids = torch.tensor([w + [processor.tokenizer.pad_token_id] * (width - len(w)) for w in words])
     mask = inputs["attention_mask"][owner]
     mask = torch.cat([mask, mask.new_ones(len(words), width)], dim=1)
-    positions = drop.next_positions(model, prefix)[..., owner, :] + torch.arange(width)
+    positions = drop.next_positions(model, prefix, inputs)[..., owner, :] + torch.arange(width)
     logits = model(input_ids=ids, cache=cache, attention_mask=mask, position_ids=positions).logits
     return logits[torch.arange(len(words)), torch.tensor([len(w) - 1 for w in words])]
 
@@ -189,7 +189,8 @@ def _questions_loss(model, processor, samples, settings: TrainSettings, gen: tor
         for question, answer in ([(s.question, s.answer)] + [(q, a) for q, a, _ in s.more])[:settings.turns]:
             owner.append(i)
             questions.append(question)
-            answers.append(processor.tokenizer.convert_tokens_to_ids(answer))
+            answers.append(answer)
+    answers = processor.tokenizer.convert_tokens_to_ids(answers)
     keep = _train_keep(len(samples), settings.model.num_image_tokens, settings, gen)
     logits = question_logits(model, processor, samples, questions, torch.tensor(owner), keep, settings.model.arch)
     return F.cross_entropy(logits.float(), torch.tensor(answers))
@@ -285,8 +286,8 @@ def default_settings(arch: str = "llava") -> TrainSettings:
     tokens are whole grid cells, so a dropped token is a whole shape, and the ``count`` and
     ``relation`` answers of half the images (the LLaVA share) became unanswerable targets; with a
     quarter the same recipe went from 92.8 % to 94.0 % held-out (250 questions, rotary base 1)
-    and ``steps=900``: 800 gave 94.8 % (500 questions), 900 gave 96.2 %; at 0.33 s a step (2
-    threads, quiet 2-core machine) that is 5.0 minutes."""
+    and ``steps=900``: 800 gave 94.8 % (500 questions), 900 gave 96.2 %; at 0.31 s a step (2
+    threads, quiet 2-core machine) that is 4.7 minutes."""
     if arch == "qwen2_vl":
         return TrainSettings(model=reference.qwen_settings(), layout="questions", drop_share=0.25, steps=900)
     if arch != "llava":

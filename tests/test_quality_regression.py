@@ -73,16 +73,17 @@ def inputs(model_and_processor, held, arch):
     return batch, features
 
 
+def _answers(model, processor, batch, features, keep) -> list[str]:
+    """Greedy one-token answers of ``batch`` with ``features`` at its placeholders, ``keep`` kept."""
+    with torch.no_grad():
+        built = drop.feature_inputs(model, batch, features, keep, "original")
+        ids = model(**built, logits_to_keep=1).logits[:, -1].argmax(-1)
+    return processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+
+
 def _accuracy(model, processor, held, inputs, keep, features=None) -> float:
     batch, computed = inputs
-    features = computed if features is None else features
-    with torch.no_grad():
-        if model.config.model_type in drop.MROPE:
-            built = drop.mrope_inputs(model, batch, features, keep, "original")
-        else:
-            built = drop.drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, "original")
-        ids = model(**built, logits_to_keep=1).logits[:, -1].argmax(-1)
-    answers = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    answers = _answers(model, processor, batch, computed if features is None else features, keep)
     return sum(a == s.answer for a, s in zip(answers, held)) / len(held)
 
 
@@ -168,10 +169,7 @@ def test_qwen_reads_where_a_token_is_from_its_mrope_ids(qwen, held):
 
 
 def _accuracy_by_type(model, processor, held, batch, features, keep) -> dict:
-    with torch.no_grad():
-        built = drop.mrope_inputs(model, batch, features, keep, "original")
-        ids = model(**built, logits_to_keep=1).logits[:, -1].argmax(-1)
-    answers = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    answers = _answers(model, processor, batch, features, keep)
     out = {}
     for qtype in dict.fromkeys(s.qtype for s in held):
         hits = [a == s.answer for a, s in zip(answers, held) if s.qtype == qtype]

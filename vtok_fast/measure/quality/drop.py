@@ -93,15 +93,21 @@ def mrope_inputs(model, batch, features: torch.Tensor, keep: torch.Tensor, posit
     return inputs
 
 
+def feature_inputs(model, batch, features: torch.Tensor, keep: torch.Tensor, positions: str = "original") -> dict:
+    """The decoder's inputs of ``batch`` with ``features`` ``(B, N, D)`` at its image placeholders,
+    keeping those in ``keep`` ``(B, N)``: ``mrope_inputs`` for M-RoPE models, else ``drop_inputs``."""
+    if model.config.model_type in MROPE:
+        return mrope_inputs(model, batch, features, keep, positions)
+    return drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
+
+
 def decoder_inputs(model, batch, keep: torch.Tensor | None = None, positions: str = "original") -> dict:
     """The decoder's inputs (``inputs_embeds``, ``attention_mask``, ``position_ids``) of ``batch``
     keeping the image tokens in ``keep`` (default: all)."""
     features = _features(model, batch)
     if keep is None:
         keep = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
-    if model.config.model_type in MROPE:
-        return mrope_inputs(model, batch, features, keep, positions)
-    return drop_inputs(model, batch["input_ids"], batch["attention_mask"], features, keep, positions)
+    return feature_inputs(model, batch, features, keep, positions)
 
 
 def next_positions(model, batch, inputs: dict) -> torch.Tensor:

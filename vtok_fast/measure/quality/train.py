@@ -134,13 +134,19 @@ def batch(processor, samples, arch: str = "llava") -> dict:
                      return_tensors="pt", padding=True)
 
 
+def _questions(sample, turns: int) -> list[tuple[str, str]]:
+    """``(question, answer)`` pairs trained on ``sample``: its own question, then up to ``turns - 1``
+    of ``sample.more``."""
+    return [(sample.question, sample.answer)] + [(q, a) for q, a, _ in sample.more][:turns - 1]
+
+
 def dialogue_batch(processor, samples, turns: int, arch: str = "llava"):
     """Processor output for ``samples`` with up to ``turns`` questions each (the sample's own
     question first, then ``sample.more``), the answer ids ``(B, turns)`` (-100 where a sample has
     fewer) and the prediction offsets from the end ``(B, turns)``."""
     texts, answers, offsets = [], [], []
     for s in samples:
-        qa = [(s.question, s.answer)] + [(q, a) for q, a, _ in s.more][:turns - 1]
+        qa = _questions(s, turns)
         text, ends = reference.dialogue(qa, arch)
         texts.append(text)
         answers.append([processor.tokenizer.convert_tokens_to_ids(a) for _, a in qa] + [-100] * (turns - len(qa)))
@@ -186,7 +192,7 @@ def _questions_loss(model, processor, samples, settings: TrainSettings, gen: tor
     prompt (``question_logits``); the image's drop is shared by its questions."""
     owner, questions, answers = [], [], []
     for i, s in enumerate(samples):
-        for question, answer in ([(s.question, s.answer)] + [(q, a) for q, a, _ in s.more])[:settings.turns]:
+        for question, answer in _questions(s, settings.turns):
             owner.append(i)
             questions.append(question)
             answers.append(answer)

@@ -228,9 +228,14 @@ def _qwen_ids(family: str) -> dict[str, int]:
              ("vision_start_token", "<|vision_start|>"), ("vision_end_token", "<|vision_end|>"))}
 
 
+def _head_dim(text: dict) -> int:
+    """``head_dim`` of a text config's kwargs (``hidden_size / num_attention_heads`` unless given)."""
+    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+
+
 def _require_mrope(family: str, text: dict) -> None:
-    """``mrope_section`` sums to head_dim / 2 (head_dim = hidden / heads unless given)."""
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    """``mrope_section`` sums to head_dim / 2 (``_head_dim``)."""
+    head_dim = _head_dim(text)
     _require(2 * sum(text["rope_parameters"]["mrope_section"]) == head_dim,
              f"{family}: mrope_section must sum to head_dim / 2 = {head_dim // 2}")
 
@@ -548,11 +553,6 @@ FAMILIES: dict[str, Family] = {
 # Built by ``tiny`` / ``processor`` / ``inputs`` like the others, but not listed in ``FAMILIES`` (which
 # tests/test_vlm_zoo.py iterates): they carry no ``real_width`` config, ``vtok_fast.patch.families``
 # has no adapter for them; ``vtok_fast.patch.hf_project`` patches their projectors.
-
-def _head_dim(text: dict) -> int:
-    """``head_dim`` of a text config's kwargs (``hidden_size / num_attention_heads`` unless given)."""
-    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-
 
 def _llama4_config(vision: dict, text: dict, top: dict) -> transformers.Llama4Config:
     """Llama 4: its ViT (unfold patch embedding, a CLS appended then dropped, 2-D RoPE over the

@@ -17,6 +17,7 @@ import vtok_fast
 from helpers import assert_close, import_peer
 from vtok_fast.encode.residual_vq import ResidualVQ
 from vtok_fast.encode.vq import VectorQuantizer, rotation_trick, straight_through
+from vtok_fast.encode.vq_sync import sample_rows
 
 vqtorch = import_peer("vector_quantize_pytorch")
 
@@ -193,7 +194,7 @@ def test_kmeans_init_finds_clusters():
     # no assignment is anywhere near a tie.
     for seed in range(1000):
         vq.rng_state[0] = seed
-        start_cluster = nearest(copy.deepcopy(vq)._sample_rows(x, 4, sync=False), centers)
+        start_cluster = nearest(sample_rows(copy.deepcopy(vq), x, 4, sync=False), centers)
         if start_cluster.unique().numel() == 4:
             break
     else:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vtok_fast.encode.vq import VectorQuantizer
+from vtok_fast.encode.vq_sync import sync_active
 
 WORLD = 2
 DIM, K = 8, 32
@@ -40,7 +41,7 @@ def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     vq = make_vq().train()
-    assert vq._sync_active()
+    assert sync_active(vq)
     for step in rank_batches():
         vq(step[rank])
     torch.save({k: v.clone() for k, v in vq.state_dict().items()}, Path(out_dir) / f"rank{rank}.pt")
@@ -66,7 +67,7 @@ def test_two_ranks_match_each_other_and_one_process(tmp_path):
         assert torch.equal(value, states[1][name]), f"ranks differ in {name}"
 
     single = make_vq().train()
-    assert not single._sync_active()
+    assert not sync_active(single)
     for step in rank_batches():
         single(torch.cat(step))
     for name, value in single.state_dict().items():

@@ -121,12 +121,16 @@ def check_bias(name: str, bias, weight: torch.Tensor) -> torch.Tensor:
     return bias
 
 
-def token_table(name: str, value, width: int, weight: torch.Tensor, *, rows: int | None = None,
-                shape_doc: str = "(L, D) or (1, L, D)", one_row: bool = False, rows_doc: str = "") -> torch.Tensor:
-    """A table of token rows ``width`` wide (a position table, prefix tokens) given as ``(L, D)``
-    or ``(1, L, D)`` (with ``one_row``, also ``(D,)``: a single row), as a 2-D view; ``rows``: the
-    number of rows it must have (None: any), ``rows_doc`` says why. Its dtype must be the
-    weight's. Messages name the shape the caller passed."""
+def token_table(name: str, value, weight: torch.Tensor, *, rows: int | None = None, shape_doc: str | None = None,
+                one_row: bool = False, rows_doc: str = "") -> torch.Tensor:
+    """A table of token rows ``D = weight.shape[0]`` wide (a position table, prefix tokens) given
+    as ``(L, D)`` or ``(1, L, D)`` (with ``one_row``, also ``(D,)``: a single row), as a 2-D view;
+    ``rows``: the number of rows it must have (None: any), ``rows_doc`` says why. Its dtype must
+    be the weight's. Messages name the shape the caller passed (``shape_doc``, default the
+    accepted forms)."""
+    width = weight.shape[0]
+    if shape_doc is None:
+        shape_doc = "(L, D), (1, L, D) or (D,)" if one_row else "(L, D) or (1, L, D)"
     t = check_tensor(name, value, ndim=(1, 2, 3) if one_row else (2, 3), shape_doc=shape_doc)
     shape = tuple(value.shape)
     if t.dim() == 3:

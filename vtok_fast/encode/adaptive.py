@@ -55,7 +55,6 @@ from vtok_fast._op import define_op
 from vtok_fast.encode.packed import PackedTokens
 
 NUM_BINS = 512
-_TABLE_DOC = "(L, D), (1, L, D) or (D,)"  # prefix / position tables (a single row may be (D,))
 # grayscale weights in units of 1e-4: 1e4 * gray = 2989 R + 5870 G + 1140 B (exact integers)
 GRAY_WEIGHTS = (2989, 5870, 1140)
 # bin = floor(gray * 512 / 255) = (1e4 * gray * 512) // (255 * 1e4); the product fits int32
@@ -330,12 +329,12 @@ class _Setup:
         self.B, self.D = B, D
         self.grids = scale_grids(H, W, self.p, self.S)
         gh, gw = self.grids[0]
-        self.prefix = None if prefix is None else token_table("prefix", prefix, D, weight, shape_doc=_TABLE_DOC,
+        self.prefix = None if prefix is None else token_table("prefix", prefix, weight,
                                                               one_row=True)
         self.P = 0 if self.prefix is None else self.prefix.shape[0]
         self.pos_prefix = self.pos_grid = None
         if pos_embed is not None:
-            pos = token_table("pos_embed", pos_embed, D, weight, shape_doc=_TABLE_DOC, one_row=True)
+            pos = token_table("pos_embed", pos_embed, weight, one_row=True)
             if pos.shape[0] == self.P + gh * gw and self.P:
                 self.pos_prefix, pos = pos[: self.P], pos[self.P:]
             elif pos.shape[0] != gh * gw:

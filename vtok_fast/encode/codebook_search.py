@@ -506,7 +506,9 @@ def _rerank_blocks(D: int, candidates: int) -> tuple[int, int]:
     keep a chunk of every row's candidates within 8192 elements."""
     import triton
 
-    block_d = min(64, max(16, triton.next_power_of_2(D)))
+    from vtok_fast.kernels import codebook_search as kc
+
+    block_d = min(64, max(kc.MIN_BLOCK_D, triton.next_power_of_2(D)))
     block_m = 1
     while block_m * 2 <= 64 and block_m * 2 * candidates * block_d <= 8192:
         block_m *= 2

@@ -460,14 +460,14 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         check_bias("bias", bias, weight)
     pre = None
     if prefix is not None:
-        pre = token_table("prefix", prefix, D, weight, shape_doc="(P, D), (1, P, D) or (D,)", one_row=True)
+        pre = token_table("prefix", prefix, weight, shape_doc="(P, D), (1, P, D) or (D,)", one_row=True)
         if pre.shape[0] == 0:
             pre = None
     P = 0 if pre is None else pre.shape[0]
     N = (H // ph) * (W // pw)
     pos = None
     if pos_embed is not None:
-        pos = token_table("pos_embed", pos_embed, D, weight, rows=P + N if pos_covers_prefix else N)
+        pos = token_table("pos_embed", pos_embed, weight, rows=P + N if pos_covers_prefix else N)
     out_dtype = weight.dtype if out_dtype is None else out_dtype
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of ({', '.join(str(d) for d in OUT_DTYPES)}), "

@@ -82,8 +82,8 @@ def _level_table(i: int, table: torch.Tensor, single: bool, grid: tuple[int, int
     """Level ``i``'s ``(gh * gw, D)`` position rows: its own table, or the single square table
     resampled to its grid."""
     if single:
-        return _resample_table(token_table("pos_embeds", table, D, weight, shape_doc=_TABLE_DOC), grid)
-    return token_table(f"pos_embeds[{i}]", table, D, weight, rows=grid[0] * grid[1], shape_doc=_TABLE_DOC,
+        return _resample_table(token_table("pos_embeds", table, weight, shape_doc=_TABLE_DOC), grid)
+    return token_table(f"pos_embeds[{i}]", table, weight, rows=grid[0] * grid[1], shape_doc=_TABLE_DOC,
                        rows_doc=" (the level's grid)")
 
 
@@ -146,7 +146,7 @@ def pyramid_tokenize(images: torch.Tensor, weights: Tensors, biases: Tensors = N
     single_table = isinstance(pos_embeds, torch.Tensor)
     tables = _per_level("pos_embeds", pos_embeds, L)
     if level_embed is not None:
-        level_embed = token_table("level_embed", level_embed, D, weights[0], rows=L, rows_doc=" (one per level)")
+        level_embed = token_table("level_embed", level_embed, weights[0], rows=L, rows_doc=" (one per level)")
     check_same_device(images=images, weight=weights[0], prefix=prefix, level_embed=level_embed,
                       pos_embed=tables[0], bias=biases[0])
 

@@ -39,7 +39,6 @@ from vtok_fast.encode._vq_common import (
 from vtok_fast.encode.vq_grad import GRADIENTS
 from vtok_fast.encode.vq_loss import CODEBOOK_LOSSES
 from vtok_fast.encode.vq_steps import LayerStep
-from vtok_fast.encode.vq_sync import sample_rows, sync_active
 from vtok_fast.encode.vq_update import dead_codes, finish_step, smoothed_cluster_size
 
 __all__ = [  # with the helpers this module has always exported
@@ -254,14 +253,6 @@ class VectorQuantizer(nn.Module):
     def dead_codes(self) -> torch.Tensor:
         """Bool ``(books, K)``: codes whose EMA cluster size is below ``dead_code_threshold``."""
         return dead_codes(self)
-
-    def _sync_active(self) -> bool:
-        """Whether this layer's statistics are synced over ranks (``vq_sync.sync_active``)."""
-        return sync_active(self)
-
-    def _sample_rows(self, rows: torch.Tensor, n: int, sync: bool) -> torch.Tensor | None:
-        """``n`` rows of ``rows`` drawn by this layer's generator (``vq_sync.sample_rows``)."""
-        return sample_rows(self, rows, n, sync)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, lens: torch.Tensor | None = None,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
-from vtok_fast._launch import strides, tile_grid
+from vtok_fast._launch import optional_operand, strides, tile_grid
 from vtok_fast._op import define_op
 
 SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)  # Triton kernels; 80 and 96 run padded to 128
@@ -87,7 +87,7 @@ def _launch_args(q, k, key_bias):
 
     _, heads, seq_q, dim = q.shape
     seq_k = k.shape[2]
-    shared = dict(bias_ptr=q if key_bias is None else key_bias,  # q: never read without HAS_BIAS
+    shared = dict(bias_ptr=optional_operand(key_bias, q),  # q: never read without HAS_BIAS
                   **strides(key_bias, "b", "bn"), heads=heads, seq_q=seq_q, seq_k=seq_k,
                   seq_bucket=1 << (max(seq_q, seq_k) - 1).bit_length(),  # the tuning bucket
                   HAS_BIAS=key_bias is not None, PRECISION="ieee", HEAD_D=dim,

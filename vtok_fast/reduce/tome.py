@@ -62,7 +62,7 @@ from typing import NamedTuple
 import torch
 
 from vtok_fast._backend import use_triton
-from vtok_fast._launch import strides, tile_grid
+from vtok_fast._launch import optional_operand, strides, tile_grid
 from vtok_fast._op import define_op
 from vtok_fast._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from vtok_fast.reduce.tome_reference import capped_r, unit_rows
@@ -218,7 +218,7 @@ def _merge_triton(x, size, order, merged_src, src_start, src_count):
     y = torch.empty(batch, num_out, channels, dtype=x.dtype, device=x.device)
     size_out = torch.empty(batch, num_out, 1, dtype=x.dtype if size is None else size.dtype,
                            device=x.device)
-    size_arg = size_out if size is None else size  # never read without HAS_SIZE
+    size_arg = optional_operand(size, size_out)  # never read without HAS_SIZE
     # one program per (output slot, channel block); at least one channel block: its programs
     # also write size_out (C = 0 included)
     tome_merge_fwd[tile_grid(max(channels, 1), row_block="BLOCK_C", lead=(batch * num_out,))](

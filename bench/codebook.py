@@ -9,11 +9,10 @@ the case's ``params["skipped"]`` (and printed by ``summarize``).
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from vtok_fast.bench.harness import Case, Provider, find_result, verdict
+from vtok_fast.bench.harness import Case, Provider, bf16_peak_tflops, find_result, time_alternating, verdict
 from vtok_fast.encode.codebook_search import codebook_search, cpu_gemm_choices
 
 OP = "codebook"
@@ -27,8 +26,6 @@ MEMORY_LIMIT_MIB = 64.0
 # are skipped above this many elements: minutes per call and several GiB on a small CPU.
 MATERIALIZE_LIMIT = {"cpu": 1 << 28, "cuda": 1 << 31}
 CHUNK_ROWS = 4096
-# Dense bf16 tensor-core peak (TFLOP/s, datasheet) for the GPU target ratio.
-BF16_PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0, "L40S": 362.0}
 MATERIALIZING = ("cdist_argmin", "vqtorch_eval", "vqtorch_train")
 
 
@@ -153,42 +150,25 @@ def _ratio_line(label, value, target, higher_is_better, quick=False):
             None if quick else ok)
 
 
-def _peak_tflops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in BF16_PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
 FAISS_TARGET = 1.1  # CPU: vtok_fast time / FAISS IndexFlatL2 time, on Intel and AMD alike
-ALTERNATING_REPS = 7       # at least, and at most ALTERNATING_MAX_REPS ...
-ALTERNATING_MAX_REPS = 100
-ALTERNATING_TIME_S = 1.0   # ... until each search has run this long
+ALTERNATING_REPS = 7       # rounds of alternated calls ...
+ALTERNATING_TIME_S = 1.0   # ... taking at least this long per search
 
 
 def alternating_ratio(n: int, k: int, d: int, reps: int = ALTERNATING_REPS,
                       min_time_s: float = ALTERNATING_TIME_S) -> float | None:
-    """vtok_fast / FAISS time on CPU with the two calls alternated (ratio of medians; at least
-    ``reps`` pairs, more until each search has run ``min_time_s``): a drift in the machine's
-    speed, which the table's separate timing windows pick up as a difference between providers,
-    hits both alike. None without faiss."""
+    """vtok_fast / FAISS time on CPU with the two calls alternated (ratio of medians over
+    ``reps`` rounds of :func:`time_alternating`, at least ``min_time_s`` per search): a drift in
+    the machine's speed hits both alike. None without faiss."""
     inputs = _make_case(n, k, d, torch.float32, torch.device("cpu")).make_inputs(torch.device("cpu"))
     runs = {"vtok_fast": _vtok(inputs), "faiss": _faiss(inputs)}
     if runs["faiss"] is None:
         return None
-    times = {name: [] for name in runs}
     with torch.no_grad():
-        for fn in runs.values():
-            fn()
-        while len(times["faiss"]) < reps or (
-                min(map(sum, times.values())) < min_time_s and len(times["faiss"]) < ALTERNATING_MAX_REPS):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        times = time_alternating(runs, min_time_s=min_time_s, rounds=reps, warmup=1)
+    for outcome in times.values():
+        if isinstance(outcome, Exception):
+            raise outcome
     return statistics.median(times["vtok_fast"]) / statistics.median(times["faiss"])
 
 
@@ -227,7 +207,7 @@ def summarize(results, device, quick: bool = False):
     else:
         case = _case_name(*GPU_TARGET_CASE, torch.bfloat16)
         vt, vq = find_result(results, case, "vtok_fast"), find_result(results, case, "vqtorch_eval")
-        peak = _peak_tflops(device)
+        peak = bf16_peak_tflops(device)
         record("gpu_bf16_peak_fraction", f"{case}: vtok_fast TFLOP/s / bf16 peak ({peak} TFLOP/s)",
                vt.tflops / peak if vt and vt.tflops and peak else None, 0.5, True)
         record("gpu_vs_vqtorch", f"{case}: vector-quantize-pytorch eval time / vtok_fast time",

@@ -152,6 +152,18 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+# Dense bf16 tensor-core peak (TFLOP/s, datasheet), for the GPU roofline targets.
+BF16_PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0, "L40S": 362.0}
+
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak of a CUDA ``device`` (None on the CPU or an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
 # --- peak memory -------------------------------------------------------------------------------
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -231,32 +243,69 @@ def _sync(device: torch.device):
 def time_fn(fn: Callable[[], Any], device: torch.device, *, min_time_s: float = 0.4,
             max_reps: int = 200, warmup: int = 2) -> list[float]:
     """Per-call wall times in ms. CUDA: ``triton.testing.do_bench``-style events with an L2
-    flush between calls; CPU: perf_counter around each call."""
+    flush between calls; CPU: perf_counter around each call (:func:`time_alternating` of one)."""
+    if device.type != "cuda":
+        times = time_alternating({"fn": fn}, min_time_s=min_time_s, max_reps=max_reps, warmup=warmup)["fn"]
+        if isinstance(times, Exception):
+            raise times
+        return times
     for _ in range(warmup):
         fn()
     _sync(device)
-    if device.type == "cuda":
-        cache = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(max_reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(max_reps)]
-        t0 = time.perf_counter()
-        n = 0
-        while n < max_reps and (n < 5 or time.perf_counter() - t0 < min_time_s):
-            cache.zero_()
-            starts[n].record()
-            fn()
-            ends[n].record()
-            n += 1
-            if n % 10 == 0:
-                torch.cuda.synchronize(device)
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in zip(starts[:n], ends[:n])]
-    times: list[float] = []
-    t_end = time.perf_counter() + min_time_s
-    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() < t_end):
-        t = time.perf_counter()
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(max_reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(max_reps)]
+    t0 = time.perf_counter()
+    n = 0
+    while n < max_reps and (n < 5 or time.perf_counter() - t0 < min_time_s):
+        cache.zero_()
+        starts[n].record()
         fn()
-        times.append((time.perf_counter() - t) * 1e3)
+        ends[n].record()
+        n += 1
+        if n % 10 == 0:
+            torch.cuda.synchronize(device)
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts[:n], ends[:n])]
+
+
+CPU_ROUNDS = 6  # alternation rounds of the CPU timing (each provider: at least one call per round)
+
+
+def time_alternating(fns: dict[str, Callable[[], Any]], *, min_time_s: float = 0.4, rounds: int = CPU_ROUNDS,
+                     max_reps: int = 200, warmup: int = 2) -> dict[str, list[float] | Exception]:
+    """Per-call wall times in ms of several callables on the CPU, measured in alternating rounds.
+
+    Each of the ``rounds`` (>= 1) runs every callable once, then again while its share of the
+    round (``min_time_s / rounds`` seconds) lasts and it has fewer than ``max_reps`` times; each
+    round starts one callable later. A drift in the machine's speed (another VM on the host, the
+    clock) then hits every provider alike, where timing one provider after the other turns it
+    into a difference between them (on the 2-core CI VM, ratios of equal GEMMs moved by up to
+    30 % between such runs). A callable that raises gets the exception instead of its times and
+    leaves the rotation.
+    """
+    times: dict[str, list[float] | Exception] = {name: [] for name in fns}
+
+    def run(name: str, until: float, reps: int) -> None:
+        samples = times[name]
+        try:
+            for _ in range(reps):
+                t = time.perf_counter()
+                fns[name]()
+                samples.append((time.perf_counter() - t) * 1e3)
+                if time.perf_counter() >= until or len(samples) >= max_reps:
+                    break
+        except Exception as exc:
+            times[name] = exc
+
+    for name in fns:  # warm-up calls, not recorded
+        run(name, float("inf"), warmup)
+        if not isinstance(times[name], Exception):
+            times[name] = []
+    for r in range(rounds):
+        live = [name for name in fns if not isinstance(times[name], Exception)]
+        for name in live[r % len(live):] + live[:r % len(live)] if live else ():
+            run(name, time.perf_counter() + min_time_s / rounds, max_reps)
     return times
 
 
@@ -297,51 +346,81 @@ def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, mode
                   device: torch.device, progress: Callable[[str, int, int], None] | None = None,
                   min_time_s: float = 0.4, memory: bool = True,
                   on_result: Callable[[list], None] | None = None) -> list[Result]:
-    """Run every (case, mode, provider); ``on_result(results_so_far)`` is called after each one
-    (the CLI saves JSON there, so a run cut short still leaves its results)."""
+    """Run every (case, mode, provider); ``on_result(results_so_far)`` is called after each
+    (case, mode) (the CLI saves JSON there, so a run cut short still leaves its results).
+
+    Each provider's first call (compilation, autotuning, one-time state) and its peak-memory call
+    come first; then the providers of one (case, mode) are timed: on the CPU in alternating
+    rounds (:func:`time_alternating`), on CUDA one after the other with events (the device's own
+    time, which a host's drift does not reach)."""
     results: list[Result] = []
-    jobs = [(c, p, m) for c in cases for m in modes if c.modes is None or m in c.modes
-            for p in providers if m in p.modes]
+    groups = [(c, m, [p for p in providers if m in p.modes]) for c in cases for m in modes
+              if c.modes is None or m in c.modes]
+    total, done = sum(len(ps) for _, _, ps in groups), 0
     inputs_cache: dict[str, dict] = {}
-    for i, (case, prov, mode) in enumerate(jobs):
-        if progress:
-            progress(f"{case.name} · {mode} · {prov.name}", i, len(jobs))
+    for case, mode, provs in groups:
         if case.name not in inputs_cache:
             inputs_cache.clear()
             inputs_cache[case.name] = case.make_inputs(device)
         inputs = inputs_cache[case.name]
-        res = Result(op, case.name, prov.name, mode, case.params, None, None, None, None)
-        try:
-            forward = prov.build(inputs)
-            if forward is None:
-                continue
-            fn = mode_fn(forward, mode)
-            fn()  # first call: compilation, autotuning and one-time state stay out of the peak
-            peak = None
-            if memory:
-                with PeakMemory(device) as pm:
-                    fn()
-                peak = pm.mb
-            times = time_fn(fn, device, min_time_s=min_time_s)
-            res.median_ms = statistics.median(times)
-            res.p20_ms, res.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
-            res.peak_mem_mb = peak
-            if case.flops and mode == "forward":
-                res.tflops = case.flops / (res.median_ms * 1e-3) / 1e12
-        except Exception as exc:  # a provider failing is a result, not a crash of the run
-            res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        group: list[Result] = []
+        fns: dict[str, Callable[[], Any]] = {}
+        for prov in provs:
+            if progress:
+                progress(f"{case.name} · {mode} · {prov.name}", done, total)
+            done += 1
+            res = Result(op, case.name, prov.name, mode, case.params, None, None, None, None)
+            try:
+                forward = prov.build(inputs)
+                if forward is None:
+                    continue
+                fn = mode_fn(forward, mode)
+                fn()  # first call: compilation, autotuning and one-time state stay out of the peak
+                if memory:
+                    with PeakMemory(device) as pm:
+                        fn()
+                    res.peak_mem_mb = pm.mb
+                if device.type == "cuda":
+                    _record_times(res, time_fn(fn, device, min_time_s=min_time_s), case)
+                else:
+                    fns[prov.name] = fn
+            except Exception as exc:  # a provider failing is a result, not a crash of the run
+                res.error = _error_text(exc)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            group.append(res)
+        if fns:
+            timed = time_alternating(fns, min_time_s=min_time_s)
+            for res in group:
+                if res.provider in timed:
+                    outcome = timed[res.provider]
+                    if isinstance(outcome, Exception):
+                        res.error = _error_text(outcome)
+                    else:
+                        _record_times(res, outcome, case)
+        del fns
         for p in list(inputs.values()):
             if isinstance(p, torch.Tensor) and p.grad is not None:
                 p.grad = None
-        results.append(res)
+        results.extend(group)
         if on_result:
             on_result(results)
     if progress:
-        progress("done", len(jobs), len(jobs))
+        progress("done", total, total)
     return results
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def _record_times(res: Result, times: list[float], case: Case) -> None:
+    """Median and p20/p80 of ``times`` (ms) into ``res``, and TFLOP/s for a forward."""
+    res.median_ms = statistics.median(times)
+    res.p20_ms, res.p80_ms = _quantile(times, 0.2), _quantile(times, 0.8)
+    if case.flops and res.mode == "forward":
+        res.tflops = case.flops / (res.median_ms * 1e-3) / 1e12
 
 
 def find_result(results: list[Result], case: str, provider: str, mode: str = "forward") -> Result | None:

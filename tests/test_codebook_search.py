@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vtok_fast
+from vtok_fast import _cpu_gemm as cpu_gemm
 from helpers import assert_close, compile_for_gpu, config_constexprs, tensor_core_instructions
 from vtok_fast.encode import codebook_search as codebook_mod
 from vtok_fast.encode.codebook_search import _search_torch, _search_triton, codebook_search, codebook_search_reference
@@ -224,7 +225,7 @@ def test_nan_behaviour(backend, metric):
 def test_cpu_gemm_providers(gemm, metric, monkeypatch):
     # both CPU GEMM providers (torch addmm, oneDNN linear of x with packed -2c and bias ||c||^2)
     # on strided and fp16 queries, several code blocks and a ragged last row tile
-    assert codebook_mod._ONEDNN, "this torch build has no oneDNN: only torch's GEMM is tested"
+    assert cpu_gemm.ONEDNN, "this torch build has no oneDNN: only torch's GEMM is tested"
     monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", gemm)
     monkeypatch.setattr(codebook_mod, "_CPU_K_BLOCK", 64)
     monkeypatch.setattr(codebook_mod, "_CPU_ARGMIN_K_BLOCK", 64)
@@ -288,7 +289,7 @@ def test_cpu_gemm_choice_takes_the_faster_provider(onednn_time, expected, monkey
 
 def test_cpu_search_without_onednn_uses_torch_gemm(monkeypatch):
     # a torch build without oneDNN: torch's GEMM, never measured, even when oneDNN is forced
-    monkeypatch.setattr(codebook_mod, "_ONEDNN", False)
+    monkeypatch.setattr(cpu_gemm, "ONEDNN", False)
     monkeypatch.setattr(codebook_mod, "_GEMM_CHOICE", {})
     monkeypatch.setattr(codebook_mod, "_GEMM_MEASURE_FLOP", 1 << 16)
     monkeypatch.setattr(codebook_mod, "_GEMM_FORCE", "onednn")

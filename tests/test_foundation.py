@@ -9,7 +9,7 @@ import torch
 from vtok_fast._backend import backend_for, forced_backend
 from vtok_fast._checks import check_same_device, check_same_dtype, check_tensor
 from vtok_fast.bench.harness import (Case, PeakMemory, Provider, format_table, mode_fn,
-                                     run_benchmark, write_json)
+                                     run_benchmark, time_alternating, write_json)
 
 
 def test_import_is_quiet_and_cheap():
@@ -94,6 +94,24 @@ def test_run_benchmark_table_and_json(tmp_path):
     data = json.loads(path.read_text())
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cpu"]
     assert len(data["records"]) == len(results)
+
+
+def test_time_alternating_interleaves_rounds_and_keeps_a_failure_apart():
+    calls = []
+
+    def provider(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("no kernel")
+
+    times = time_alternating({"a": provider("a"), "b": provider("b"), "broken": broken}, min_time_s=0.0,
+                             rounds=4, warmup=1)
+    assert isinstance(times["broken"], RuntimeError)
+    assert len(times["a"]) == len(times["b"]) == 4 and all(t >= 0 for t in times["a"] + times["b"])
+    # one warm-up call each (the failing one fails there), then rounds starting one provider later
+    assert calls == ["a", "b", "broken", "a", "b", "b", "a", "a", "b", "b", "a"]
 
 
 def test_cli_info_runs():

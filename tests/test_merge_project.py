@@ -312,6 +312,62 @@ def test_glu_epilogue(backend, activation, bias):
     check_against_float64(p, (8, 6), torch.float32, window=2, order="row_major", activation=activation)
 
 
+@pytest.mark.parametrize("stacked", ["up_gate", "gate_up"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_glu_is_the_chunked_linear(backend, stacked, bias):
+    # Aya Vision: x, gate = linear_1(a).chunk(2); act(gate) * x, from one (2D, K) weight
+    p = make_inputs(2, 8, 6, 24, 160, 2, norm="post_concat", bias=bias)
+    check_against_float64(p, (8, 6), torch.float32, window=2, order="row_major", activation="silu",
+                          stacked_glu=stacked)
+    with torch.no_grad():  # and the same numbers as the two halves passed as weight / gate_weight
+        halves = p["weight"].chunk(2)
+        bias_halves = p["bias"].chunk(2) if bias else (None, None)
+        up = 0 if stacked == "up_gate" else 1
+        got = call(merge_project, p, (8, 6), window=2, order="row_major", activation="silu", stacked_glu=stacked)
+        q = dict(p, weight=halves[up], bias=bias_halves[up], gate_weight=halves[1 - up], gate_bias=bias_halves[1 - up])
+        torch.testing.assert_close(got, call(merge_project, q, (8, 6), window=2, order="row_major", activation="silu"),
+                                   rtol=0, atol=0)
+
+
+def test_stacked_glu_weight_gets_one_gradient(torch_backend):
+    # the stacked weight is one operand of the op: its gradient is the op's own (2D, K) tensor,
+    # not the concatenation autograd builds for two views of it
+    p = make_inputs(1, 4, 4, 8, 32, 2, norm=None)
+    out = call(merge_project, p, (4, 4), window=2, norm=None, activation="silu", stacked_glu="up_gate")
+    assert out.shape == (1, 4, 16) and "SplitBackward0" not in _graph_nodes(out)
+    up, gate = p["weight"].split(16)
+    up_bias, gate_bias = p["bias"].split(16)
+    halves = merge_project(p["tokens"], (4, 4), window=2, norm=None, activation="silu", weight=up, bias=up_bias,
+                           gate_weight=gate, gate_bias=gate_bias)
+    assert "SplitBackward0" in _graph_nodes(halves)  # what the stacked form avoids
+
+
+def _graph_nodes(out) -> set:
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn.name() not in seen:
+            seen.add(fn.name())
+            todo.extend(f for f, _ in fn.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_onednn_cpu_gemm(torch_backend, monkeypatch, gate):
+    # the PyTorch path's GEMMs (forward, dA = dZ W, dW = dZ^T A) on oneDNN, which the CPU path
+    # takes where it measures faster than torch's (vtok_fast._cpu_gemm); tests force each provider
+    from vtok_fast import _cpu_gemm
+
+    assert _cpu_gemm.ONEDNN, "this torch build has no oneDNN: only torch's GEMM is tested"
+    used = []
+    monkeypatch.setattr(_cpu_gemm, "FORCE", "onednn")
+    monkeypatch.setitem(_cpu_gemm._RUNS, "onednn", lambda *a: used.append(1) or _cpu_gemm._onednn(*a))
+    p = make_inputs(2, 6, 4, 12, 40, 2, prefix=1, norm="pre_concat", gate=gate)
+    check_against_float64(p, (6, 4), torch.float32, window=2, order="swin", norm="pre_concat", activation="gelu",
+                          prefix=1)
+    assert len(used) >= (3 if not gate else 6)
+
+
 @pytest.mark.parametrize("case", ["mean", "glu", "channel_major"])
 def test_fp16_triton_new_modes(triton_backend, case):
     kw = {"mean": dict(merge="mean", norm_type="gemma_rmsnorm"), "glu": dict(activation="silu"),
@@ -387,6 +443,9 @@ def _bad(**overrides):
     (_bad(merge="mean"), ValueError, r"weight must have C \(merge='mean'\) = 8 columns"),
     (_bad(weight_layout="c_major"), ValueError, "weight_layout must be one of"),
     (_bad(norm_type="gemma_rmsnorm", norm_bias=torch.randn(32)), ValueError, "norm_bias must be None"),
+    (_bad(stacked_glu="gate"), ValueError, "stacked_glu must be one of"),
+    (_bad(stacked_glu="up_gate", gate_weight=torch.randn(6, 32)), ValueError, "must be None with stacked_glu"),
+    (_bad(stacked_glu="up_gate", weight=torch.randn(7, 32)), ValueError, "even number of rows"),
     (_bad(gate_bias=torch.randn(6)), ValueError, "gate_bias needs gate_weight"),
     (_bad(gate_weight=torch.randn(6, 16)), ValueError, "gate_weight must have the weight's shape"),
     (_bad(gate_weight=torch.randn(6, 32).half()), TypeError, "gate_weight must have the weight's dtype"),

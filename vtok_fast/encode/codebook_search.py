@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vtok_fast import _cpu_gemm as cpu_gemm
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import FLOAT_DTYPES, check_dense, check_same_device, check_tensor
 from vtok_fast._launch import cdiv, sm_count, strides, tile_grid
@@ -284,16 +285,6 @@ def _topk_keys(tile: torch.Tensor, col0: int, k: int) -> torch.Tensor:
     return torch.topk(keys, k, dim=1, largest=False, sorted=True).values
 
 
-def _onednn_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and callable(torch.ops.mkldnn._linear_pointwise)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN = _onednn_available()
-
-
 class _TileSearch:
     """One call's score tiles and their per-row reduction. Each tile's GEMM is torch's
     (``addmm``, MKL on x86) or oneDNN's (``mkldnn._linear_pointwise`` on prepacked code blocks,
@@ -306,7 +297,7 @@ class _TileSearch:
     def __init__(self, codes: torch.Tensor, bias: torch.Tensor | None, rows: int, k_block: int, k: int):
         self.codes, self.bias, self.rows, self.k_block, self.k = codes, bias, rows, k_block, k
         self.cpu = codes.device.type == "cpu"
-        self.onednn_ok = self.cpu and _ONEDNN
+        self.onednn_ok = self.cpu and cpu_gemm.ONEDNN
         self._packed: dict[int, tuple] = {}  # code block start -> (oneDNN weights, bias)
         self._buf = None  # torch's GEMM output tile (oneDNN returns its own)
         self.xr = None

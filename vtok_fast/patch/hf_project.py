@@ -36,7 +36,7 @@ import torch.nn as nn
 from vtok_fast.patch._common import Api, bind, check_api, holds, overridden, patch_every, restore
 from vtok_fast.project.merge_project import merge_project
 from vtok_fast.project import vlm_projectors as vp
-from vtok_fast.project.modules import activation_of, mlp_project, norm_args
+from vtok_fast.project.modules import activation_of, mlp_project, norm_args, unfused_linear
 
 FEATURE = "hf_project"
 _PATCHER = "vtok_fast.patch.hf fused merger / projector"
@@ -132,7 +132,7 @@ def _plan_qwen_merger(merger: nn.Module, cls):
         y = merge_project(x.reshape(-1, x.shape[-1]), None, window=window, order="contiguous",
                           norm="pre_concat", **norm_args(self.ln_q), weight=first.weight,
                           bias=first.bias, activation=activation_of(act)[1])
-        return second(y)
+        return unfused_linear(y, second)
 
     return [(merger, "forward", bind(forward, merger))]
 
@@ -192,7 +192,7 @@ def _internvl_projector_forward(self, image_features: torch.Tensor) -> torch.Ten
     y = merge_project(image_features, grid, window=window, order="row_major", norm="post_concat",
                       **norm_args(self.layer_norm), weight=self.linear_1.weight, bias=self.linear_1.bias,
                       activation=activation_of(self.act)[1])
-    return self.linear_2(y)
+    return unfused_linear(y, self.linear_2)
 
 
 # --- LLaVA ---------------------------------------------------------------------------------------

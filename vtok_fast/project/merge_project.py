@@ -27,6 +27,7 @@ equals the unfused eager code of those modules (:func:`merge_project_reference`)
 4. ``activation(normalized @ weight.T + bias)`` with activation None, ``"gelu"`` (erf),
    ``"gelu_tanh"``, ``"silu"`` or ``"relu"``. With ``gate_weight`` (a GLU, e.g. SwiGLU with
    ``"silu"``): ``activation(normalized @ gate_weight.T + gate_bias) * (normalized @ weight.T + bias)``.
+   ``stacked_glu`` names the order of the two projections when ``weight`` holds both.
    ``weight_layout="channel_major"`` reads the weight's columns as ``c * window**2 + q`` (a
    Conv2d's ``(D, C, s, s)`` weight flattened, ``F.unfold``'s order) instead of ``q * C + c``.
 
@@ -43,7 +44,10 @@ Backends (``vtok_fast/_backend.py``): CUDA tensors run the Triton kernels of
 the operand load and applies bias + activation in the epilogue; the gathered or normalized
 ``(M, window**2 * C)`` matrix is never written. CPU tensors run a PyTorch path: one gather copy
 (none for ``"contiguous"``; a strided mean for ``merge="mean"``), one fused ``native_layer_norm``
-(or the RMS norm), one ``addmm`` (two with a gate) and an in-place activation.
+(or the RMS norm), one GEMM (two with a gate) and an in-place activation. The GEMM is
+``vtok_fast._cpu_gemm.linear``: torch's ``addmm`` or oneDNN's, whichever it measured faster for
+the shape class (on AMD CPUs, where MKL takes a slower path, oneDNN by 1.3-1.5x); the backward's
+GEMMs go through it too.
 
 A second GEMM (the projector's ``linear_2``) is not fused. Fusing it saves the write and the read
 of the ``(M, H)`` intermediate, ``4 * M * H`` bytes in bf16 against the second GEMM's
@@ -68,6 +72,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from vtok_fast import _cpu_gemm as cpu_gemm
 from vtok_fast._backend import use_triton
 from vtok_fast._checks import (FLOAT_DTYPES, check_bias, check_choice, check_int, check_positive_real,
                                check_same_device, check_tensor)
@@ -80,6 +85,7 @@ NORMS = (None, "pre_concat", "post_concat")
 NORM_TYPES = ("layernorm", "rmsnorm", "gemma_rmsnorm")
 ACTIVATIONS = (None, "gelu", "gelu_tanh", "silu", "relu")
 WEIGHT_LAYOUTS = ("window_major", "channel_major")
+STACKED_GLU = (None, "up_gate", "gate_up")
 
 
 # --- reference: the eager code of the real modules --------------------------------------------------
@@ -114,7 +120,7 @@ def _reference_windows(tokens, grid, window, order, merge, prefix):
 
 def merge_project_reference(tokens, grid=None, *, weight, bias=None, window=2, order="swin", merge="concat",
                             norm="post_concat", norm_type="layernorm", norm_weight=None, norm_bias=None,
-                            eps=1e-5, activation=None, gate_weight=None, gate_bias=None,
+                            eps=1e-5, activation=None, gate_weight=None, gate_bias=None, stacked_glu=None,
                             weight_layout="window_major", prefix=0):
     """Unfused PyTorch, written like the modules it replaces: strided slices + ``cat`` (Swin),
     a mean (``AvgPool2d``), ``F.layer_norm`` / the RMS norm, ``F.linear``, activation. Accepts
@@ -139,9 +145,15 @@ def merge_project_reference(tokens, grid=None, *, weight, bias=None, window=2, o
     if weight_layout == "channel_major":
         rows = rows.reshape(*rows.shape[:2], -1, x.shape[-1]).transpose(-1, -2)
     a = rows.flatten(2).to(weight.dtype)
-    y = _activation_fn(activation)(F.linear(a, gate_weight, gate_bias)) if gate_weight is not None else None
     z = F.linear(a, weight, bias)
-    y = _activation_fn(activation)(z) if y is None else y * z
+    act = _activation_fn(activation)
+    if stacked_glu is not None:  # Aya Vision's x, gate = z.chunk(2, dim=-1)
+        first, second = z.chunk(2, dim=-1)
+        y = act(second) * first if stacked_glu == "up_gate" else act(first) * second
+    elif gate_weight is not None:
+        y = act(F.linear(a, gate_weight, gate_bias)) * z
+    else:
+        y = act(z)
     return y[0] if flat else y
 
 
@@ -245,12 +257,12 @@ def _forward_torch(tokens, norm_weight, norm_bias, weight, bias, gate_weight, ga
     if norm != "none":
         rows = _normalize(rows, norm, rms, offset, norm_weight, norm_bias, eps)[0]
     a = _operand(rows, channel_major, weight.dtype)
-    z = a @ weight.t() if bias is None else torch.addmm(bias, a, weight.t())
+    z = cpu_gemm.linear(a, weight, bias)
     if gate_weight is None:
         if save_preact and activation != "none":
             return _activation_fn(activation)(z), z, z.new_empty(0)
         return _activate_(z, activation), z.new_empty(0), z.new_empty(0)
-    zg = a @ gate_weight.t() if gate_bias is None else torch.addmm(gate_bias, a, gate_weight.t())
+    zg = cpu_gemm.linear(a, gate_weight, gate_bias)
     if save_preact:
         return _activation_fn(activation if activation != "none" else None)(zg) * z, z, zg
     return _activate_(zg, activation).mul_(z), z.new_empty(0), z.new_empty(0)
@@ -323,14 +335,26 @@ def _forward_triton(tokens, norm_weight, norm_bias, weight, bias, gate_weight, g
 
 # --- the registered op ---------------------------------------------------------------------------
 
+def _unstack(weight, bias, gate_weight, gate_bias, stacked: str):
+    """``(weight, bias, gate_weight, gate_bias)`` with a stacked GLU's halves as views."""
+    if stacked == "none":
+        return weight, bias, gate_weight, gate_bias
+    halves = weight.chunk(2)
+    bias_halves = (None, None) if bias is None else bias.chunk(2)
+    first = 0 if stacked == "up_gate" else 1
+    return halves[first], bias_halves[first], halves[1 - first], bias_halves[1 - first]
+
+
 def _merge_project_impl(tokens: torch.Tensor, norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
                         weight: torch.Tensor, bias: Optional[torch.Tensor], gate_weight: Optional[torch.Tensor],
-                        gate_bias: Optional[torch.Tensor], height: int, width: int, window: int, order: str,
-                        pool: bool, norm: str, rms: bool, offset: float, eps: float, activation: str,
+                        gate_bias: Optional[torch.Tensor], stacked: str, height: int, width: int, window: int,
+                        order: str, pool: bool, norm: str, rms: bool, offset: float, eps: float, activation: str,
                         channel_major: bool, prefix: int, save_preact: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out ``(M, D)``, pre-activation and gate pre-activation ``(M, D)`` if ``save_preact``
-    (the gate's only with a gate) else empty)."""
+    (the gate's only with a gate) else empty). ``stacked`` (``"none"``, ``"up_gate"``,
+    ``"gate_up"``): ``weight`` / ``bias`` hold both GLU halves, ``gate_*`` are None."""
+    weight, bias, gate_weight, gate_bias = _unstack(weight, bias, gate_weight, gate_bias, stacked)
     forward = _forward_triton if use_triton(tokens, weight, norm_weight) else _forward_torch
     with torch.autocast(tokens.device.type, enabled=False):  # dtypes were settled by the caller
         return forward(tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, height, width,
@@ -338,20 +362,22 @@ def _merge_project_impl(tokens: torch.Tensor, norm_weight: Optional[torch.Tensor
                        save_preact)
 
 
-def _merge_project_fake(tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, height, width, window,
-                        order, pool, norm, rms, offset, eps, activation, channel_major, prefix, save_preact):
+def _merge_project_fake(tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, stacked, height, width,
+                        window, order, pool, norm, rms, offset, eps, activation, channel_major, prefix, save_preact):
     rows = tokens.shape[0] * ((tokens.shape[1] - prefix) // (window * window))
-    shape = (rows, weight.shape[0])
+    glu = gate_weight is not None or stacked != "none"
+    shape = (rows, weight.shape[0] // 2 if stacked != "none" else weight.shape[0])
     out = tokens.new_empty(shape, dtype=weight.dtype)
     pre = tokens.new_empty(shape if save_preact else (0,), dtype=weight.dtype)
-    gpre = tokens.new_empty(shape if save_preact and gate_weight is not None else (0,), dtype=weight.dtype)
+    gpre = tokens.new_empty(shape if save_preact and glu else (0,), dtype=weight.dtype)
     return out, pre, gpre
 
 
 def _setup_context(ctx, inputs, output):
-    (tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, h, w, s, order, pool, norm, rms,
+    (tokens, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, stacked, h, w, s, order, pool, norm, rms,
      offset, eps, act, channel_major, prefix, _) = inputs
     ctx.layout = (h, w, s, order, prefix, pool, channel_major)
+    ctx.stacked = stacked
     ctx.norm, ctx.rms, ctx.offset, ctx.eps, ctx.activation = norm, rms, offset, eps, act
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1], output[2])
@@ -368,13 +394,13 @@ def _activation_backward(grad, pre, activation):
     return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
-def _projection_grads(ctx, grad, pre, gpre, gate_weight):
+def _projection_grads(ctx, grad, pre, gpre, glu):
     """(dz, dz_gate or None): gradients of the pre-activations of the up and gate projections."""
-    needs_pre = ctx.activation != "none" or gate_weight is not None
+    needs_pre = ctx.activation != "none" or glu
     if needs_pre and pre.dim() != 2:
         raise RuntimeError("merge_project: the forward ran without saving the pre-activation (it saves "
                            "it only when grad mode is on and an input requires grad)")
-    if gate_weight is None:
+    if not glu:
         return _activation_backward(grad, pre, ctx.activation), None
     act = None if ctx.activation == "none" else ctx.activation
     dz = grad * _activation_fn(act)(gpre)
@@ -402,9 +428,12 @@ def _backward(ctx, grad, _grad_pre, _grad_gpre):
     tokens, norm_weight, norm_bias, weight, gate_weight, pre, gpre = ctx.saved_tensors
     h, w, s, order, prefix, pool, channel_major = ctx.layout
     need = ctx.needs_input_grad
-    dz, dzg = _projection_grads(ctx, grad, pre, gpre, gate_weight)
+    dz, dzg = _projection_grads(ctx, grad, pre, gpre, gate_weight is not None or ctx.stacked != "none")
     dz = dz.to(weight.dtype)
     dzg = None if dzg is None else dzg.to(weight.dtype)
+    if ctx.stacked != "none":  # one gradient for the stacked weight: its halves' columns side by side
+        dz = torch.cat([dz, dzg] if ctx.stacked == "up_gate" else [dzg, dz], dim=1)
+        dzg = None
     rows = _gather(tokens, h, w, s, order, prefix, pool)
     M, G, C = rows.shape
     normed = saved = None
@@ -413,19 +442,21 @@ def _backward(ctx, grad, _grad_pre, _grad_gpre):
     grads = [None] * 7  # tokens, norm weight, norm bias, weight, bias, gate weight, gate bias
     if need[3] or need[5]:
         a = _operand(rows if normed is None else normed, channel_major, weight.dtype)
-        grads[3] = dz.t() @ a if need[3] else None
-        grads[5] = dzg.t() @ a if need[5] else None
+        grads[3] = cpu_gemm.linear(dz.t(), a.t()) if need[3] else None
+        grads[5] = cpu_gemm.linear(dzg.t(), a.t()) if need[5] else None
     if ctx.has_bias:
         grads[4] = dz.sum(0, dtype=torch.float32).to(weight.dtype) if need[4] else None
         grads[6] = dzg.sum(0, dtype=torch.float32).to(weight.dtype) if need[6] else None
     if need[0] or need[1] or need[2]:
-        da = dz @ weight if dzg is None else torch.addmm(dz @ weight, dzg, gate_weight)
+        da = cpu_gemm.linear(dz, weight.t())
+        if dzg is not None:
+            da += cpu_gemm.linear(dzg, gate_weight.t())
         d_rows = _operand_grad(da, G, C, channel_major)
         if ctx.norm != "none":
             d_rows, grads[1], grads[2] = _norm_backward(ctx, d_rows, saved, norm_weight, norm_bias, need)
         if need[0]:
             grads[0] = _scatter(d_rows.reshape(M, G, C), tokens.shape, tokens.dtype, h, w, s, order, prefix)
-    return tuple(grads) + (None,) * 13
+    return tuple(grads) + (None,) * 14
 
 
 def _rms_norm_backward(grad, x, rstd, weight):
@@ -487,6 +518,18 @@ def _check_linear(weight, bias, gate_weight, gate_bias, K, k_doc):
             check_bias(name, b, weight)
 
 
+def _check_stacked_glu(stacked_glu, weight, gate_weight, gate_bias):
+    check_choice("stacked_glu", stacked_glu, STACKED_GLU)
+    if stacked_glu is None:
+        return
+    if gate_weight is not None or gate_bias is not None:
+        raise ValueError(f"gate_weight and gate_bias must be None with stacked_glu={stacked_glu!r} (the weight "
+                         "holds both halves)")
+    if weight.shape[0] % 2:
+        raise ValueError(f"weight must have an even number of rows (2D: both GLU halves) with "
+                         f"stacked_glu={stacked_glu!r}, got shape {tuple(weight.shape)}")
+
+
 def _check_norm(norm, norm_type, norm_weight, norm_bias, width, C, window):
     if norm is None:
         if norm_weight is not None or norm_bias is not None:
@@ -536,7 +579,8 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
                   norm_weight: Optional[torch.Tensor] = None, norm_bias: Optional[torch.Tensor] = None,
                   eps: float = 1e-5, activation: Optional[str] = None,
                   gate_weight: Optional[torch.Tensor] = None, gate_bias: Optional[torch.Tensor] = None,
-                  weight_layout: str = "window_major", prefix: int = 0) -> torch.Tensor:
+                  stacked_glu: Optional[str] = None, weight_layout: str = "window_major",
+                  prefix: int = 0) -> torch.Tensor:
     """Merge each ``window x window`` window of tokens, normalize, project: one fused op.
 
     Args:
@@ -558,6 +602,11 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
         activation: None, ``"gelu"``, ``"gelu_tanh"``, ``"silu"`` or ``"relu"``.
         gate_weight, gate_bias: a GLU's gate projection (shapes and dtype of ``weight`` /
             ``bias``; biases both or neither): the result is ``activation(gate) * up``.
+        stacked_glu: None, ``"up_gate"`` or ``"gate_up"``: ``weight`` ``(2D, K)`` and ``bias``
+            ``(2D,)`` hold both GLU projections, stacked in that order (Aya Vision's ``linear_1``,
+            chunked into ``x, gate``), and ``gate_*`` are None; the result has ``D`` columns.
+            One parameter gets one gradient (two halves passed as ``weight[:D]`` and
+            ``weight[D:]`` would be concatenated in the backward).
         weight_layout: ``"window_major"`` (column ``q * C + c``) or ``"channel_major"``
             (``c * window**2 + q``: a Conv2d / ``F.unfold`` flattening).
         prefix: leading tokens of every sequence that are not part of the grid (left out).
@@ -573,6 +622,7 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
     K = C if merge == "mean" else window * window * C
     k_doc = "C (merge='mean')" if merge == "mean" else f"window**2 * C = {window}**2 * {C}"
     _check_linear(weight, bias, gate_weight, gate_bias, K, k_doc)
+    _check_stacked_glu(stacked_glu, weight, gate_weight, gate_bias)
     eps = check_positive_real("eps", eps)
     _check_norm(norm, norm_type, norm_weight, norm_bias, C if norm == "pre_concat" else K, C, window)
     device_type = tokens.device.type
@@ -587,10 +637,11 @@ def merge_project(tokens: torch.Tensor, grid=None, *, weight: torch.Tensor,
                         f"{x.dtype} (with a norm, tokens of any float dtype are normalized in fp32)")
     leaves = (x, weight, bias, norm_weight, norm_bias, gate_weight, gate_bias)
     needs_grad = any(t is not None and t.requires_grad for t in leaves)
-    save_preact = (activation is not None or gate_weight is not None) and torch.is_grad_enabled() and needs_grad
-    out = _merge_project_op(x, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, h, w, window, order,
-                            merge == "mean", norm or "none", norm_type != "layernorm",
+    glu = gate_weight is not None or stacked_glu is not None
+    save_preact = (activation is not None or glu) and torch.is_grad_enabled() and needs_grad
+    out = _merge_project_op(x, norm_weight, norm_bias, weight, bias, gate_weight, gate_bias, stacked_glu or "none",
+                            h, w, window, order, merge == "mean", norm or "none", norm_type != "layernorm",
                             1.0 if norm_type == "gemma_rmsnorm" else 0.0, eps, activation or "none",
                             weight_layout == "channel_major", prefix, save_preact)[0]
-    out = out.view(x.shape[0], h * w // (window * window), weight.shape[0])
+    out = out.view(x.shape[0], h * w // (window * window), out.shape[1])
     return out[0] if tokens.dim() == 2 else out

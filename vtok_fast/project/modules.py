@@ -15,7 +15,8 @@ the original returns:
 
 The config-built originals (InternVL, LLaVA, DeepSeek-OCR) are built here from the same config
 object, or from keyword dimensions for a VLM of your own. The merge, the norm, the first Linear
-and its activation run as one fused op; a second Linear runs as ``nn.Linear``. The submodules
+and its activation run as one fused op; a second Linear runs through :func:`unfused_linear`
+(``nn.Linear`` on CUDA; on the CPU the faster of torch's and oneDNN's GEMM). The submodules
 (``ln_q``, ``layer_norm``, ``act``, ...) hold the parameters and keep working when called alone.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vtok_fast._backend import use_triton
 from vtok_fast._checks import check_positive_real
 from vtok_fast.project.merge_project import merge_project
 
@@ -145,7 +147,7 @@ class PatchMerger(nn.Module):
         y = merge_project(x.reshape(-1, x.shape[-1]), None, window=self.spatial_merge_size,
                           order="contiguous", norm="pre_concat", **norm_args(self.ln_q),
                           weight=first.weight, bias=first.bias, activation="gelu")
-        return second(y)
+        return unfused_linear(y, second)
 
 
 def _square_side(tokens: int) -> int:
@@ -207,7 +209,7 @@ class PixelShuffleProjector(nn.Module):
         y = merge_project(x, grid, window=self.window, order="row_major", norm="post_concat",
                           **norm_args(self.layer_norm), weight=self.linear_1.weight,
                           bias=self.linear_1.bias, activation=self.activation, prefix=prefix)
-        return self.linear_2(y)
+        return unfused_linear(y, self.linear_2)
 
 
 class SwinPatchMerging(nn.Module):
@@ -277,7 +279,22 @@ def mlp_project(x: torch.Tensor, first: nn.Linear, activation: Optional[str], se
     """``second(activation(first(x)))`` with the activation in ``first``'s epilogue."""
     y = merge_project(x.reshape(-1, x.shape[-1]), None, window=1, order="contiguous", norm=None,
                       weight=first.weight, bias=first.bias, activation=activation)
-    return second(y.view(*x.shape[:-1], y.shape[-1]))  # not -1: x may be empty
+    return unfused_linear(y.view(*x.shape[:-1], y.shape[-1]), second)  # not -1: x may be empty
+
+
+def unfused_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear(x)`` for a projector's Linear that the fused op does not absorb (a second Linear,
+    GLM-4V's ``proj`` before its LayerNorm). On the PyTorch path
+    a plain ``nn.Linear`` (no subclass, no forward hooks) runs as :func:`merge_project` with a
+    window of 1 and no norm, whose CPU GEMM is the faster of torch's and oneDNN's
+    (``vtok_fast._cpu_gemm``); on the Triton path it stays ``nn.Linear`` (cuBLAS), since running
+    it in the fused kernel is unmeasured on a GPU."""
+    plain = type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
+    if not plain or use_triton(x, linear.weight):
+        return linear(x)
+    y = merge_project(x.reshape(-1, x.shape[-1]), None, window=1, order="contiguous", norm=None,
+                      weight=linear.weight, bias=linear.bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class OpticalCompressor(nn.Module):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from vtok_fast._checks import square_side
 from vtok_fast.project.merge_project import merge_project
 from vtok_fast.project.modules import (PatchMerger, RMSNorm, activation_module, activation_of, hf_activation,
-                                       mlp_project, norm_args)
+                                       mlp_project, norm_args, unfused_linear)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -93,7 +93,7 @@ def qwen3_merger_forward(self, x: torch.Tensor) -> torch.Tensor:
                       norm="post_concat" if self.use_postshuffle_norm else "pre_concat", **norm_args(self.norm),
                       weight=self.linear_fc1.weight, bias=self.linear_fc1.bias,
                       activation=activation_of(self.act_fn)[1])
-    return self.linear_fc2(y)
+    return unfused_linear(y, self.linear_fc2)
 
 
 class Qwen3VLPatchMerger(nn.Module):
@@ -279,12 +279,12 @@ class Mistral3Projector(nn.Module):
 def glm4v_merger_forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
     """proj, LayerNorm, GELU (PyTorch), then ``act_fn(gate_proj(h)) * up_proj(h)`` as one GLU
     GEMM (both projections share the operand load), then down_proj."""
-    h = self.act1(self.post_projection_norm(self.proj(hidden_state)))
+    h = self.act1(self.post_projection_norm(unfused_linear(hidden_state, self.proj)))
     flat = h.reshape(-1, h.shape[-1])
     y = merge_project(flat, None, window=1, order="contiguous", norm=None, weight=self.up_proj.weight,
                       bias=self.up_proj.bias, gate_weight=self.gate_proj.weight, gate_bias=self.gate_proj.bias,
                       activation=activation_of(self.act_fn)[1])
-    return self.down_proj(y.view(*h.shape[:-1], y.shape[-1]))
+    return unfused_linear(y.view(*h.shape[:-1], y.shape[-1]), self.down_proj)
 
 
 class Glm4vPatchMerger(nn.Module):
@@ -320,17 +320,13 @@ def aya_projector_forward(self, image_features: torch.Tensor) -> torch.Tensor:
     linear_1 with the SwiGLU ``act(gate) * x`` in its epilogue, linear_2."""
     side = square_side(image_features.shape[1], "image_features")
     f = self.downsample_factor
-    w, b = self.linear_1.weight, self.linear_1.bias
-    half = w.shape[0] // 2
-    # split, not two slices: its backward is one cat, where each slice's would zero a full-size buffer
-    up, gate = w.split(half)
-    up_bias, gate_bias = (None, None) if b is None else b.split(half)
     layer_norm = getattr(self, "layernorm", None)
     norm = {"norm": None} if layer_norm is None else dict(norm="post_concat", **norm_args(layer_norm))
+    # linear_1's weight whole (stacked_glu), so its gradient is one GEMM's, not two halves concatenated
     y = merge_project(image_features, (side, side), window=f, order="row_major", **norm,
-                      weight=up, bias=up_bias, gate_weight=gate, gate_bias=gate_bias,
+                      weight=self.linear_1.weight, bias=self.linear_1.bias, stacked_glu="up_gate",
                       activation=activation_of(self.act)[1])
-    y = self.linear_2(y)
+    y = unfused_linear(y, self.linear_2)
     return y.view(y.shape[0], side // f, side // f, y.shape[-1])
 
 

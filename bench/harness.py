@@ -347,7 +347,8 @@ def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, mode
                   min_time_s: float = 0.4, memory: bool = True,
                   on_result: Callable[[list], None] | None = None) -> list[Result]:
     """Run every (case, mode, provider); ``on_result(results_so_far)`` is called after each
-    (case, mode) (the CLI saves JSON there, so a run cut short still leaves its results).
+    (case, mode) that gave a result (the CLI saves JSON there, so a run cut short still leaves its
+    results).
 
     Each provider's first call (compilation, autotuning, one-time state) and its peak-memory call
     come first; then the providers of one (case, mode) are timed: on the CPU in alternating
@@ -404,7 +405,7 @@ def run_benchmark(op: str, cases: list[Case], providers: list[Provider], *, mode
             if isinstance(p, torch.Tensor) and p.grad is not None:
                 p.grad = None
         results.extend(group)
-        if on_result:
+        if on_result and group:
             on_result(results)
     if progress:
         progress("done", total, total)

@@ -27,6 +27,21 @@ def test_cuda_without_a_gpu_is_a_one_line_error():
     assert proc.stderr.startswith("vtok-fast: error: --device cuda: no CUDA device is available")
 
 
+@pytest.mark.parametrize("command", [["demo"], ["eval", "model_dir", "--data", "q.jsonl"]])
+def test_every_command_checks_cuda_alike(command, monkeypatch, tmp_path, capsys):
+    # one check (_cli_errors.device_problem) for bench, demo and eval
+    from vtok_fast import _cli_errors
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model_dir").mkdir()
+    (tmp_path / "q.jsonl").write_text('{"image": "a.png", "question": "q", "answer": "a"}\n')
+    assert main([*command, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == f"vtok-fast: error: {_cli_errors.device_problem('cuda')}"
+    assert _cli_errors.device_problem("cpu") is None and _cli_errors.device_problem(None) is None
+    assert _cli_errors.chosen_device(None) == torch.device("cpu")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["codebook", "--modes", "bogus"], r"--modes: codebook has modes forward; got 'bogus'"),
     (["codebook", "--modes", "full"], r"--modes: codebook has modes forward; got 'full'"),

@@ -25,6 +25,24 @@ def warn(message: str) -> None:
     print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def device_problem(device: str | None) -> str | None:
+    """The error line for ``--device cuda`` on a machine without a CUDA device, else None."""
+    if device != "cuda":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use --device cpu"
+
+
+def chosen_device(device: str | None):
+    """``torch.device`` of a ``--device`` value; without one, CUDA where available, else the CPU."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line (``vtok-fast: error: ...``, no usage
     block) and exit 2; its subparsers are of this class too."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from vtok_fast._cli_errors import OneLineParser, error as _error, output_dir_problem, warn
+from vtok_fast._cli_errors import (OneLineParser, chosen_device, device_problem, error as _error, output_dir_problem,
+                                  warn)
 
 
 def _info(_args) -> int:
@@ -60,18 +61,6 @@ def _parse_modes(text: str | None, op_modes: dict[str, tuple[str, ...]]) -> dict
     return {op: tuple(m for m in requested if m in modes) for op, modes in op_modes.items()}
 
 
-_NO_CUDA = "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use --device cpu"
-
-
-def _cuda_missing(device: str | None) -> bool:
-    """Whether ``--device cuda`` was asked for on a machine without a CUDA device."""
-    if device != "cuda":
-        return False
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 def _announce(quick: bool, what: str) -> None:
     """Before a benchmark: a quick run says it gives no verdict (``what`` it is); a full run on a
     loaded machine warns that its timings are inflated."""
@@ -84,8 +73,6 @@ def _announce(quick: bool, what: str) -> None:
 
 
 def _bench(args) -> int:
-    import torch
-
     from vtok_fast.bench import OPS, SUITES
     from vtok_fast.bench.harness import default_out_dir, format_table, run_benchmark, text_progress, write_json
 
@@ -94,8 +81,8 @@ def _bench(args) -> int:
     if args.retrain:
         return _error(f"--retrain is for the quality benchmark, got {args.op!r}")
     names = list(OPS) if args.op == "all" else [args.op]
-    if _cuda_missing(args.device):
-        return _error(_NO_CUDA)
+    if device_problem(args.device):
+        return _error(device_problem(args.device))
     if not args.min_time >= 0:
         return _error(f"--min-time must be >= 0 seconds, got {args.min_time}")
     if args.profile and args.op != "tome":
@@ -104,7 +91,7 @@ def _bench(args) -> int:
     problem = output_dir_problem("--out", out)
     if problem:
         return _error(problem)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     mods = {} if args.profile else {name: importlib.import_module(OPS[name]) for name in names}
     modes = _parse_modes(args.modes, {name: tuple(mod.MODES) for name, mod in mods.items()}) if mods else {}
     if isinstance(modes, str):
@@ -146,8 +133,8 @@ def _suite(args, module: str) -> int:
     """A benchmark that is not a timing harness op (``bench quality``): its module's ``run(args)``."""
     from vtok_fast.bench.harness import default_out_dir
 
-    if _cuda_missing(args.device):
-        return _error(_NO_CUDA)
+    if device_problem(args.device):
+        return _error(device_problem(args.device))
     for flag, given in (("--profile", args.profile), ("--modes", args.modes),
                         ("--retrain", args.retrain and args.op != "quality")):
         if given:

@@ -52,7 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vtok_fast._cli_errors import OneLineParser, error as _error, output_file_problem, warn
+from vtok_fast._cli_errors import (OneLineParser, chosen_device, device_problem, error as _error, output_file_problem,
+                                  warn)
 
 SAMPLE = "astronaut.png"
 SAMPLE_FOCUS = (150, 20, 300, 190)  # the face, in the sample's 512 x 512 pixels
@@ -545,15 +546,15 @@ def run_demo(args) -> int:
     """Run the demo for parsed ``demo`` arguments: table on stdout, panel PNG, optional JSON (a
     list, one record per image). Every argument, image and output path is checked before the
     work starts; a problem is one line on stderr and exit status 2."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return _error("--device cuda: no CUDA device is available here; use --device cpu")
+    if device_problem(args.device):
+        return _error(device_problem(args.device))
     if args.max_side < 64:
         return _error(f"--max-side must be >= 64 pixels, got {args.max_side}")
     try:
         focus = None if args.focus is None else parse_focus(args.focus)
     except ValueError as exc:
         return _error(str(exc))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = chosen_device(args.device)
     paths = [Path(p) for p in args.images] or [sample_image_path()]
     panels = [_panel_path(args.out, i, len(paths)) for i in range(len(paths))]
     outputs = [("--out", panel) for panel in panels] + ([("--json", args.json)] if args.json else [])

@@ -21,7 +21,6 @@ and its activation run as one fused op; a second Linear runs through :func:`unfu
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -29,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vtok_fast._backend import use_triton
-from vtok_fast._checks import check_positive_real
+from vtok_fast._checks import check_positive_real, square_side
 from vtok_fast.project.merge_project import merge_project
 
 # Hugging Face activation names (``config.projector_hidden_act``) -> merge_project's activation
@@ -150,14 +149,6 @@ class PatchMerger(nn.Module):
         return unfused_linear(y, second)
 
 
-def _square_side(tokens: int) -> int:
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f"vision_features must hold a square grid of tokens (or pass grid=(h, w)), "
-                         f"got {tokens} tokens after the prefix")
-    return side
-
-
 class PixelShuffleProjector(nn.Module):
     """InternVL's ``pixel_shuffle`` + ``InternVLMultiModalProjector`` (LayerNorm over the
     shuffled ``C / downsample_ratio**2`` channels, linear_1, activation, linear_2) in one module.
@@ -204,7 +195,7 @@ class PixelShuffleProjector(nn.Module):
                 grid = tuple(x.shape[1:3])
             x = x.flatten(1, 2)
         if grid is None:
-            side = _square_side(x.shape[1] - prefix)
+            side = square_side(x.shape[1] - prefix, "vision_features after the prefix (or pass grid=(h, w))")
             grid = (side, side)
         y = merge_project(x, grid, window=self.window, order="row_major", norm="post_concat",
                           **norm_args(self.layer_norm), weight=self.linear_1.weight,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vtok_fast._cli_errors import error, output_file_problem
+from vtok_fast._cli_errors import chosen_device, device_problem, error, output_file_problem
 
 
 def add_eval_parser(subparsers):
@@ -96,7 +96,6 @@ def _load(path, model_class, processor_class):
 
 def run_eval(args) -> int:
     """The ``eval`` command for parsed arguments; returns the exit status."""
-    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vtok_fast.measure.quality import evaluate as ev
@@ -109,9 +108,9 @@ def run_eval(args) -> int:
         data = ev.load_jsonl(args.data)[:args.limit]
     except (OSError, ValueError) as exc:
         return error(str(exc))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return error("--device cuda: no CUDA device is available here; use --device cpu")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device_problem(args.device):
+        return error(device_problem(args.device))
+    device = chosen_device(args.device)
     model, processor = _load(args.model_dir, AutoModelForImageTextToText, AutoProcessor)
     model.to(device)
     try:

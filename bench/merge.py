@@ -367,6 +367,8 @@ def summarize(results, device, bandwidth_gbs: float | None = None, quick: bool =
         lines.append(f"CPU target: vtok_fast / eager time ratio <= {TARGETS['cpu_vs_eager']:.1f}; issue 21's "
                      f"families also vtok_fast / torch.compile <= {FAMILY_TARGETS['cpu_vs_compile']:.1f}")
     params = {r.case: r.params for r in results}
+    moved = {case: bytes_moved(p, element) for case, p in params.items()}
+    bound_ms = {case: m["fused"] / (bandwidth_gbs * 1e9) * 1e3 for case, m in moved.items()}
     for case in params:
         for mode in MODES:
             ours = find_median(results, case, "vtok_fast", mode)
@@ -389,8 +391,7 @@ def summarize(results, device, bandwidth_gbs: float | None = None, quick: bool =
                 f"({gemms:.3f} ms)")
         if peak:
             flops = sum(2.0 * m * k * n for m, k, n in p["gemms"])
-            bound_ms = bytes_moved(p, element)["fused"] / (bandwidth_gbs * 1e9) * 1e3
-            roofline_ms = max(flops / (peak * 1e12) * 1e3, bound_ms)
+            roofline_ms = max(flops / (peak * 1e12) * 1e3, bound_ms[case])
             ok = roofline_ms / ours >= FAMILY_TARGETS["gpu_roofline"]
             entry.update(roofline_ms=roofline_ms, roofline_fraction=roofline_ms / ours,
                          target_met=None if quick or case not in FAMILY_SIZES else ok)
@@ -401,13 +402,11 @@ def summarize(results, device, bandwidth_gbs: float | None = None, quick: bool =
         lines.append(text)
     lines.append(f"Bytes moved per forward vs the memory-bandwidth bound ({bandwidth_gbs:.0f} GB/s"
                  f"{'' if gpu else ', measured copy'}):")
-    for case, p in params.items():
-        moved = bytes_moved(p, element)
-        bound_ms = moved["fused"] / (bandwidth_gbs * 1e9) * 1e3
+    for case in params:
         ours = find_median(results, case, "vtok_fast", "forward")
-        summary[f"{case}/bytes"] = dict(moved, bound_ms=bound_ms, forward_ms=ours)
-        share = f", vtok_fast forward {ours:.2f} ms = {bound_ms / ours:.0%} of it" if ours else ""
-        lines.append(f"  {case:<16} fused {moved['fused'] / 2**20:7.1f} MiB, eager {moved['eager'] / 2**20:7.1f} MiB;"
-                     f" bandwidth bound {bound_ms:.3f} ms{share}")
+        summary[f"{case}/bytes"] = dict(moved[case], bound_ms=bound_ms[case], forward_ms=ours)
+        share = f", vtok_fast forward {ours:.2f} ms = {bound_ms[case] / ours:.0%} of it" if ours else ""
+        lines.append(f"  {case:<16} fused {moved[case]['fused'] / 2**20:7.1f} MiB, eager "
+                     f"{moved[case]['eager'] / 2**20:7.1f} MiB; bandwidth bound {bound_ms[case]:.3f} ms{share}")
     lines.append("  (the GEMMs dominate these cases: their FLOP bound, not bytes, sets the floor)")
     return "\n".join(lines), {"summary": summary}

@@ -30,6 +30,16 @@ def test_both_providers_compute_the_linear(fresh, provider, layout, bias):
 
 
 @pytest.mark.parametrize("provider", ["torch", "onednn"])
+def test_add_accumulates_in_place(fresh, provider):
+    fresh.setattr(cpu_gemm, "FORCE", provider)
+    x, w, acc = torch.randn(37, 70), torch.randn(70, 45).t(), torch.randn(37, 45)  # w: a backward's W.t()
+    want = acc.double() + x.double() @ w.double().t()
+    got = cpu_gemm.linear(x, w, add=acc)
+    assert got is acc
+    assert_close(got, want, dtype=torch.float32, reduction=70)
+
+
+@pytest.mark.parametrize("provider", ["torch", "onednn"])
 def test_empty_rows(fresh, provider):
     fresh.setattr(cpu_gemm, "FORCE", provider)
     assert cpu_gemm.linear(torch.randn(0, 8), torch.randn(5, 8), torch.randn(5)).shape == (0, 5)

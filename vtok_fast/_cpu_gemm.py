@@ -97,12 +97,18 @@ def choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _CHOICE[key]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           add: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)``: ``x`` ``(M, K)`` and ``weight`` ``(N, K)`` of any strides,
     ``bias`` ``(N,)`` or None, one dtype; a new contiguous ``(M, N)`` tensor. The operands
     :func:`choice` admits run the provider measured faster for their shape class; anything else
-    runs ``torch.addmm``."""
-    return _RUNS[choice(x, weight, bias)](x, weight, bias)
+    runs ``torch.addmm``. ``add`` ``(M, N)`` (without ``bias``): ``add + x @ weight.T``, written
+    into ``add`` (torch's GEMM accumulates into it in one pass, as ``addmm``)."""
+    if add is None:
+        return _RUNS[choice(x, weight, bias)](x, weight, bias)
+    if choice(x, weight) == "torch":
+        return add.addmm_(x, weight.t())
+    return add.add_(_RUNS["onednn"](x, weight, None))
 
 
 def choices() -> dict[str, str]:

@@ -81,8 +81,9 @@ def _bench(args) -> int:
     if args.retrain:
         return _error(f"--retrain is for the quality benchmark, got {args.op!r}")
     names = list(OPS) if args.op == "all" else [args.op]
-    if device_problem(args.device):
-        return _error(device_problem(args.device))
+    problem = device_problem(args.device)
+    if problem:
+        return _error(problem)
     if not args.min_time >= 0:
         return _error(f"--min-time must be >= 0 seconds, got {args.min_time}")
     if args.profile and args.op != "tome":
@@ -133,8 +134,9 @@ def _suite(args, module: str) -> int:
     """A benchmark that is not a timing harness op (``bench quality``): its module's ``run(args)``."""
     from vtok_fast.bench.harness import default_out_dir
 
-    if device_problem(args.device):
-        return _error(device_problem(args.device))
+    problem = device_problem(args.device)
+    if problem:
+        return _error(problem)
     for flag, given in (("--profile", args.profile), ("--modes", args.modes),
                         ("--retrain", args.retrain and args.op != "quality")):
         if given:

@@ -546,8 +546,9 @@ def run_demo(args) -> int:
     """Run the demo for parsed ``demo`` arguments: table on stdout, panel PNG, optional JSON (a
     list, one record per image). Every argument, image and output path is checked before the
     work starts; a problem is one line on stderr and exit status 2."""
-    if device_problem(args.device):
-        return _error(device_problem(args.device))
+    problem = device_problem(args.device)
+    if problem:
+        return _error(problem)
     if args.max_side < 64:
         return _error(f"--max-side must be >= 64 pixels, got {args.max_side}")
     try:

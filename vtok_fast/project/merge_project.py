@@ -450,7 +450,7 @@ def _backward(ctx, grad, _grad_pre, _grad_gpre):
     if need[0] or need[1] or need[2]:
         da = cpu_gemm.linear(dz, weight.t())
         if dzg is not None:
-            da += cpu_gemm.linear(dzg, gate_weight.t())
+            da = cpu_gemm.linear(dzg, gate_weight.t(), add=da)
         d_rows = _operand_grad(da, G, C, channel_major)
         if ctx.norm != "none":
             d_rows, grads[1], grads[2] = _norm_backward(ctx, d_rows, saved, norm_weight, norm_bias, need)

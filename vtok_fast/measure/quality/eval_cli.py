@@ -108,8 +108,9 @@ def run_eval(args) -> int:
         data = ev.load_jsonl(args.data)[:args.limit]
     except (OSError, ValueError) as exc:
         return error(str(exc))
-    if device_problem(args.device):
-        return error(device_problem(args.device))
+    problem = device_problem(args.device)
+    if problem:
+        return error(problem)
     device = chosen_device(args.device)
     model, processor = _load(args.model_dir, AutoModelForImageTextToText, AutoProcessor)
     model.to(device)
